@@ -1,0 +1,112 @@
+"""Pure functions shared by every capsule model: norms, squash and the losses.
+
+Axis letters used throughout the package: ``B`` batch, ``I`` input (child)
+capsules, ``J`` output (parent) capsules, ``D`` pose dimension, ``K`` kernel,
+``H W`` spatial.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["safe_norm", "squash", "margin_loss", "reconstruction_loss", "spread_loss"]
+
+#: Added under the square root of every norm: keeps ``d|s|/ds`` finite at s = 0
+#: (the gradient of a plain norm is 0/0 there, which turns a model's weights NaN).
+NORM_EPS = 1e-8
+
+
+def safe_norm(x: Tensor, dim: int = -1, keepdim: bool = False, *, eps: float = NORM_EPS) -> Tensor:
+    """Euclidean norm ``sqrt(sum(x**2) + eps)``, finite with a finite gradient at zero.
+
+    Shape:
+        x: ``(..., D, ...)``; returns ``x`` without ``dim`` (or with size 1 there if ``keepdim``).
+    """
+    return torch.sqrt(x.pow(2).sum(dim=dim, keepdim=keepdim) + eps)
+
+
+def squash(s: Tensor, dim: int = -1, *, eps: float = NORM_EPS) -> Tensor:
+    """Squash non-linearity, Eq. 1 of Sabour et al. 2017.
+
+    ``v = |s|^2 / (1 + |s|^2) * s / |s|``: short vectors shrink to almost zero,
+    long ones to just below unit length; the direction is kept. ``|s|`` is
+    :func:`safe_norm`, so ``squash(0) = 0`` with a finite gradient.
+
+    Shape:
+        s: ``(..., D, ...)`` with the capsule dimension at ``dim``; returns the same shape.
+    """
+    sq = s.pow(2).sum(dim=dim, keepdim=True)
+    # |s|^2 / ((1 + |s|^2) |s|): the eps-guarded norm keeps the 0/0 at s = 0 finite.
+    scale = sq / ((1.0 + sq) * torch.sqrt(sq + eps))
+    return scale * s
+
+
+def _targets_as_float(targets: Tensor, num_classes: int, like: Tensor) -> Tensor:
+    """Integer labels ``(B,)`` to one-hot; multi-hot ``(B, J)`` is passed through."""
+    if targets.dim() == 1:
+        if targets.dtype.is_floating_point:
+            raise ValueError(f"integer class labels expected for targets of shape (B,), got dtype {targets.dtype}")
+        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
+            raise ValueError(
+                f"labels must lie in [0, {num_classes - 1}], got min {int(targets.min())} max {int(targets.max())}"
+            )
+        return torch.nn.functional.one_hot(targets.long(), num_classes).to(like.dtype)
+    if targets.shape != like.shape:
+        raise ValueError(f"targets must be (B,) labels or (B, J) = {tuple(like.shape)} multi-hot, got {tuple(targets.shape)}")
+    return targets.to(like.dtype)
+
+
+def margin_loss(
+    lengths: Tensor,
+    targets: Tensor,
+    *,
+    m_pos: float = 0.9,
+    m_neg: float = 0.1,
+    lam: float = 0.5,
+) -> Tensor:
+    """Margin loss, Eq. 4 of Sabour et al. 2017, summed over classes, mean over the batch.
+
+    ``L_k = T_k max(0, m+ - |v_k|)^2 + lam (1 - T_k) max(0, |v_k| - m-)^2``.
+    ``targets`` are integer labels ``(B,)`` or a multi-hot ``(B, J)`` (MultiMNIST: two ones).
+
+    Shape:
+        lengths: ``(B, J)`` capsule lengths; targets: ``(B,)`` or ``(B, J)``; returns a scalar.
+    """
+    if lengths.dim() != 2:
+        raise ValueError(f"lengths must be (B, J), got shape {tuple(lengths.shape)}")
+    t = _targets_as_float(targets, lengths.shape[1], lengths)
+    present = t * torch.relu(m_pos - lengths).pow(2)
+    absent = lam * (1.0 - t) * torch.relu(lengths - m_neg).pow(2)
+    return (present + absent).sum(dim=1).mean()
+
+
+def reconstruction_loss(reconstruction: Tensor, images: Tensor, *, weight: float = 0.0005) -> Tensor:
+    """Sum of squared pixel errors per image, mean over the batch, times ``weight`` (Sabour et al. 2017, Sec. 4.1).
+
+    Shape:
+        reconstruction: ``(B, ...)``; images: same number of elements per sample; returns a scalar.
+    """
+    if reconstruction.shape[0] != images.shape[0] or reconstruction[0].numel() != images[0].numel():
+        raise ValueError(
+            f"reconstruction {tuple(reconstruction.shape)} and images {tuple(images.shape)} must hold the same pixels per sample"
+        )
+    diff = reconstruction.reshape(reconstruction.shape[0], -1) - images.reshape(images.shape[0], -1)
+    return weight * diff.pow(2).sum(dim=1).mean()
+
+
+def spread_loss(activations: Tensor, targets: Tensor, *, margin: float) -> Tensor:
+    """Spread loss, Eq. 3 of Hinton, Sabour & Frosst 2018, summed over classes, mean over the batch.
+
+    ``L = sum_{i != t} max(0, m - (a_t - a_i))^2``; the margin ``m`` follows a schedule
+    from 0.2 to 0.9 (see :func:`capsnet.train.schedules.spread_margin`).
+
+    Shape:
+        activations: ``(B, J)``; targets: ``(B,)`` integer labels; returns a scalar.
+    """
+    if activations.dim() != 2:
+        raise ValueError(f"activations must be (B, J), got shape {tuple(activations.shape)}")
+    t = _targets_as_float(targets, activations.shape[1], activations)
+    a_t = (activations * t).sum(dim=1, keepdim=True)
+    per_class = torch.relu(margin - (a_t - activations)).pow(2) * (1.0 - t)
+    return per_class.sum(dim=1).mean()

@@ -1,0 +1,124 @@
+"""The dynamic-routing CapsNet of Sabour, Frosst & Hinton 2017 (Fig. 1 and 2)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..functional import safe_norm
+from ..layers import CapsuleDecoder, DenseCaps, PrimaryCaps
+from .registry import register_model
+from .validation import check_images, check_labels
+
+__all__ = ["CapsNet", "CapsNetOutput", "capsnet_mnist", "capsnet_tiny"]
+
+
+class CapsNetOutput(NamedTuple):
+    """Everything a forward pass produces.
+
+    lengths: ``(B, J)`` class capsule lengths ``|v_j|`` (the class "probabilities").
+    poses: ``(B, J, D)`` class capsules ``v_j``.
+    reconstruction: ``(B, C, H, W)`` decoder output, or None without a decoder.
+    coupling: ``(B, I, J)`` coupling coefficients of the last routing iteration.
+    primary: ``(B, I, in_dim)`` primary capsules ``u_i``.
+    """
+
+    lengths: Tensor
+    poses: Tensor
+    reconstruction: Optional[Tensor]
+    coupling: Tensor
+    primary: Tensor
+
+
+class CapsNet(nn.Module):
+    """Conv1 -> PrimaryCaps -> DigitCaps (routing) -> masked reconstruction decoder.
+
+    Keyword-only hyper-parameters default to the paper's MNIST model.
+
+    Shape:
+        x: ``(B, in_channels, image_size, image_size)`` floats; y: ``(B,)`` labels or None.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int = 1,
+        image_size: int = 28,
+        num_classes: int = 10,
+        conv_channels: int = 256,
+        conv_kernel: int = 9,
+        primary_types: int = 32,
+        primary_dim: int = 8,
+        primary_kernel: int = 9,
+        primary_stride: int = 2,
+        class_dim: int = 16,
+        routing_iterations: int = 3,
+        detach_intermediate: bool = False,
+        leaky_routing: bool = False,
+        class_bias: bool = False,
+        decoder: bool = True,
+        decoder_hidden: tuple[int, ...] = (512, 1024),
+    ):
+        super().__init__()
+        self.in_channels, self.image_size, self.num_classes = in_channels, image_size, num_classes
+        self.conv1 = nn.Conv2d(in_channels, conv_channels, conv_kernel)
+        self.primary = PrimaryCaps(
+            conv_channels, types=primary_types, dim=primary_dim, kernel_size=primary_kernel, stride=primary_stride
+        )
+        grid = self.primary.output_size(image_size - conv_kernel + 1)
+        if grid < 1:
+            raise ValueError(f"image_size {image_size} is too small for conv kernel {conv_kernel} and primary kernel {primary_kernel}")
+        self.num_primary = primary_types * grid * grid
+        self.digits = DenseCaps(
+            self.num_primary,
+            primary_dim,
+            num_classes,
+            class_dim,
+            iterations=routing_iterations,
+            detach_intermediate=detach_intermediate,
+            leaky=leaky_routing,
+            bias=class_bias,
+        )
+        self.decoder = (
+            CapsuleDecoder(num_classes, class_dim, (in_channels, image_size, image_size), hidden=decoder_hidden)
+            if decoder
+            else None
+        )
+
+    def reconstruct(self, poses: Tensor, labels: Tensor) -> Tensor:
+        """Decode the capsule named by ``labels`` (B,) from ``poses`` (B, J, D)."""
+        if self.decoder is None:
+            raise ValueError("this CapsNet was built with decoder=False and cannot reconstruct")
+        return self.decoder(poses, labels)
+
+    def forward(self, x: Tensor, y: Optional[Tensor] = None) -> CapsNetOutput:
+        check_images(x, self.in_channels, (self.image_size, self.image_size))
+        if y is not None:
+            check_labels(y, x.shape[0], self.num_classes)
+        u = self.primary(torch.relu(self.conv1(x)))  # (B, I, 8)
+        routed = self.digits(u)  # poses (B, J, 16)
+        lengths = safe_norm(routed.poses, dim=-1)
+        reconstruction = None
+        if self.decoder is not None:
+            # Mask with the true class in training, the longest capsule otherwise (Sec. 4.1).
+            mask_labels = y if y is not None else lengths.argmax(dim=1)
+            reconstruction = self.decoder(routed.poses, mask_labels)
+        return CapsNetOutput(lengths, routed.poses, reconstruction, routed.coupling, u)
+
+
+@register_model
+def capsnet_mnist(**overrides) -> CapsNet:
+    """The paper's MNIST CapsNet: 8,215,568 parameters (6,804,224 without the decoder)."""
+    return CapsNet(**overrides)
+
+
+@register_model
+def capsnet_tiny(**overrides) -> CapsNet:
+    """A few-thousand-parameter CapsNet on 28x28 input for fast tests and smoke runs."""
+    kwargs = dict(
+        conv_channels=16, primary_types=4, primary_dim=4, class_dim=8, decoder_hidden=(32,), conv_kernel=9
+    )
+    kwargs.update(overrides)
+    return CapsNet(**kwargs)
