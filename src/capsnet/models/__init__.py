@@ -2,5 +2,6 @@
 
 from .capsnet import CapsNet, CapsNetOutput
 from .registry import create_model, list_models, register_model
+from . import em  # noqa: F401  (registers EM models)
 
 __all__ = ["CapsNet", "CapsNetOutput", "create_model", "list_models", "register_model"]

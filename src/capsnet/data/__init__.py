@@ -1,0 +1,25 @@
+"""Datasets (one module per family), batched transforms and the dataset registry."""
+
+from . import mnist, synthetic  # noqa: F401  (register datasets)
+from .base import ExperimentData, Split
+from .errors import DataError
+from .idx import read_idx, write_idx
+from .mnist import MNIST, FashionMNIST
+from .registry import list_datasets, load_dataset, register_dataset
+from .transforms import random_shift, to_float, train_val_split
+
+__all__ = [
+    "DataError",
+    "ExperimentData",
+    "FashionMNIST",
+    "MNIST",
+    "Split",
+    "list_datasets",
+    "load_dataset",
+    "random_shift",
+    "read_idx",
+    "register_dataset",
+    "to_float",
+    "train_val_split",
+    "write_idx",
+]

@@ -1,0 +1,360 @@
+"""Matrix capsule layers of Hinton, Sabour & Frosst 2018 ("Matrix capsules with EM routing").
+
+A capsule is a 4x4 pose matrix ``M`` and an activation ``a``. Capsule grids travel between
+layers as :class:`MatrixCaps` with poses ``(B, H, W, T, 4, 4)`` and activations ``(B, H, W, T)``
+(``T`` capsule types). A capsule ``i`` votes for a parent ``j`` with ``V_ij = M_i W_ij`` and the
+parents come from :func:`~capsnet.routing.em.em_routing`.
+
+Initialisation follows Google's release of the authors' code (truncated normal, cut at two
+standard deviations): PrimaryCaps pose kernel std 0.5, activation kernel std 3.0 with the
+logit shifted by -1 (here: the bias starts at -1); ConvCaps transforms std 0.3; class
+transforms std 0.01.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from ..routing.em import LAMBDA_SCHEDULES, MASS_EPS, VAR_FLOOR, ConvGeometry, em_routing, to_patches
+
+__all__ = ["ClassMatCaps", "ConvMatCaps", "MatrixCaps", "PrimaryMatCaps", "coordinate_offsets"]
+
+#: The pose is a 4x4 matrix: 16 elements ``D``.
+POSE = 4
+
+#: Where the paper adds the scaled (row, column) coordinate: the first two elements of the
+#: right-hand column of the vote matrix, row-major flat indices 3 and 7.
+COORD_INDICES = (3, 7)
+
+#: Which coordinate goes to index 3 and which to index 7 (IBM puts the column first).
+COORD_ORDERS = ("column_row", "row_column")
+
+BETA_MODES = ("type", "capsule")
+
+
+class MatrixCaps(NamedTuple):
+    """A grid of matrix capsules, or a layer of class capsules.
+
+    poses: ``(B, H, W, T, 4, 4)`` (class capsules: ``(B, J, 4, 4)``).
+    activations: ``(B, H, W, T)`` in [0, 1] (class capsules: ``(B, J)``).
+    assignments: the routing assignments ``R`` that produced them, ``(B, L, I, J)`` in patch
+        layout (class capsules: ``(B, I, J)``); None for primary capsules.
+    """
+
+    poses: Tensor
+    activations: Tensor
+    assignments: Optional[Tensor] = None
+
+
+def _trunc_normal_(t: Tensor, std: float, mean: float = 0.0) -> Tensor:
+    """TensorFlow's ``truncated_normal``: resample beyond two standard deviations."""
+    return nn.init.trunc_normal_(t, mean=mean, std=std, a=mean - 2 * std, b=mean + 2 * std)
+
+
+def _check_grid(poses: Tensor, activations: Tensor, types: int, size: Optional[tuple[int, int]], who: str) -> None:
+    shape = "(B, H, W, {t}, 4, 4)".format(t=types) if size is None else f"(B, {size[0]}, {size[1]}, {types}, 4, 4)"
+    if poses.dim() != 6 or poses.shape[3:] != (types, POSE, POSE):
+        raise ValueError(f"{who} expects poses {shape}, got {tuple(poses.shape)}")
+    if size is not None and tuple(poses.shape[1:3]) != tuple(size):
+        raise ValueError(f"{who} expects poses {shape}, got {tuple(poses.shape)}")
+    if activations.shape != poses.shape[:4]:
+        raise ValueError(f"{who} expects activations {tuple(poses.shape[:4])} to match poses, got {tuple(activations.shape)}")
+
+
+class _EMRouted(nn.Module):
+    """Shared parts of the routed layers: betas and routing options."""
+
+    def __init__(
+        self,
+        out_types: int,
+        *,
+        num_capsules: int,
+        iterations: int,
+        schedule: Union[str, Sequence[float]],
+        final_lambda: Optional[float],
+        beta: str,
+        var_floor: float,
+        eps: float,
+        detach_intermediate: bool,
+    ):
+        super().__init__()
+        if beta not in BETA_MODES:
+            raise ValueError(f"beta must be one of {BETA_MODES}, got {beta!r}")
+        if iterations < 1:
+            raise ValueError(f"iterations must be >= 1, got {iterations}")
+        if isinstance(schedule, str) and schedule not in LAMBDA_SCHEDULES:
+            raise ValueError(f"schedule must be one of {LAMBDA_SCHEDULES} or a sequence of floats, got {schedule!r}")
+        self.iterations, self.schedule, self.final_lambda = iterations, schedule, final_lambda
+        self.var_floor, self.eps, self.detach_intermediate = var_floor, eps, detach_intermediate
+        shape = (out_types,) if beta == "type" else (num_capsules, out_types)
+        # beta_a, beta_v of Procedure 1, one per parent type (both public codes) or per capsule.
+        self.beta_a = nn.Parameter(torch.zeros(shape))
+        self.beta_v = nn.Parameter(torch.zeros(shape))
+        if schedule == "authors":
+            # The authors' tiny lambda needs IBM's large negative beta_a: N(-1000, 500).
+            _trunc_normal_(self.beta_a.data, std=500.0, mean=-1000.0)
+
+    def _route(self, votes: Tensor, activations: Tensor, geometry: Optional[ConvGeometry]):
+        return em_routing(
+            votes,
+            activations,
+            self.beta_a,
+            self.beta_v,
+            iterations=self.iterations,
+            geometry=geometry,
+            schedule=self.schedule,
+            final_lambda=self.final_lambda,
+            var_floor=self.var_floor,
+            eps=self.eps,
+            detach_intermediate=self.detach_intermediate,
+        )
+
+
+class PrimaryMatCaps(nn.Module):
+    """1x1 convolutions to ``types`` 4x4 pose matrices and sigmoid activations (PrimaryCaps, Sec. 3).
+
+    Parameters: ``(in_channels + 1) * types * 17`` (16 pose and 1 activation channels with biases).
+
+    Shape:
+        x: ``(B, in_channels, H, W)``; returns :class:`MatrixCaps` with poses ``(B, H, W, T, 4, 4)``
+        and activations ``(B, H, W, T)``.
+    """
+
+    def __init__(self, in_channels: int, types: int, *, pose_std: float = 0.5, activation_std: float = 3.0):
+        super().__init__()
+        if min(in_channels, types) < 1:
+            raise ValueError(f"PrimaryMatCaps sizes must be positive, got in_channels={in_channels} types={types}")
+        self.in_channels, self.types = in_channels, types
+        self.pose = nn.Conv2d(in_channels, types * POSE * POSE, 1)
+        self.activation = nn.Conv2d(in_channels, types, 1)
+        _trunc_normal_(self.pose.weight.data, pose_std)
+        nn.init.zeros_(self.pose.bias)
+        _trunc_normal_(self.activation.weight.data, activation_std)
+        nn.init.constant_(self.activation.bias, -1.0)  # Google: sigmoid(logit - 1)
+
+    def forward(self, x: Tensor) -> MatrixCaps:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"PrimaryMatCaps expects (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        poses = rearrange(self.pose(x), "b (t p q) h w -> b h w t p q", t=self.types, p=POSE)
+        activations = rearrange(torch.sigmoid(self.activation(x)), "b t h w -> b h w t")
+        return MatrixCaps(poses, activations)
+
+
+class ConvMatCaps(_EMRouted):
+    """Convolutional capsules with EM routing (ConvCaps1 and ConvCaps2, Sec. 3).
+
+    One 4x4 transform per (kernel position, input type, output type), VALID padding. Votes are
+    one ``F.unfold`` and one einsum whose weights carry no batch axis; routing normalises each
+    child over all parents of every patch that holds it.
+
+    Args:
+        in_types, out_types: capsule types ``T`` below and ``J`` above.
+        kernel_size, stride: of the capsule convolution (the paper: 3x3, strides 2 then 1).
+        in_size: ``(H, W)`` of the input grid; needed only for ``beta="capsule"``.
+        iterations, schedule, final_lambda, var_floor, eps, detach_intermediate: passed to
+            :func:`~capsnet.routing.em.em_routing`.
+        beta: ``"type"`` (default, both public codes): beta_a and beta_v per output type;
+            ``"capsule"``: per output capsule (type and position; the paper's "per capsule").
+        init_std: truncated-normal std of the transforms (Google: 0.3).
+
+    Shape:
+        poses ``(B, H, W, T, 4, 4)``, activations ``(B, H, W, T)``; returns :class:`MatrixCaps`
+        with poses ``(B, H', W', J, 4, 4)``, activations ``(B, H', W', J)`` and assignments
+        ``(B, H' W', kh kw T, J)``.
+    """
+
+    def __init__(
+        self,
+        in_types: int,
+        out_types: int,
+        *,
+        kernel_size: int = 3,
+        stride: int = 1,
+        in_size: Optional[tuple[int, int]] = None,
+        iterations: int = 3,
+        schedule: Union[str, Sequence[float]] = "linear",
+        final_lambda: Optional[float] = None,
+        beta: str = "type",
+        var_floor: float = VAR_FLOOR,
+        eps: float = MASS_EPS,
+        detach_intermediate: bool = False,
+        init_std: float = 0.3,
+    ):
+        if min(in_types, out_types, kernel_size, stride) < 1:
+            raise ValueError(
+                f"ConvMatCaps sizes must be positive, got in_types={in_types} out_types={out_types} "
+                f"kernel_size={kernel_size} stride={stride}"
+            )
+        if beta == "capsule" and in_size is None:
+            raise ValueError("beta='capsule' needs in_size=(H, W) to know how many output capsules there are")
+        num_capsules = 0
+        if in_size is not None:
+            geometry = ConvGeometry(tuple(in_size), (kernel_size,) * 2, (stride,) * 2, in_types)
+            geometry.check()
+            num_capsules = geometry.num_patches
+        super().__init__(
+            out_types,
+            num_capsules=num_capsules,
+            iterations=iterations,
+            schedule=schedule,
+            final_lambda=final_lambda,
+            beta=beta,
+            var_floor=var_floor,
+            eps=eps,
+            detach_intermediate=detach_intermediate,
+        )
+        self.in_types, self.out_types = in_types, out_types
+        self.kernel_size, self.stride = kernel_size, stride
+        self.in_size = None if in_size is None else tuple(in_size)
+        # W: (kh kw T, J, 4, 4), slot order (kh, kw, t) as in ConvGeometry.
+        self.weight = nn.Parameter(torch.empty(kernel_size * kernel_size * in_types, out_types, POSE, POSE))
+        _trunc_normal_(self.weight.data, init_std)
+
+    def output_size(self, size: int) -> int:
+        """Side of the output grid for an input grid of side ``size`` (VALID padding)."""
+        return (size - self.kernel_size) // self.stride + 1
+
+    def geometry(self, in_size: tuple[int, int]) -> ConvGeometry:
+        """The :class:`~capsnet.routing.em.ConvGeometry` of this layer on an ``in_size`` grid."""
+        return ConvGeometry(tuple(in_size), (self.kernel_size,) * 2, (self.stride,) * 2, self.in_types)
+
+    def votes(self, poses: Tensor) -> Tensor:
+        """``V_ij = M_i W_ij`` for every child slot of every patch.
+
+        Shape:
+            poses: ``(B, H, W, T, 4, 4)``; returns ``(B, L, J, I, 16)`` (contiguous).
+        """
+        cols = F.unfold(rearrange(poses, "b h w t p q -> b (t p q) h w"), self.kernel_size, stride=self.stride)
+        patches = rearrange(cols, "b (t p q k) l -> b l (k t) p q", t=self.in_types, p=POSE, q=POSE)
+        votes = torch.einsum("blipq,ijqr->bljipr", patches, self.weight)  # (B, L, J, I, 4, 4)
+        return votes.reshape(*votes.shape[:4], POSE * POSE)
+
+    def forward(self, poses: Tensor, activations: Tensor) -> MatrixCaps:
+        _check_grid(poses, activations, self.in_types, self.in_size, "ConvMatCaps")
+        geometry = self.geometry(tuple(poses.shape[1:3]))
+        if min(*geometry.in_size) < self.kernel_size:
+            raise ValueError(f"ConvMatCaps input grid {geometry.in_size} is smaller than its kernel {self.kernel_size}")
+        votes = self.votes(poses)  # (B, L, J, I, 16)
+        a_in = to_patches(rearrange(activations, "b h w t -> b t h w"), geometry)  # (B, L, I)
+        routed = self._route(votes.transpose(2, 3), a_in, geometry)
+        out_h, out_w = geometry.out_size
+        return MatrixCaps(
+            poses=rearrange(routed.poses, "b (h w) j (p q) -> b h w j p q", h=out_h, p=POSE),
+            activations=rearrange(routed.activations, "b (h w) j -> b h w j", h=out_h),
+            assignments=routed.assignments,
+        )
+
+
+def coordinate_offsets(size: tuple[int, int], types: int, *, order: str = "column_row") -> Tensor:
+    """Coordinate addition offsets for the votes of every capsule of an ``H x W x T`` grid.
+
+    The paper adds "the scaled coordinate (row, column) of the center of the receptive field of
+    each capsule to the first two elements of the right-hand column of its vote matrix", i.e. to
+    row-major elements 3 and 7. Scaling as IBM's code: ``(index + 0.5) / size``. ``order``:
+    ``"column_row"`` (IBM: column to element 3, row to 7) or ``"row_column"`` (the paper's
+    wording taken literally).
+
+    Shape:
+        returns ``(H W T, 16)``, capsules ordered ``(h, w, t)``, zero except columns 3 and 7.
+    """
+    if order not in COORD_ORDERS:
+        raise ValueError(f"order must be one of {COORD_ORDERS}, got {order!r}")
+    h, w = size
+    rows = ((torch.arange(h, dtype=torch.float64) + 0.5) / h).view(h, 1, 1).expand(h, w, types)
+    cols = ((torch.arange(w, dtype=torch.float64) + 0.5) / w).view(1, w, 1).expand(h, w, types)
+    first, second = (cols, rows) if order == "column_row" else (rows, cols)
+    offsets = torch.zeros(h, w, types, POSE * POSE, dtype=torch.float64)
+    offsets[..., COORD_INDICES[0]] = first
+    offsets[..., COORD_INDICES[1]] = second
+    return offsets.reshape(h * w * types, POSE * POSE)
+
+
+class ClassMatCaps(_EMRouted):
+    """Class capsules: one transform per (input type, class) shared across positions (Sec. 3).
+
+    With coordinate addition (the paper's default) the scaled position of each input capsule
+    is added to elements 3 and 7 of its votes, see :func:`coordinate_offsets`. All capsules of
+    the grid are children of every class capsule: a fully connected routing.
+
+    Args:
+        in_types, num_classes: capsule types ``T`` below and classes ``J``.
+        in_size: ``(H, W)`` of the input grid (the coordinate offsets depend on it).
+        coordinate_addition, coordinate_order: see :func:`coordinate_offsets`.
+        iterations, schedule, final_lambda, var_floor, eps, detach_intermediate: passed to
+            :func:`~capsnet.routing.em.em_routing`.
+        beta: as :class:`ConvMatCaps` (one class capsule per type, so both give ``J`` values,
+            stored ``(J,)`` or ``(1, J)``).
+        init_std: truncated-normal std of the transforms (Google: 0.01).
+
+    Shape:
+        poses ``(B, H, W, T, 4, 4)``, activations ``(B, H, W, T)``; returns :class:`MatrixCaps` with
+        poses ``(B, J, 4, 4)``, activations ``(B, J)`` and assignments ``(B, H W T, J)``.
+    """
+
+    def __init__(
+        self,
+        in_types: int,
+        num_classes: int,
+        *,
+        in_size: tuple[int, int],
+        coordinate_addition: bool = True,
+        coordinate_order: str = "column_row",
+        iterations: int = 3,
+        schedule: Union[str, Sequence[float]] = "linear",
+        final_lambda: Optional[float] = None,
+        beta: str = "type",
+        var_floor: float = VAR_FLOOR,
+        eps: float = MASS_EPS,
+        detach_intermediate: bool = False,
+        init_std: float = 0.01,
+    ):
+        if min(in_types, num_classes, *in_size) < 1:
+            raise ValueError(
+                f"ClassMatCaps sizes must be positive, got in_types={in_types} num_classes={num_classes} in_size={in_size}"
+            )
+        super().__init__(
+            num_classes,
+            num_capsules=1,
+            iterations=iterations,
+            schedule=schedule,
+            final_lambda=final_lambda,
+            beta=beta,
+            var_floor=var_floor,
+            eps=eps,
+            detach_intermediate=detach_intermediate,
+        )
+        self.in_types, self.num_classes, self.in_size = in_types, num_classes, tuple(in_size)
+        self.coordinate_addition = coordinate_addition
+        self.weight = nn.Parameter(torch.empty(in_types, num_classes, POSE, POSE))
+        _trunc_normal_(self.weight.data, init_std)
+        offsets = coordinate_offsets(self.in_size, in_types, order=coordinate_order) if coordinate_addition else None
+        self.register_buffer("offsets", None if offsets is None else offsets.float(), persistent=False)
+
+    def votes(self, poses: Tensor) -> Tensor:
+        """``V_ij = M_i W_{t(i) j}`` (+ coordinates) for every capsule ``i = (h, w, t)`` of the grid.
+
+        Shape:
+            poses: ``(B, H, W, T, 4, 4)``; returns ``(B, J, I, 16)`` with ``I = H W T``.
+        """
+        flat = rearrange(poses, "b h w t p q -> b (h w) t p q")
+        votes = torch.einsum("bntpq,tjqr->bjntpr", flat, self.weight)  # (B, J, HW, T, 4, 4)
+        votes = votes.reshape(votes.shape[0], self.num_classes, -1, POSE * POSE)
+        if self.offsets is not None:
+            votes = votes + self.offsets.to(votes.dtype)  # coordinate addition, Sec. 3
+        return votes
+
+    def forward(self, poses: Tensor, activations: Tensor) -> MatrixCaps:
+        _check_grid(poses, activations, self.in_types, self.in_size, "ClassMatCaps")
+        votes = self.votes(poses).unsqueeze(1)  # (B, 1, J, I, 16): one "patch" holding every child
+        a_in = activations.reshape(activations.shape[0], 1, -1)  # (B, 1, I), order (h, w, t)
+        routed = self._route(votes.transpose(2, 3), a_in, None)
+        return MatrixCaps(
+            poses=rearrange(routed.poses, "b 1 j (p q) -> b j p q", p=POSE),
+            activations=routed.activations.squeeze(1),
+            assignments=routed.assignments.squeeze(1),
+        )

@@ -1,0 +1,156 @@
+"""Matrix capsules with EM routing (Hinton, Sabour & Frosst, ICLR 2018), Fig. 1 / Sec. 3.
+
+ReLU Conv1 (5x5, stride 2, A channels) -> PrimaryCaps (1x1, B types) -> ConvCaps1 (3x3,
+stride 2, C types) -> ConvCaps2 (3x3, stride 1, D types) -> ClassCaps (shared transforms,
+coordinate addition). VALID padding: 32 -> 14 -> 14 -> 6 -> 4 on smallNORB crops.
+
+Parameter counts (conv biases, PrimaryCaps biases, beta_a and beta_v per output type), one
+input channel / the stereo pair as two: ``em_small`` (A=64, B=8, C=D=16) 67,154 / 68,754 (the
+paper's "68K"); ``em_full`` (A=B=C=D=32) 316,394 / 317,194 (the paper's "310K").
+Initialisation follows Google's release of the authors' code: Conv1 truncated normal std 0.05
+with bias 0.1, the capsule layers as documented in :mod:`capsnet.layers.matrix`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..layers.matrix import ClassMatCaps, ConvMatCaps, PrimaryMatCaps, _trunc_normal_
+from ..routing.em import MASS_EPS, VAR_FLOOR
+from .registry import register_model
+from .validation import check_images, check_labels
+
+__all__ = ["MatrixCapsNet", "MatrixCapsOutput", "em_full", "em_mnist", "em_small", "em_tiny"]
+
+
+class MatrixCapsOutput(NamedTuple):
+    """Everything a forward pass produces.
+
+    activations: ``(B, J)`` class capsule activations (the scores the spread loss reads).
+    poses: ``(B, J, 4, 4)`` class capsule pose matrices.
+    assignments: ``(B, I, J)`` class-layer routing assignments ``R`` of the last iteration,
+        ``I = H W D`` ConvCaps2 capsules ordered ``(h, w, type)``.
+    """
+
+    activations: Tensor
+    poses: Tensor
+    assignments: Tensor
+
+
+class MatrixCapsNet(nn.Module):
+    """The smallNORB network of Fig. 1; keyword-only hyper-parameters default to ``em_small``.
+
+    Args:
+        in_channels, image_size, num_classes: input images ``(B, in_channels, image_size,
+            image_size)`` and ``num_classes`` class capsules (smallNORB: 1 or 2, 32, 5).
+        conv_channels, primary_types, caps1_types, caps2_types: A, B, C, D of the paper.
+        conv_kernel, conv_stride: Conv1 (5, 2); caps_kernel (3), caps1_stride (2), caps2_stride (1).
+        iterations: EM iterations in every routed layer (the paper: 3).
+        schedule, final_lambda: inverse-temperature schedule, see
+            :func:`~capsnet.routing.em.inverse_temperatures` ("linear" default, "authors" option).
+        beta: ``"type"`` or ``"capsule"``, see :class:`~capsnet.layers.matrix.ConvMatCaps`.
+        coordinate_addition, coordinate_order: see :func:`~capsnet.layers.matrix.coordinate_offsets`.
+        var_floor, eps, detach_intermediate: passed to :func:`~capsnet.routing.em.em_routing`.
+
+    Shape:
+        x: ``(B, in_channels, image_size, image_size)`` floats; y: ``(B,)`` labels or None
+        (EM capsules need no labels in the forward pass; ``y`` is only validated).
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int = 1,
+        image_size: int = 32,
+        num_classes: int = 5,
+        conv_channels: int = 64,
+        primary_types: int = 8,
+        caps1_types: int = 16,
+        caps2_types: int = 16,
+        conv_kernel: int = 5,
+        conv_stride: int = 2,
+        caps_kernel: int = 3,
+        caps1_stride: int = 2,
+        caps2_stride: int = 1,
+        iterations: int = 3,
+        schedule: Union[str, Sequence[float]] = "linear",
+        final_lambda: Optional[float] = None,
+        beta: str = "type",
+        coordinate_addition: bool = True,
+        coordinate_order: str = "column_row",
+        var_floor: float = VAR_FLOOR,
+        eps: float = MASS_EPS,
+        detach_intermediate: bool = False,
+    ):
+        super().__init__()
+        sizes = dict(in_channels=in_channels, image_size=image_size, num_classes=num_classes,
+                     conv_channels=conv_channels, primary_types=primary_types, caps1_types=caps1_types,
+                     caps2_types=caps2_types, conv_kernel=conv_kernel, conv_stride=conv_stride,
+                     caps_kernel=caps_kernel, caps1_stride=caps1_stride, caps2_stride=caps2_stride)  # fmt: skip
+        if min(sizes.values()) < 1:
+            raise ValueError(f"MatrixCapsNet sizes must be positive, got {sizes}")
+        self.in_channels, self.image_size, self.num_classes = in_channels, image_size, num_classes
+        grid0 = (image_size - conv_kernel) // conv_stride + 1
+        grid1 = (grid0 - caps_kernel) // caps1_stride + 1 if grid0 >= caps_kernel else 0
+        grid2 = (grid1 - caps_kernel) // caps2_stride + 1 if grid1 >= caps_kernel else 0
+        if image_size < conv_kernel or grid2 < 1:
+            raise ValueError(
+                f"image_size {image_size} is too small: Conv1 {conv_kernel}/{conv_stride} then two {caps_kernel}x{caps_kernel} "
+                f"capsule convolutions (strides {caps1_stride}, {caps2_stride}) leave no capsule"
+            )
+        routing = dict(iterations=iterations, schedule=schedule, final_lambda=final_lambda, beta=beta,
+                       var_floor=var_floor, eps=eps, detach_intermediate=detach_intermediate)  # fmt: skip
+        self.conv1 = nn.Conv2d(in_channels, conv_channels, conv_kernel, stride=conv_stride)
+        _trunc_normal_(self.conv1.weight.data, 0.05)
+        nn.init.constant_(self.conv1.bias, 0.1)
+        self.primary = PrimaryMatCaps(conv_channels, primary_types)
+        self.caps1 = ConvMatCaps(primary_types, caps1_types, kernel_size=caps_kernel, stride=caps1_stride,
+                                 in_size=(grid0, grid0), **routing)  # fmt: skip
+        self.caps2 = ConvMatCaps(caps1_types, caps2_types, kernel_size=caps_kernel, stride=caps2_stride,
+                                 in_size=(grid1, grid1), **routing)  # fmt: skip
+        self.classes = ClassMatCaps(caps2_types, num_classes, in_size=(grid2, grid2),
+                                    coordinate_addition=coordinate_addition, coordinate_order=coordinate_order,
+                                    **routing)  # fmt: skip
+
+    def forward(self, x: Tensor, y: Optional[Tensor] = None) -> MatrixCapsOutput:
+        check_images(x, self.in_channels, (self.image_size, self.image_size))
+        if y is not None:
+            check_labels(y, x.shape[0], self.num_classes)
+        primary = self.primary(torch.relu(self.conv1(x)))  # poses (B, 14, 14, B_types, 4, 4)
+        caps1 = self.caps1(primary.poses, primary.activations)  # (B, 6, 6, C, 4, 4)
+        caps2 = self.caps2(caps1.poses, caps1.activations)  # (B, 4, 4, D, 4, 4)
+        out = self.classes(caps2.poses, caps2.activations)  # (B, J, 4, 4)
+        return MatrixCapsOutput(out.activations, out.poses, out.assignments)
+
+
+@register_model
+def em_small(**overrides) -> MatrixCapsNet:
+    """The paper's small smallNORB model, A=64, B=8, C=D=16: 67,154 parameters (68,754 stereo)."""
+    return MatrixCapsNet(**overrides)
+
+
+@register_model
+def em_full(**overrides) -> MatrixCapsNet:
+    """The paper's smallNORB model, A=B=C=D=32: 316,394 parameters (317,194 stereo)."""
+    kwargs = dict(conv_channels=32, primary_types=32, caps1_types=32, caps2_types=32)
+    kwargs.update(overrides)
+    return MatrixCapsNet(**kwargs)
+
+
+@register_model
+def em_mnist(**overrides) -> MatrixCapsNet:
+    """``em_small`` on 28x28 one-channel MNIST / Fashion-MNIST, 10 classes (grids 12, 5, 3)."""
+    kwargs = dict(image_size=28, num_classes=10)
+    kwargs.update(overrides)
+    return MatrixCapsNet(**kwargs)
+
+
+@register_model
+def em_tiny(**overrides) -> MatrixCapsNet:
+    """A few-thousand-parameter EM network on 32x32 for fast tests and smoke runs (A=8, B=C=D=4)."""
+    kwargs = dict(conv_channels=8, primary_types=4, caps1_types=4, caps2_types=4)
+    kwargs.update(overrides)
+    return MatrixCapsNet(**kwargs)

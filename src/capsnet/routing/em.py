@@ -1,0 +1,377 @@
+"""EM routing between matrix capsules, Procedure 1 of Hinton, Sabour & Frosst 2018.
+
+Each parent capsule ``j`` is a diagonal Gaussian over the 16 pose elements fitted
+to the votes ``V_ij`` of its children, weighted by assignments ``R_ij`` times the
+child activations ``a_i`` (M-step); the children are then re-assigned to the
+parents that explain their votes best (E-step).
+
+Layout. Votes arrive in *patch layout*: ``L`` patches (one per output position,
+``L = 1`` for a fully connected layer), ``I`` child slots per patch and ``J``
+parent types per position. In a convolutional layer one child sits in several
+overlapping patches; :class:`ConvGeometry` says which. The E-step normaliser of a
+child sums over *every* parent of that child, i.e. all ``J`` types at every
+position whose receptive field holds the child (the paper: "corner ones
+receiving only one feedback per capsule type"). It is computed in patch layout,
+scattered back to child positions with ``F.fold`` (col2im) and gathered into
+patch layout again with ``F.unfold``: no Python loop over positions.
+
+Axis letters: ``B`` batch, ``L`` patches (output positions), ``I`` child slots per
+patch, ``J`` parent types, ``D`` pose elements (16), ``T`` child types, ``H W``
+child grid.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+
+__all__ = [
+    "ConvGeometry",
+    "EMRoutingResult",
+    "LAMBDA_SCHEDULES",
+    "MASS_EPS",
+    "VAR_FLOOR",
+    "child_sum",
+    "em_routing",
+    "inverse_temperatures",
+    "log_child_normaliser",
+    "parent_counts",
+    "to_patches",
+]
+
+#: Added to every variance sigma^2 (Google's released code uses this ``min_var``): bounds the
+#: Gaussian precision, so ``log sigma`` and ``1 / sigma^2`` stay finite when all votes agree
+#: exactly (constant or zero input), and keeps the expanded float32 E-step accurate.
+VAR_FLOOR = 5e-4
+
+#: Added to the mass ``sum_i R_ij a_i`` where it divides: a parent that no active child
+#: votes for (all ``a_i = 0``) gets mean 0 instead of 0/0.
+MASS_EPS = 1e-6
+
+#: Named inverse-temperature schedules, see :func:`inverse_temperatures`.
+LAMBDA_SCHEDULES = ("linear", "authors")
+
+#: ``log(2 pi)``: the Gaussian normaliser in the E-step log-likelihood.
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+class EMRoutingResult(NamedTuple):
+    """What EM routing produced, in patch layout.
+
+    poses: ``(B, L, J, D)`` parent means ``mu_j`` of the last M-step (the parent pose matrices, flattened).
+    activations: ``(B, L, J)`` parent activations ``a_j`` of the last M-step.
+    assignments: ``(B, L, I, J)`` the ``R_ij`` used by the last M-step (before the ``R a`` product);
+        summed over every parent of a child (all ``J`` in every patch that holds it) they give 1.
+    """
+
+    poses: Tensor
+    activations: Tensor
+    assignments: Tensor
+
+
+class ConvGeometry(NamedTuple):
+    """Where the children of a convolutional capsule layer sit in its patches (VALID padding).
+
+    Child slot ``i`` of a patch enumerates ``(kernel row, kernel column, child type)`` with the type
+    fastest: ``I = kernel[0] * kernel[1] * types``. Patches enumerate output positions row-major.
+
+    in_size: ``(H, W)`` of the child grid; kernel, stride: ``(rows, columns)``; types: child types ``T``.
+    """
+
+    in_size: tuple[int, int]
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    types: int
+
+    @property
+    def out_size(self) -> tuple[int, int]:
+        """``(H', W')`` of the parent grid."""
+        return tuple((n - k) // s + 1 for n, k, s in zip(self.in_size, self.kernel, self.stride))
+
+    @property
+    def num_patches(self) -> int:
+        """``L = H' W'``."""
+        h, w = self.out_size
+        return h * w
+
+    @property
+    def slots(self) -> int:
+        """Child slots per patch, ``I = kh kw T``."""
+        return self.kernel[0] * self.kernel[1] * self.types
+
+    def check(self) -> None:
+        """Raise ``ValueError`` unless every size is positive and the kernel fits in the grid."""
+        sizes = (*self.in_size, *self.kernel, *self.stride, self.types)
+        if len(sizes) != 7 or min(sizes) < 1:
+            raise ValueError(f"ConvGeometry sizes must be positive (H, W), (kh, kw), (sh, sw), T; got {self}")
+        if self.kernel[0] > self.in_size[0] or self.kernel[1] > self.in_size[1]:
+            raise ValueError(f"kernel {self.kernel} does not fit in the child grid {self.in_size}")
+
+
+def to_patches(x: Tensor, geometry: ConvGeometry) -> Tensor:
+    """Copy a per-child map into patch layout (``F.unfold``, im2col).
+
+    Shape:
+        x: ``(B, T, H, W)``; returns ``(B, L, I)`` with ``I`` ordered ``(kh, kw, t)``.
+    """
+    if x.dim() != 4 or x.shape[1] != geometry.types or tuple(x.shape[2:]) != tuple(geometry.in_size):
+        raise ValueError(
+            f"to_patches expects (B, {geometry.types}, {geometry.in_size[0]}, {geometry.in_size[1]}), got {tuple(x.shape)}"
+        )
+    cols = F.unfold(x, geometry.kernel, stride=geometry.stride)  # (B, T kh kw, L)
+    return rearrange(cols, "b (t k) l -> b l (k t)", t=geometry.types)
+
+
+def child_sum(x: Tensor, geometry: ConvGeometry) -> Tensor:
+    """Sum patch-layout values over all patches that hold each child (``F.fold``, col2im).
+
+    The 1D example of the EM implementation notes: children ``[1, 2, 3, 4]``, patches of 2 with
+    stride 1 hold ``[[1, 2], [2, 3], [3, 4]]`` and the per-child sums are ``[1, 4, 6, 4]``.
+
+    Shape:
+        x: ``(B, L, I)``; returns ``(B, T, H, W)``.
+    """
+    if x.dim() != 3 or x.shape[1:] != (geometry.num_patches, geometry.slots):
+        raise ValueError(
+            f"child_sum expects (B, {geometry.num_patches}, {geometry.slots}) in patch layout, got {tuple(x.shape)}"
+        )
+    cols = rearrange(x, "b l (k t) -> b (t k) l", t=geometry.types)
+    return F.fold(cols, geometry.in_size, geometry.kernel, stride=geometry.stride)
+
+
+def parent_counts(geometry: ConvGeometry, *, like: Tensor) -> Tensor:
+    """Number of patches holding each child (0 for children VALID padding leaves out).
+
+    Shape:
+        returns ``(1, T, H, W)`` with ``like``'s dtype and device.
+    """
+    ones = like.new_ones(1, geometry.num_patches, geometry.slots)
+    return child_sum(ones, geometry)
+
+
+def _child_index(geometry: ConvGeometry, device: torch.device) -> Tensor:
+    """Flat index ``t H W + y W + x`` of the child in each patch slot, ``(L I,)``."""
+    (h, w), (kh, kw), (sh, sw), t = geometry.in_size, geometry.kernel, geometry.stride, geometry.types
+    oh, ow = geometry.out_size
+    ar = lambda n: torch.arange(n, device=device)  # noqa: E731
+    rows = ar(oh)[:, None, None, None, None] * sh + ar(kh)[None, None, :, None, None]  # (oh, 1, kh, 1, 1)
+    cols = ar(ow)[None, :, None, None, None] * sw + ar(kw)[None, None, None, :, None]  # (1, ow, 1, kw, 1)
+    types = ar(t)[None, None, None, None, :]
+    return (types * (h * w) + rows * w + cols).reshape(-1)  # (oh ow kh kw t) = (L I)
+
+
+def log_child_normaliser(s: Tensor, geometry: Optional[ConvGeometry]) -> Tensor:
+    """``log sum exp`` of ``s`` over every patch slot holding the same child, back in patch layout.
+
+    With ``s_{l,i} = log sum_j a_j p_{l,i,j}`` this is the log of the E-step denominator
+    ``sum_k a_k p_ik`` over all parents ``k`` of the child (Procedure 1, E-step). Stable in log
+    space: each child's terms are shifted by their (detached) maximum, found with one
+    ``scatter_reduce``, so ``exp`` never overflows and the largest term is exactly 1. Without a
+    geometry every slot is its own child and ``s`` is returned unchanged.
+
+    Shape:
+        s: ``(B, L, I)``; returns ``(B, L, I)``.
+    """
+    if geometry is None:
+        return s
+    batch = s.shape[0]
+    index = _child_index(geometry, s.device)
+    with torch.no_grad():
+        shift = s.new_full((batch, geometry.types * geometry.in_size[0] * geometry.in_size[1]), -math.inf)
+        shift.scatter_reduce_(1, index.expand(batch, -1), s.reshape(batch, -1), "amax")
+        # Children no patch covers (VALID padding) keep -inf; they are never gathered back.
+        shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+        shift = shift.view(batch, geometry.types, *geometry.in_size)
+        uncovered = (parent_counts(geometry, like=s) == 0).to(s.dtype)
+    total = child_sum(torch.exp(s - to_patches(shift, geometry)), geometry)  # (B, T, H, W), >= 1 where covered
+    # +1 on uncovered children only: their total is 0 and log(0) would poison the backward pass.
+    log_total = torch.log(total + uncovered) + shift
+    return to_patches(log_total, geometry)
+
+
+def inverse_temperatures(
+    schedule: Union[str, Sequence[float]], iterations: int, *, final_lambda: Optional[float] = None
+) -> tuple[float, ...]:
+    """The inverse temperature ``lambda`` of each routing iteration.
+
+    ``"linear"`` (default of :func:`em_routing`): ``lambda_it = final_lambda (it + 1) / iterations``,
+    ``final_lambda = 1``. With the paper's cost this is the annealing the paper describes: early
+    iterations are soft (activations near 1/2, so assignments follow the Gaussians rather than
+    a premature winner) and the last is ``lambda = 1``, where the activation logit is exactly
+    the description-length difference ``beta_a - sum_h cost^h`` of Procedure 1 in nats.
+
+    ``"authors"``: the formula the authors gave on OpenReview and both public codes use,
+    ``lambda_it = final_lambda (1 - 0.95^(it + 1))``, ``final_lambda = 0.01``
+    (5.0e-4, 9.75e-4, 1.43e-3 for three iterations). It only trains together with the IBM cost
+    scaling, which :func:`em_routing` applies with this schedule.
+
+    A sequence of ``iterations`` non-negative floats is used as given.
+
+    Shape:
+        returns a tuple of ``iterations`` floats.
+    """
+    if iterations < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations}")
+    if isinstance(schedule, str):
+        if schedule == "linear":
+            final = 1.0 if final_lambda is None else float(final_lambda)
+            lambdas = tuple(final * (it + 1) / iterations for it in range(iterations))
+        elif schedule == "authors":
+            final = 0.01 if final_lambda is None else float(final_lambda)
+            lambdas = tuple(final * (1.0 - 0.95 ** (it + 1)) for it in range(iterations))
+        else:
+            raise ValueError(f"schedule must be one of {LAMBDA_SCHEDULES} or a sequence of floats, got {schedule!r}")
+    else:
+        if final_lambda is not None:
+            raise ValueError("final_lambda only applies to a named schedule, not to an explicit sequence")
+        lambdas = tuple(float(x) for x in schedule)
+        if len(lambdas) != iterations:
+            raise ValueError(f"schedule must hold one lambda per iteration ({iterations}), got {len(lambdas)}")
+    if any(not math.isfinite(x) or x < 0 for x in lambdas):
+        raise ValueError(f"inverse temperatures must be finite and >= 0, got {lambdas}")
+    return lambdas
+
+
+def _check_beta(beta: Tensor, name: str, num_patches: int, types: int) -> None:
+    if beta.shape not in ((types,), (num_patches, types)):
+        raise ValueError(
+            f"{name} must be ({types},) per parent type or ({num_patches}, {types}) per parent capsule, "
+            f"got {tuple(beta.shape)}"
+        )
+
+
+def em_routing(
+    votes: Tensor,
+    activations: Tensor,
+    beta_a: Tensor,
+    beta_v: Tensor,
+    *,
+    iterations: int = 3,
+    geometry: Optional[ConvGeometry] = None,
+    schedule: Union[str, Sequence[float]] = "linear",
+    final_lambda: Optional[float] = None,
+    cost_scale: Optional[float] = None,
+    var_floor: float = VAR_FLOOR,
+    eps: float = MASS_EPS,
+    detach_intermediate: bool = False,
+) -> EMRoutingResult:
+    """Route child votes to parent Gaussians with EM (Procedure 1 of Hinton et al. 2018).
+
+    ``R_ij`` starts uniform over each child's actual parents. Each iteration runs the M-step
+    (``R_ij <- R_ij a_i``; weighted mean and variance per pose element; ``cost^h = (beta_v +
+    log sigma^h) sum_i R_ij``; ``a_j = logistic(lambda (beta_a - sum_h cost^h))``) and, except
+    after the last, the E-step (``R_ij = a_j p_ij / sum_k a_k p_ik`` over every parent ``k`` of
+    child ``i``, in log space). Gradients flow through every iteration unless
+    ``detach_intermediate``; nothing is kept between calls.
+
+    The votes are only read through two ``(B, L, J, I, D)`` tensors made once per call, the
+    centred votes ``V - c`` and their squares (``c`` the unweighted mean vote of each parent, which
+    keeps the expanded variance free of float32 cancellation); both steps are then batched
+    matrix-vector products, and no ``(B, L, I, J, D)`` temporary is built per iteration.
+
+    Args:
+        votes: ``V_ij`` in patch layout, ``(B, L, I, J, D)``. A view of a ``(B, L, J, I, D)``
+            contiguous tensor is the fast layout (no copy is made then).
+        activations: child activations ``a_i`` in patch layout, ``(B, L, I)``, in ``[0, 1]``.
+        beta_a, beta_v: the learned biases of Procedure 1, ``(J,)`` per parent type or
+            ``(L, J)`` per parent capsule.
+        iterations: EM iterations (the paper: 3).
+        geometry: how child slots map to children in a convolutional layer; None when every
+            ``(patch, slot)`` is its own child (fully connected layers).
+        schedule, final_lambda: inverse temperature per iteration, see :func:`inverse_temperatures`.
+        cost_scale: multiplies ``cost^h``. None: 1 (the paper's cost), except with
+            ``schedule="authors"``, where it is IBM's ``100 / (I / J)`` (100 over children per
+            parent), the scaling without which that schedule's small ``lambda`` does not train.
+        var_floor: added to every variance, see :data:`VAR_FLOOR`.
+        eps: added to the mass where it divides, see :data:`MASS_EPS`.
+        detach_intermediate: stop gradients through the assignments of earlier iterations (a
+            common shortcut; the authors "do not use stop gradient"). Default False.
+
+    Shape:
+        votes: ``(B, L, I, J, D)``; activations: ``(B, L, I)``; beta_a, beta_v: ``(J,)`` or ``(L, J)``.
+        Returns :class:`EMRoutingResult` with poses ``(B, L, J, D)``, activations ``(B, L, J)`` and
+        assignments ``(B, L, I, J)``.
+    """
+    if votes.dim() != 5:
+        raise ValueError(f"votes must be (B, L, I, J, D), got shape {tuple(votes.shape)}")
+    batch, num_patches, slots, types, dim = votes.shape
+    if activations.shape != (batch, num_patches, slots):
+        raise ValueError(
+            f"activations must be (B, L, I) = {(batch, num_patches, slots)} to match votes {tuple(votes.shape)}, "
+            f"got {tuple(activations.shape)}"
+        )
+    _check_beta(beta_a, "beta_a", num_patches, types)
+    _check_beta(beta_v, "beta_v", num_patches, types)
+    if geometry is not None:
+        geometry.check()
+        if (geometry.num_patches, geometry.slots) != (num_patches, slots):
+            raise ValueError(
+                f"geometry {geometry} gives L = {geometry.num_patches}, I = {geometry.slots}; "
+                f"votes have L = {num_patches}, I = {slots}"
+            )
+    if var_floor <= 0 or eps < 0:
+        raise ValueError(f"var_floor must be > 0 and eps >= 0, got var_floor={var_floor} eps={eps}")
+    lambdas = inverse_temperatures(schedule, iterations, final_lambda=final_lambda)
+    if cost_scale is None:
+        cost_scale = 100.0 * types / slots if schedule == "authors" else 1.0
+
+    # Votes once per call, in (B, L, J, I, D): parents outside, so the contractions over the
+    # children I below are batched matrix-vector products over contiguous memory.
+    v = votes.permute(0, 1, 3, 2, 4)
+    centre = v.mean(dim=3, keepdim=True)  # (B, L, J, 1, D): unweighted mean vote
+    v_c = (v - centre).contiguous()
+    v_c2 = v_c.square()
+    centre = centre.squeeze(3)  # (B, L, J, D)
+
+    # Procedure 1 init: R_ij = 1 / (number of parents of child i): J types in every patch holding it.
+    if geometry is None:
+        r = votes.new_full((1, num_patches, 1, slots), 1.0 / types)
+    else:
+        counts = to_patches(parent_counts(geometry, like=votes), geometry)  # (1, L, I), >= 1
+        r = (1.0 / (types * counts)).unsqueeze(2)  # (1, L, 1, I)
+    a_in = activations.unsqueeze(2)  # (B, L, 1, I)
+    b_a = beta_a.view(1, 1, types) if beta_a.dim() == 1 else beta_a.unsqueeze(0)  # (1, 1|L, J)
+    b_v = beta_v.view(1, 1, types, 1) if beta_v.dim() == 1 else beta_v.view(1, num_patches, types, 1)
+
+    for it, lam in enumerate(lambdas):
+        last = it == len(lambdas) - 1
+        # ---- M-step (Procedure 1) ----
+        ra = (r * a_in).expand(batch, num_patches, types, slots)  # R_ij <- R_ij a_i
+        mass = ra.sum(dim=-1)  # (B, L, J): sum_i R_ij a_i
+        ra_row = ra.unsqueeze(-2)  # (B, L, J, 1, I)
+        m1 = torch.matmul(ra_row, v_c).squeeze(-2)  # (B, L, J, D): sum_i R a (V - c)
+        m2 = torch.matmul(ra_row, v_c2).squeeze(-2)  # sum_i R a (V - c)^2
+        denom = (mass + eps).unsqueeze(-1)
+        # mu_j^h = sum_i R a V / (sum_i R a + eps), written as mu - c; the -eps c keeps it exactly that.
+        mu_c = (m1 - eps * centre) / denom
+        # (sigma_j^h)^2 = sum_i R a (V - mu)^2 / sum_i R a, expanded around the centre c; the clamp
+        # only removes float rounding below zero, the floor keeps log and 1/sigma^2 finite.
+        var = ((m2 - 2.0 * mu_c * m1 + mu_c.square() * mass.unsqueeze(-1)) / denom).clamp_min(0.0) + var_floor
+        log_var = torch.log(var)
+        # cost^h = (beta_v + log sigma^h) sum_i R_ij, log sigma = log(sigma^2) / 2.
+        cost = (b_v + 0.5 * log_var) * (mass.unsqueeze(-1) * cost_scale)
+        logit = lam * (b_a - cost.sum(dim=-1))  # a_j = logistic(lambda (beta_a - sum_h cost^h))
+        a_out = torch.sigmoid(logit)
+        if last:
+            break
+        # ---- E-step (Procedure 1) ----
+        # ln p_ij = -sum_h (V - mu)^2 / (2 sigma^2) - sum_h ln(2 pi sigma^2) / 2, expanded in V - c:
+        # (V - mu)^2 = (V-c)^2 - 2 (V-c)(mu-c) + (mu-c)^2, so only two matrix-vector products touch the votes.
+        inv2var = 0.5 / var  # (B, L, J, D)
+        quad = torch.matmul(v_c2, (-inv2var).unsqueeze(-1)) + torch.matmul(v_c, (2.0 * mu_c * inv2var).unsqueeze(-1))
+        const = -(mu_c.square() * inv2var).sum(-1) - 0.5 * (log_var + _LOG_2PI).sum(-1)  # (B, L, J)
+        # ln(a_j p_ij); logsigmoid is the exact ln a_j, finite even where a_j underflows to 0.
+        log_ap = quad.squeeze(-1) + (const + F.logsigmoid(logit)).unsqueeze(-1)  # (B, L, J, I)
+        per_slot = torch.logsumexp(log_ap, dim=2)  # (B, L, I): ln sum_j a_j p_ij within a patch
+        log_norm = log_child_normaliser(per_slot, geometry)  # ln sum_k a_k p_ik over all parents of i
+        r = torch.exp(log_ap - log_norm.unsqueeze(2))  # R_ij, (B, L, J, I)
+        if detach_intermediate:
+            r = r.detach()
+    poses = mu_c + centre
+    assignments = r.expand(batch, num_patches, types, slots).transpose(2, 3)
+    return EMRoutingResult(poses=poses, activations=a_out, assignments=assignments)

@@ -1,0 +1,251 @@
+"""The training loop: seeded data order, atomic checkpoints, exact resume, validation-based selection."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+from ..data import ExperimentData, load_dataset
+from ..models import create_model
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .metrics import MetricsLogger
+from .objectives import Objective, create_objective
+
+__all__ = ["evaluate", "load_model", "train"]
+
+log = logging.getLogger(__name__)
+
+LAST, BEST = "last.pt", "best.pt"
+
+
+@dataclass
+class Progress:
+    """Where training stands; everything needed, with the RNG states, to continue exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    best_val_accuracy: float = -1.0
+    best_step: int = -1
+    train_seconds: float = 0.0
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The sample order of ``epoch``: a permutation that depends only on (seed, epoch)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def lr_factor(cfg: TrainConfig):
+    """Continuous exponential decay ``rate^(step / steps)`` floored at ``lr_min`` (official CapsNet code)."""
+    floor = cfg.lr_min / cfg.lr
+
+    def factor(step: int) -> float:
+        return max(cfg.lr_decay_rate ** (step / cfg.lr_decay_steps), floor)
+
+    return factor
+
+
+def build_model(cfg: TrainConfig, data: ExperimentData) -> torch.nn.Module:
+    model = create_model(cfg.model, **cfg.model_kwargs)
+    expected = (getattr(model, "in_channels", None), getattr(model, "image_size", None))
+    c, h, w = data.image_shape
+    if expected[0] is not None and (expected[0] != c or expected[1] not in (h, (h, w))):
+        raise ValueError(
+            f"model {cfg.model!r} expects {expected[0]}x{expected[1]}x{expected[1]} images but dataset "
+            f"{cfg.dataset!r} gives {c}x{h}x{w}; adjust model_kwargs or dataset_kwargs in the config"
+        )
+    return model
+
+
+@torch.no_grad()
+def evaluate(model, data: ExperimentData, split: str, objective: Objective, *, batch_size: int = 256, device="cpu", step: int = 0) -> dict:
+    """Accuracy and mean loss of ``model`` on every sample of ``split``, without augmentation."""
+    was_training = model.training
+    model.eval()
+    correct, total, loss_sum = 0, 0, 0.0
+    for images, labels in data.eval_batches(split, batch_size):
+        images, labels = images.to(device), labels.to(device)
+        out = model(images)
+        correct += int((objective.scores(out).argmax(dim=1) == labels).sum())
+        loss_sum += float(objective.loss(out, images, labels, step)) * labels.shape[0]
+        total += labels.shape[0]
+    model.train(was_training)
+    return {"accuracy": correct / max(total, 1), "loss": loss_sum / max(total, 1), "samples": total}
+
+
+def _rng_state(generator: torch.Generator) -> dict:
+    state = {"torch": torch.get_rng_state(), "augment": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["augment"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_model(checkpoint: str | Path, device="cpu") -> tuple[torch.nn.Module, TrainConfig, dict]:
+    """Rebuild the model of a checkpoint with its weights; returns (model, config, checkpoint dict)."""
+    ckpt = load_checkpoint(checkpoint, map_location=device)
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    model = create_model(cfg.model, **cfg.model_kwargs).to(device)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    return model, cfg, ckpt
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    data_root: str | Path,
+    out_dir: str | Path,
+    download: bool = False,
+    resume: bool = False,
+    device: str = "cpu",
+    progress: bool = True,
+    final_test: bool = True,
+) -> dict:
+    """Train ``cfg`` into ``out_dir``; returns the summary also written to ``metrics.json``.
+
+    Checkpoints ``last.pt`` (everything, for ``resume``) every ``checkpoint_every`` steps and
+    at the end of each epoch; ``best.pt`` holds the weights with the best validation accuracy.
+    The test split is evaluated once, at the end, with the validation-selected weights.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    data = load_dataset(cfg.dataset, data_root, download=download, seed=cfg.seed, **cfg.dataset_kwargs)
+    model = build_model(cfg, data).to(device)
+    objective = create_objective(cfg.objective, **cfg.objective_kwargs)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
+    generator = torch.Generator().manual_seed(cfg.seed)
+    state = Progress()
+
+    if resume and (out / LAST).exists():
+        ckpt = load_checkpoint(out / LAST, map_location=device)
+        if ckpt["config"] != cfg.to_dict():
+            changed = sorted(k for k in ckpt["config"] if ckpt["config"][k] != cfg.to_dict().get(k))
+            log.warning("resuming with a changed config; keys that differ: %s", ", ".join(changed))
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        _set_rng_state(ckpt["rng"], generator)
+        state = Progress(**ckpt["progress"])
+        log.info("resumed from %s at step %d (epoch %d)", out / LAST, state.step, state.epoch)
+    elif resume:
+        log.info("no checkpoint in %s: starting from scratch", out)
+
+    def checkpoint() -> None:
+        save_checkpoint(
+            {
+                "config": cfg.to_dict(),
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": _rng_state(generator),
+                "progress": vars(state).copy(),
+            },
+            out / LAST,
+        )
+
+    def validate() -> None:
+        result = evaluate(model, data, "val", objective, batch_size=cfg.eval_batch_size, device=device, step=state.step)
+        logger.log(state.step, {"val/accuracy": result["accuracy"], "val/loss": result["loss"]})
+        if result["accuracy"] > state.best_val_accuracy:
+            state.best_val_accuracy, state.best_step = result["accuracy"], state.step
+            save_checkpoint({"config": cfg.to_dict(), "model": model.state_dict(), "step": state.step, "val": result}, out / BEST)
+        log.info("step %d: validation accuracy %.4f (best %.4f at step %d)", state.step, result["accuracy"], state.best_val_accuracy, state.best_step)
+
+    logger = MetricsLogger(out, resume_step=state.step if resume else None)
+    n = data.size("train")
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    model.train()
+    bar = tqdm(total=total_steps, initial=state.step, disable=not progress, unit="step", dynamic_ncols=True)
+    started = time.perf_counter()
+    budget_left = lambda: cfg.time_budget_s is None or state.train_seconds + (time.perf_counter() - started) < cfg.time_budget_s
+    window_images, window_start = 0, time.perf_counter()
+    validated_at = -1
+    try:
+        while state.step < total_steps and budget_left():
+            order = epoch_order(n, cfg.seed, state.epoch)
+            while state.batch_in_epoch < steps_per_epoch and state.step < total_steps and budget_left():
+                index = order[state.batch_in_epoch * cfg.batch_size : (state.batch_in_epoch + 1) * cfg.batch_size]
+                images, labels = data.train_batch(index, generator)
+                images, labels = images.to(device), labels.to(device)
+                output = model(images, labels)
+                loss = objective.loss(output, images, labels, state.step)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                state.step += 1
+                state.batch_in_epoch += 1
+                window_images += labels.shape[0]
+                if state.step % cfg.log_every == 0 or state.step == total_steps:
+                    accuracy = float((objective.scores(output).argmax(1) == labels).float().mean())
+                    speed = window_images / max(time.perf_counter() - window_start, 1e-9)
+                    logger.log(state.step, {"train/loss": loss.item(), "train/accuracy": accuracy, "train/images_per_s": speed, "train/lr": scheduler.get_last_lr()[0]})
+                    bar.set_postfix(loss=f"{loss.item():.4f}", acc=f"{accuracy:.3f}", img_s=f"{speed:.0f}")
+                    window_images, window_start = 0, time.perf_counter()
+                bar.update(1)
+                if cfg.eval_every and state.step % cfg.eval_every == 0:
+                    validate()
+                    validated_at = state.step
+                if state.step % cfg.checkpoint_every == 0:
+                    state.train_seconds += time.perf_counter() - started
+                    started = time.perf_counter()
+                    checkpoint()
+            if state.batch_in_epoch >= steps_per_epoch:
+                state.epoch += 1
+                state.batch_in_epoch = 0
+                if validated_at != state.step:
+                    validate()
+                    validated_at = state.step
+        if validated_at != state.step:
+            validate()
+        state.train_seconds += time.perf_counter() - started
+        started = time.perf_counter()
+        checkpoint()
+    finally:
+        bar.close()
+        logger.flush()
+
+    summary = {
+        "model": cfg.model,
+        "dataset": cfg.dataset,
+        "steps": state.step,
+        "epochs_completed": state.epoch,
+        "train_images": state.step * cfg.batch_size,
+        "train_seconds": round(state.train_seconds, 1),
+        "best_val_accuracy": state.best_val_accuracy,
+        "best_step": state.best_step,
+        "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    if final_test:
+        best, _, _ = load_model(out / BEST, device=device)
+        result = evaluate(best, data, "test", objective, batch_size=cfg.eval_batch_size, device=device, step=state.step)
+        summary.update(test_accuracy=result["accuracy"], test_error=1 - result["accuracy"], test_samples=result["samples"])
+        logger.log(state.step, {"test/accuracy": result["accuracy"]})
+    logger.close()
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -1,0 +1,21 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def data_root() -> Path:
+    """The real dataset files: $CAPSNET_DATA (CI points it at ../shared/data)."""
+    root = os.environ.get("CAPSNET_DATA")
+    if not root or not (Path(root) / "mnist").is_dir():
+        pytest.skip("CAPSNET_DATA is not set to a folder with mnist/*.gz")
+    return Path(root)

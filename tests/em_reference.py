@@ -1,0 +1,110 @@
+"""Slow reference of EM routing (Procedure 1 of Hinton, Sabour & Frosst 2018) for tests.
+
+Explicit Python loops over an explicit child x parent graph in float64 numpy, straight from the
+paper's equations: no unfold, no fold, no expansion of the Gaussian. The fast
+:func:`capsnet.routing.em.em_routing` must agree with it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import numpy as np
+
+
+def conv_children(in_size, kernel, stride, types):
+    """``child[l][i]``: the child ``(t, y, x)`` in slot ``i = (kh, kw, t)`` of patch ``l`` (row-major)."""
+    (h, w), (kh, kw), (sh, sw) = in_size, kernel, stride
+    oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
+    child = []
+    for py in range(oh):
+        for px in range(ow):
+            slots = []
+            for dy in range(kh):
+                for dx in range(kw):
+                    for t in range(types):
+                        slots.append((t, py * sh + dy, px * sw + dx))
+            child.append(slots)
+    return child
+
+
+def dense_children(num_patches, slots):
+    """Every ``(patch, slot)`` is a child of its own."""
+    return [[(l, i) for i in range(slots)] for l in range(num_patches)]
+
+
+def reference_em_routing(votes, activations, beta_a, beta_v, *, lambdas, children, cost_scale=1.0,
+                         var_floor=5e-4, eps=1e-6):
+    """EM routing over the graph ``children`` (see :func:`conv_children`).
+
+    votes ``(B, L, I, J, D)``, activations ``(B, L, I)``, beta ``(J,)`` or ``(L, J)``; returns
+    poses ``(B, L, J, D)``, activations ``(B, L, J)``, assignments ``(B, L, I, J)`` as numpy float64.
+    """
+    votes = np.asarray(votes, dtype=np.float64)
+    act_in = np.asarray(activations, dtype=np.float64)
+    beta_a = np.asarray(beta_a, dtype=np.float64)
+    beta_v = np.asarray(beta_v, dtype=np.float64)
+    batch, num_patches, slots, types, dim = votes.shape
+
+    def beta(b, l, j):
+        return b[j] if b.ndim == 1 else b[l, j]
+
+    # parents_of[child] = list of (l, i, j): every parent the child votes for.
+    parents_of = defaultdict(list)
+    for l in range(num_patches):
+        for i in range(slots):
+            for j in range(types):
+                parents_of[children[l][i]].append((l, i, j))
+
+    poses = np.zeros((batch, num_patches, types, dim))
+    acts = np.zeros((batch, num_patches, types))
+    assign = np.zeros((batch, num_patches, slots, types))
+    for b in range(batch):
+        # Init: R_ij = 1 / |parents of child i|.
+        R = np.zeros((num_patches, slots, types))
+        for c, edges in parents_of.items():
+            for (l, i, j) in edges:
+                R[l, i, j] = 1.0 / len(edges)
+        for it, lam in enumerate(lambdas):
+            mu = np.zeros((num_patches, types, dim))
+            var = np.zeros((num_patches, types, dim))
+            a_out = np.zeros((num_patches, types))
+            # M-step, one parent at a time.
+            for l in range(num_patches):
+                for j in range(types):
+                    mass = 0.0
+                    num = np.zeros(dim)
+                    for i in range(slots):
+                        r = R[l, i, j] * act_in[b, l, i]
+                        mass += r
+                        num += r * votes[b, l, i, j]
+                    mu[l, j] = num / (mass + eps)
+                    sq = np.zeros(dim)
+                    for i in range(slots):
+                        r = R[l, i, j] * act_in[b, l, i]
+                        sq += r * (votes[b, l, i, j] - mu[l, j]) ** 2
+                    var[l, j] = sq / (mass + eps) + var_floor
+                    cost = 0.0
+                    for h in range(dim):
+                        cost += (beta(beta_v, l, j) + math.log(math.sqrt(var[l, j, h]))) * mass * cost_scale
+                    a_out[l, j] = 1.0 / (1.0 + math.exp(-lam * (beta(beta_a, l, j) - cost)))
+            assign[b] = R
+            if it == len(lambdas) - 1:
+                break
+            # E-step, one child at a time, normalised over all of its parents.
+            R = np.zeros((num_patches, slots, types))
+            for c, edges in parents_of.items():
+                logs = []
+                for (l, i, j) in edges:
+                    log_p = 0.0
+                    for h in range(dim):
+                        log_p += -((votes[b, l, i, j, h] - mu[l, j, h]) ** 2) / (2.0 * var[l, j, h])
+                        log_p += -0.5 * math.log(2.0 * math.pi * var[l, j, h])
+                    logs.append(math.log(a_out[l, j]) + log_p)
+                top = max(logs)
+                log_total = top + math.log(sum(math.exp(x - top) for x in logs))
+                for (l, i, j), x in zip(edges, logs):
+                    R[l, i, j] = math.exp(x - log_total)
+        poses[b], acts[b] = mu, a_out
+    return poses, acts, assign

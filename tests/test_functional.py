@@ -1,0 +1,258 @@
+"""Properties of the pure functions in ``capsnet.functional``: squash, norms and the losses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference import reference_margin_loss, reference_squash
+from torch.autograd import gradcheck
+
+from capsnet import margin_loss, reconstruction_loss, safe_norm, spread_loss, squash
+
+DTYPES = [torch.float32, torch.float64]
+
+
+# --------------------------------------------------------------------------- squash
+
+
+def test_squash_matches_reference_float64():
+    torch.manual_seed(0)
+    s = torch.randn(4, 7, 8, dtype=torch.float64) * torch.logspace(-2, 2, 7, dtype=torch.float64).view(1, 7, 1)
+    torch.testing.assert_close(squash(s), reference_squash(s), rtol=0, atol=1e-6)
+
+
+def test_squash_along_non_last_dim_squashes_that_axis():
+    torch.manual_seed(0)
+    s = torch.randn(3, 8, 5, dtype=torch.float64)  # capsule dimension D = 8 at dim 1
+    expected = reference_squash(s.transpose(1, 2)).transpose(1, 2)
+    torch.testing.assert_close(squash(s, dim=1), expected, rtol=0, atol=1e-6)
+
+
+def test_squash_norm_is_below_one_for_moderate_inputs():
+    torch.manual_seed(0)
+    s = torch.randn(1000, 16) * 10.0  # norms up to ~60
+    norms = squash(s).norm(dim=-1)
+    assert bool((norms < 1).all()), f"max squashed norm {norms.max().item()}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_squash_norm_is_at_most_one_at_huge_inputs(dtype):
+    s = torch.full((3, 16), 1e6, dtype=dtype)
+    s[1] = -1e6
+    s[2, ::2] = 0.0
+    norms = squash(s).norm(dim=-1)
+    assert bool((norms <= 1).all()), f"squashed norms {norms.tolist()}"
+    assert bool((norms > 0.999).all()), f"squashed norms {norms.tolist()}"
+
+
+def test_squash_norm_grows_monotonically_with_input_norm():
+    torch.manual_seed(0)
+    direction = torch.nn.functional.normalize(torch.randn(16, dtype=torch.float64), dim=0)
+    input_norms = torch.logspace(-3, 3, 200, dtype=torch.float64)
+    out_norms = squash(input_norms[:, None] * direction).norm(dim=-1)
+    assert bool((out_norms[1:] > out_norms[:-1]).all()), "squashed norm must increase with the input norm"
+
+
+def test_squash_preserves_direction():
+    torch.manual_seed(0)
+    s = torch.randn(50, 8, dtype=torch.float64) * 3
+    v = squash(s)
+    cosine = torch.nn.functional.cosine_similarity(v, s, dim=-1)
+    torch.testing.assert_close(cosine, torch.ones(50, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("value", [0.0, 1e6, -1e6])
+def test_squash_values_and_gradients_finite_at_zero_and_huge(dtype, value):
+    s = torch.full((2, 3, 8), value, dtype=dtype, requires_grad=True)
+    v = squash(s)
+    # Distinct upstream weights, non-zero at v = 0, so a 0/0 or inf in the backward would show.
+    weights = torch.arange(1, 49, dtype=dtype).view(2, 3, 8)
+    (v * weights).sum().backward()
+    assert bool(torch.isfinite(v).all())
+    assert s.grad is not None and bool(torch.isfinite(s.grad).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_squash_of_zero_is_exactly_zero(dtype):
+    assert bool((squash(torch.zeros(2, 8, dtype=dtype)) == 0).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_safe_norm_gradient_finite_at_zero(dtype):
+    x = torch.zeros(3, 8, dtype=dtype, requires_grad=True)
+    n = safe_norm(x)
+    n.sum().backward()
+    assert bool(torch.isfinite(n).all())
+    assert bool(torch.isfinite(x.grad).all())
+
+
+def test_safe_norm_matches_plain_norm_away_from_zero():
+    torch.manual_seed(0)
+    x = torch.randn(5, 8, dtype=torch.float64)
+    torch.testing.assert_close(safe_norm(x), x.norm(dim=-1), rtol=1e-7, atol=0)
+
+
+def test_squash_gradcheck_float64():
+    torch.manual_seed(0)
+    s = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    assert gradcheck(squash, (s,))
+
+
+# --------------------------------------------------------------------------- margin loss
+
+
+def test_margin_loss_hand_computed_example():
+    lengths = torch.tensor([[0.95, 0.3, 0.05]], dtype=torch.float64)
+    # class 0 present: max(0, 0.9 - 0.95)^2 = 0
+    # class 1 absent:  0.5 * max(0, 0.3 - 0.1)^2 = 0.5 * 0.04 = 0.02
+    # class 2 absent:  0.5 * max(0, 0.05 - 0.1)^2 = 0
+    # total 0.02
+    loss = margin_loss(lengths, torch.tensor([0]))
+    torch.testing.assert_close(loss, torch.tensor(0.02, dtype=torch.float64))
+
+
+def test_margin_loss_hand_computed_batch_mean():
+    lengths = torch.tensor([[0.95, 0.3, 0.05], [0.5, 0.2, 0.0]], dtype=torch.float64)
+    # sample 0, label 0: 0 + 0.5 * 0.2^2 + 0                    = 0.02
+    # sample 1, label 1: 0.5 * 0.4^2 + (0.9 - 0.2)^2 + 0       = 0.08 + 0.49 = 0.57
+    # sum over classes, mean over batch: (0.02 + 0.57) / 2      = 0.295
+    loss = margin_loss(lengths, torch.tensor([0, 1]))
+    torch.testing.assert_close(loss, torch.tensor(0.295, dtype=torch.float64))
+
+
+def test_margin_loss_matches_reference():
+    torch.manual_seed(0)
+    lengths = torch.rand(6, 10, dtype=torch.float64)
+    labels = torch.randint(0, 10, (6,))
+    torch.testing.assert_close(margin_loss(lengths, labels), reference_margin_loss(lengths, labels), rtol=0, atol=1e-6)
+
+
+def test_margin_loss_multi_hot_matches_reference():
+    torch.manual_seed(0)
+    lengths = torch.rand(4, 10, dtype=torch.float64)
+    targets = torch.zeros(4, 10, dtype=torch.float64)
+    targets[torch.arange(4), torch.tensor([1, 3, 5, 7])] = 1
+    targets[torch.arange(4), torch.tensor([2, 4, 6, 8])] = 1
+    expected = reference_margin_loss(lengths, targets)
+    torch.testing.assert_close(margin_loss(lengths, targets), expected, rtol=0, atol=1e-6)
+
+
+def test_margin_loss_multi_hot_is_sum_of_one_hot_pieces():
+    # Eq. 4 is affine in T: L(e_a + e_b) = L(e_a) + L(e_b) - L(0), where L(0) counts every class as absent.
+    torch.manual_seed(0)
+    lengths = torch.rand(5, 10, dtype=torch.float64)
+    a = torch.tensor([0, 1, 2, 3, 4])
+    b = torch.tensor([9, 8, 7, 6, 5])
+    multi_hot = torch.nn.functional.one_hot(a, 10) + torch.nn.functional.one_hot(b, 10)
+    none = torch.zeros(5, 10, dtype=torch.float64)
+    expected = margin_loss(lengths, a) + margin_loss(lengths, b) - margin_loss(lengths, none)
+    torch.testing.assert_close(margin_loss(lengths, multi_hot.double()), expected)
+
+
+def test_margin_loss_gradcheck_float64():
+    # Lengths kept away from the kinks of relu at m+ = 0.9 and m- = 0.1.
+    lengths = torch.tensor([[0.3, 0.05, 0.6, 0.95], [0.5, 0.2, 0.02, 0.7]], dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([2, 0])
+    assert gradcheck(lambda x: margin_loss(x, labels), (lengths,))
+
+
+@pytest.mark.parametrize("bad", [-1, 10])
+def test_margin_loss_rejects_out_of_range_labels(bad):
+    with pytest.raises(ValueError, match=r"\[0, 9\]"):
+        margin_loss(torch.rand(2, 10), torch.tensor([0, bad]))
+
+
+def test_margin_loss_rejects_float_labels():
+    with pytest.raises(ValueError, match="integer"):
+        margin_loss(torch.rand(2, 10), torch.tensor([0.0, 1.0]))
+
+
+@pytest.mark.parametrize("shape", [(10,), (2, 10, 1)])
+def test_margin_loss_rejects_lengths_that_are_not_2d(shape):
+    with pytest.raises(ValueError, match=r"\(B, J\)"):
+        margin_loss(torch.rand(shape), torch.tensor([0, 1]))
+
+
+def test_margin_loss_rejects_multi_hot_of_wrong_shape():
+    with pytest.raises(ValueError, match=r"\(2, 10\)"):
+        margin_loss(torch.rand(2, 10), torch.zeros(2, 9))
+
+
+@pytest.mark.parametrize("n_labels", [1, 3])
+def test_margin_loss_rejects_labels_whose_batch_differs(n_labels):
+    # One label for a batch of two must not broadcast silently to both samples.
+    with pytest.raises(ValueError):
+        margin_loss(torch.rand(2, 10), torch.zeros(n_labels, dtype=torch.long))
+
+
+# --------------------------------------------------------------------------- reconstruction loss
+
+
+def test_reconstruction_loss_hand_computed_example():
+    images = torch.zeros(2, 1, 2, 2, dtype=torch.float64)
+    recon = torch.tensor([[[[0.1, 0.2], [0.0, 0.0]]], [[[1.0, 1.0], [1.0, 1.0]]]], dtype=torch.float64)
+    # image 0: 0.1^2 + 0.2^2 = 0.05; image 1: 4 * 1^2 = 4
+    # mean over batch (0.05 + 4) / 2 = 2.025; times 0.0005 = 0.0010125
+    torch.testing.assert_close(reconstruction_loss(recon, images), torch.tensor(0.0010125, dtype=torch.float64))
+
+
+def test_reconstruction_loss_is_weighted_sum_of_squares_mean_over_batch():
+    torch.manual_seed(0)
+    recon, images = torch.rand(3, 1, 28, 28, dtype=torch.float64), torch.rand(3, 1, 28, 28, dtype=torch.float64)
+    per_image = [((recon[b] - images[b]) ** 2).sum() for b in range(3)]
+    expected = 0.0005 * sum(per_image) / 3
+    torch.testing.assert_close(reconstruction_loss(recon, images), expected)
+
+
+def test_reconstruction_loss_accepts_flat_reconstruction():
+    torch.manual_seed(0)
+    recon, images = torch.rand(2, 784, dtype=torch.float64), torch.rand(2, 1, 28, 28, dtype=torch.float64)
+    expected = reconstruction_loss(recon.view(2, 1, 28, 28), images)
+    torch.testing.assert_close(reconstruction_loss(recon, images), expected)
+
+
+def test_reconstruction_loss_gradcheck_float64():
+    torch.manual_seed(0)
+    recon = torch.rand(2, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+    images = torch.rand(2, 1, 3, 3, dtype=torch.float64)
+    assert gradcheck(lambda r: reconstruction_loss(r, images), (recon,))
+
+
+@pytest.mark.parametrize("recon_shape", [(3, 1, 28, 28), (2, 1, 27, 28)])
+def test_reconstruction_loss_rejects_mismatched_shapes(recon_shape):
+    with pytest.raises(ValueError, match="same pixels per sample"):
+        reconstruction_loss(torch.rand(recon_shape), torch.rand(2, 1, 28, 28))
+
+
+# --------------------------------------------------------------------------- spread loss
+
+
+def test_spread_loss_hand_computed_example():
+    activations = torch.tensor([[0.8, 0.5, 0.1]], dtype=torch.float64)
+    # target 0, margin 0.4: class 1: max(0, 0.4 - (0.8 - 0.5))^2 = 0.1^2 = 0.01
+    #                       class 2: max(0, 0.4 - (0.8 - 0.1))^2 = 0
+    loss = spread_loss(activations, torch.tensor([0]), margin=0.4)
+    torch.testing.assert_close(loss, torch.tensor(0.01, dtype=torch.float64))
+
+
+def test_spread_loss_gradcheck_float64():
+    # a_t - a_i kept away from the margin 0.5, where relu has its kink.
+    activations = torch.tensor([[0.9, 0.6, 0.1, 0.7], [0.2, 0.3, 0.95, 0.05]], dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 2])
+    assert gradcheck(lambda a: spread_loss(a, labels, margin=0.5), (activations,))
+
+
+def test_spread_loss_rejects_out_of_range_labels():
+    with pytest.raises(ValueError, match=r"\[0, 4\]"):
+        spread_loss(torch.rand(2, 5), torch.tensor([0, 5]), margin=0.2)
+
+
+def test_spread_loss_rejects_activations_that_are_not_2d():
+    with pytest.raises(ValueError, match=r"\(B, J\)"):
+        spread_loss(torch.rand(2, 5, 1), torch.tensor([0, 1]), margin=0.2)
+
+
+def test_spread_loss_rejects_labels_whose_batch_differs():
+    with pytest.raises(ValueError):
+        spread_loss(torch.rand(2, 5), torch.zeros(1, dtype=torch.long), margin=0.2)

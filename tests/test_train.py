@@ -1,0 +1,173 @@
+import errno
+import os
+import pickle
+
+import pytest
+import torch
+
+from capsnet.train import TrainConfig, load_checkpoint, load_config, save_checkpoint, train
+from capsnet.train.metrics import read_events, read_metrics_csv
+
+from conftest import REPO
+
+TINY = dict(
+    model="capsnet_tiny",
+    dataset="synthetic",
+    dataset_kwargs=dict(train_size=48, val_size=16, test_size=16),
+    batch_size=16,
+    epochs=3,
+    checkpoint_every=1,
+    log_every=1,
+    figures=False,
+)
+
+
+def _weights(path):
+    return load_checkpoint(path)["model"]
+
+
+def test_resume_is_bit_identical(tmp_path):
+    """N steps straight == N/2 steps, stop, resume, N/2 steps: same weights, optimizer and RNG."""
+    straight = TrainConfig(**TINY, max_steps=8)
+    train(straight, data_root=tmp_path, out_dir=tmp_path / "a", progress=False, final_test=False)
+    train(TrainConfig(**TINY, max_steps=4), data_root=tmp_path, out_dir=tmp_path / "b", progress=False, final_test=False)
+    train(straight, data_root=tmp_path, out_dir=tmp_path / "b", progress=False, final_test=False, resume=True)
+    a, b = load_checkpoint(tmp_path / "a" / "last.pt"), load_checkpoint(tmp_path / "b" / "last.pt")
+    assert a["progress"]["step"] == b["progress"]["step"] == 8
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    for state_a, state_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    assert torch.equal(a["rng"]["augment"], b["rng"]["augment"])
+
+
+def test_resume_crosses_an_epoch_boundary(tmp_path):
+    """3 steps per epoch: stopping at step 4 resumes in the middle of epoch 2 with its own order."""
+    straight = TrainConfig(**TINY, max_steps=7)
+    train(straight, data_root=tmp_path, out_dir=tmp_path / "a", progress=False, final_test=False)
+    train(TrainConfig(**TINY, max_steps=4), data_root=tmp_path, out_dir=tmp_path / "b", progress=False, final_test=False)
+    train(straight, data_root=tmp_path, out_dir=tmp_path / "b", progress=False, final_test=False, resume=True)
+    wa, wb = _weights(tmp_path / "a" / "last.pt"), _weights(tmp_path / "b" / "last.pt")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_csv_after_resume_holds_one_history(tmp_path):
+    cfg = TrainConfig(**TINY, max_steps=6)
+    train(TrainConfig(**TINY, max_steps=3), data_root=tmp_path, out_dir=tmp_path, progress=False, final_test=False)
+    train(cfg, data_root=tmp_path, out_dir=tmp_path, progress=False, final_test=False, resume=True)
+    steps = [r["step"] for r in read_metrics_csv(tmp_path / "metrics.csv") if r["tag"] == "train/loss"]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_training_learns_the_synthetic_task(tmp_path):
+    cfg = TrainConfig(**dict(TINY, epochs=15, checkpoint_every=50, dataset_kwargs=dict(train_size=160, val_size=64, test_size=64)), lr=3e-3)
+    summary = train(cfg, data_root=tmp_path, out_dir=tmp_path, progress=False)
+    assert summary["best_val_accuracy"] > 0.8
+    assert summary["test_samples"] == 64 and summary["test_accuracy"] > 0.8
+
+
+def test_best_checkpoint_is_chosen_on_validation(tmp_path):
+    summary = train(TrainConfig(**TINY), data_root=tmp_path, out_dir=tmp_path, progress=False)
+    vals = [r for r in read_metrics_csv(tmp_path / "metrics.csv") if r["tag"] == "val/accuracy"]
+    best = max(vals, key=lambda r: r["value"])
+    assert summary["best_val_accuracy"] == pytest.approx(best["value"], abs=1e-6)
+    assert load_checkpoint(tmp_path / "best.pt")["step"] == summary["best_step"]
+
+
+def test_tensorboard_events_hold_the_csv_scalars(tmp_path):
+    train(TrainConfig(**dict(TINY, epochs=1)), data_root=tmp_path, out_dir=tmp_path, progress=False)
+    (events,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
+    scalars = read_events(events)
+    csv_rows = read_metrics_csv(tmp_path / "metrics.csv")
+    assert len(scalars) == len(csv_rows)
+    assert {(s, t) for s, t, _ in scalars} == {(r["step"], r["tag"]) for r in csv_rows}
+
+
+def test_tensorboard_reads_our_event_files(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(TrainConfig(**dict(TINY, epochs=1)), data_root=tmp_path, out_dir=tmp_path, progress=False)
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3]
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"x": torch.ones(3)}, path)
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        save_checkpoint({"x": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["x"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"], "no temporary file left behind"
+
+
+def test_checkpoint_with_code_is_refused(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps({"model": Payload()}))
+    with pytest.raises(ValueError, match="evil.pt cannot be loaded"):
+        load_checkpoint(path)
+
+
+def test_truncated_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "cut.pt"
+    save_checkpoint({"w": torch.randn(100)}, path)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="cut.pt cannot be loaded"):
+        load_checkpoint(path)
+
+
+def test_unknown_config_key_is_named_with_a_suggestion():
+    with pytest.raises(ValueError, match="unknown config key 'batchsize'.*'batch_size'"):
+        TrainConfig.from_dict({"batchsize": 3})
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"batch_size": "128"}, "'batch_size' must be of type int"),
+        ({"lr": True}, "'lr' must be of type float"),
+        ({"batch_size": 0}, "'batch_size' must be >= 1"),
+        ({"lr": -1.0}, "'lr' must be > 0"),
+        ({"lr_decay_rate": 1.5}, "lr_decay_rate"),
+        ({"max_steps": 0}, "'max_steps' must be >= 1"),
+    ],
+)
+def test_bad_config_values_are_rejected_by_name(values, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig.from_dict(values)
+
+
+def test_config_file_overrides_reach_nested_keys():
+    cfg = load_config(str(REPO / "configs" / "mnist.py"), ("model_kwargs.routing_iterations=1", "batch_size=64", "dataset=fashion_mnist"))
+    assert cfg.model_kwargs["routing_iterations"] == 1 and cfg.batch_size == 64 and cfg.dataset == "fashion_mnist"
+
+
+def test_paper_recipe_in_the_mnist_config():
+    cfg = load_config(str(REPO / "configs" / "mnist.py"))
+    assert (cfg.lr, cfg.lr_decay_rate, cfg.lr_decay_steps, cfg.batch_size) == (1e-3, 0.96, 2000, 128)
+    assert cfg.model_kwargs["routing_iterations"] == 3 and cfg.objective_kwargs["recon_weight"] == 0.0005
+
+
+def test_learning_rate_decays_continuously(tmp_path):
+    from capsnet.train.loop import lr_factor
+
+    factor = lr_factor(TrainConfig())
+    assert factor(0) == 1.0 and factor(2000) == pytest.approx(0.96) and factor(1000) == pytest.approx(0.96**0.5)
+    assert factor(10**9) == pytest.approx(1e-6 / 1e-3), "floored at lr_min"
+
+
+def test_model_and_data_shapes_must_agree(tmp_path):
+    cfg = TrainConfig(**dict(TINY, dataset_kwargs=dict(image_size=32)))
+    with pytest.raises(ValueError, match="expects 1x28x28 images but dataset 'synthetic' gives 1x32x32"):
+        train(cfg, data_root=tmp_path, out_dir=tmp_path, progress=False)
