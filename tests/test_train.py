@@ -1,11 +1,13 @@
 import errno
+import hashlib
 import os
 import pickle
 
 import pytest
 import torch
 
-from capsnet.train import TrainConfig, load_checkpoint, load_config, save_checkpoint, train
+from capsnet.train import CheckpointError, TrainConfig, load_checkpoint, load_config, save_checkpoint, train
+from capsnet.train.checkpoint import MAGIC, load_latest, rotate_and_save
 from capsnet.train.metrics import read_events, read_metrics_csv
 
 from conftest import REPO
@@ -108,23 +110,81 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"], "no temporary file left behind"
 
 
-def test_checkpoint_with_code_is_refused(tmp_path):
-    class Payload:
-        def __reduce__(self):
-            return (os.system, ("echo pwned",))
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
 
+
+def test_checkpoint_with_code_is_refused_even_with_a_valid_checksum(tmp_path, monkeypatch):
+    """A crafted pickle behind a correct header and SHA-256 still never runs: weights_only=True."""
+    monkeypatch.chdir(tmp_path)
+    body = pickle.dumps({"model": _Evil()})
     path = tmp_path / "evil.pt"
-    path.write_bytes(pickle.dumps({"model": Payload()}))
-    with pytest.raises(ValueError, match="evil.pt cannot be loaded"):
+    path.write_bytes(MAGIC + hashlib.sha256(body).digest() + body)
+    with pytest.raises(CheckpointError, match="evil.pt cannot be loaded"):
+        load_checkpoint(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_plain_pickle_is_refused(tmp_path):
+    path = tmp_path / "plain.pt"
+    path.write_bytes(pickle.dumps({"model": _Evil()}))
+    with pytest.raises(CheckpointError, match="plain.pt cannot be loaded.*not a capsnet checkpoint"):
         load_checkpoint(path)
 
 
 def test_truncated_checkpoint_is_refused(tmp_path):
     path = tmp_path / "cut.pt"
     save_checkpoint({"w": torch.randn(100)}, path)
-    path.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(ValueError, match="cut.pt cannot be loaded"):
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="cut.pt cannot be loaded: its SHA-256 does not match"):
         load_checkpoint(path)
+
+
+def test_bit_flip_is_detected(tmp_path):
+    path = tmp_path / "flip.pt"
+    save_checkpoint({"w": torch.randn(100)}, path)
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="SHA-256 does not match"):
+        load_checkpoint(path)
+
+
+def test_rotation_keeps_the_last_k(tmp_path):
+    for step in range(5):
+        rotate_and_save({"step": step}, tmp_path / "last.pt", keep=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.1.pt", "last.2.pt", "last.pt"]
+    assert [load_checkpoint(tmp_path / n)["step"] for n in ("last.pt", "last.1.pt", "last.2.pt")] == [4, 3, 2]
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path):
+    for step in range(3):
+        rotate_and_save({"step": step}, tmp_path / "last.pt", keep=2)
+    (tmp_path / "last.pt").write_bytes((tmp_path / "last.pt").read_bytes()[:50])
+    ckpt, path = load_latest(tmp_path / "last.pt")
+    assert ckpt["step"] == 1 and path.name == "last.1.pt"
+
+
+def test_every_checkpoint_damaged_is_an_error(tmp_path):
+    save_checkpoint({"step": 0}, tmp_path / "last.pt")
+    (tmp_path / "last.pt").write_bytes(b"CAPSNET1" + b"x" * 40)
+    with pytest.raises(CheckpointError, match="no loadable checkpoint"):
+        load_latest(tmp_path / "last.pt")
+
+
+def test_training_resumes_past_a_corrupt_checkpoint(tmp_path):
+    """Newest checkpoint corrupted: training falls back to the older one and still ends identical."""
+    cfg = TrainConfig(**dict(TINY, keep_checkpoints=3), max_steps=8)
+    train(cfg, data_root=tmp_path, out_dir=tmp_path / "a", progress=False, final_test=False)
+    b = tmp_path / "b"
+    train(TrainConfig(**dict(TINY, keep_checkpoints=3), max_steps=5), data_root=tmp_path, out_dir=b, progress=False, final_test=False)
+    raw = bytearray((b / "last.pt").read_bytes())
+    raw[-10] ^= 0xFF
+    (b / "last.pt").write_bytes(bytes(raw))
+    train(cfg, data_root=tmp_path, out_dir=b, progress=False, final_test=False, resume=True)
+    wa, wb = _weights(tmp_path / "a" / "last.pt"), _weights(b / "last.pt")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_unknown_config_key_is_named_with_a_suggestion():

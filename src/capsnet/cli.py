@@ -76,6 +76,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:  # launched by torchrun: one process per rank
+        import torch.distributed as dist
+
+        if args.device.startswith("cuda"):
+            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(args.device)
+        dist.init_process_group(backend="nccl" if args.device.startswith("cuda") else "gloo")
     try:
         if args.command == "train":
             return _train(args)
@@ -85,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ValueError, FileNotFoundError) as exc:
         print(f"capsnet {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if distributed:
+            torch.distributed.destroy_process_group()
 
 
 def _train(args) -> int:
@@ -99,6 +110,8 @@ def _train(args) -> int:
         cfg, data_root=_data_root(args.data), out_dir=out, download=args.download, resume=args.resume,
         device=args.device, progress=not args.no_progress,
     )
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # rank 0 reports and draws
     written = []
     if cfg.figures:
         model, cfg, _ = load_model(out / BEST, device=args.device)

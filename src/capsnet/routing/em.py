@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "ConvGeometry",
@@ -245,6 +246,232 @@ def _check_beta(beta: Tensor, name: str, num_patches: int, types: int) -> None:
         )
 
 
+#: Elements of one chunk of votes in the chunked reads (about 1 MB of float32): large enough to
+#: amortise Python overhead, small enough that the chunk's temporaries stay in cache.
+_CHUNK_ELEMENTS = 1 << 18
+
+
+class _VoteReader:
+    """Every access routing makes to the votes, in chunks over the children ``I``.
+
+    Routing only needs two linear maps of the centred votes ``X = V - c`` and of ``X^2``
+    (``c`` is a constant per parent and pose element, the unweighted mean vote):
+
+    * ``moments(r) = (sum_i r_i X_i, sum_i r_i X_i^2)``: the M-step sums, ``(I, N) -> 2 x (N, D)``;
+    * ``quadratic(u1, u2) = sum_d X u1 + X^2 u2``: the expanded E-step, ``2 x (N, D) -> (I, N)``.
+
+    Each is the adjoint of the other, so their backward passes are the same two reads; the
+    gradient with respect to the votes is a sum of outer products, accumulated in one pass by
+    :meth:`votes_grad`. Neither ``X`` nor ``X^2`` is ever stored: each chunk is rebuilt in cache.
+    ``N`` flattens the parent axes ``(B, L, J)``.
+    """
+
+    def __init__(self, votes: Tensor, centre: Tensor):
+        self.votes, self.centre = votes, centre  # (I, N, D), (N, D)
+        n, d = centre.shape
+        self.step = max(1, _CHUNK_ELEMENTS // (n * d))
+        self.terms: list[tuple[Tensor, Tensor, Tensor]] = []  # (left, right1, right2) outer products
+
+    def _chunks(self):
+        for start in range(0, self.votes.shape[0], self.step):
+            part = slice(start, start + self.step)
+            yield part, self.votes[part] - self.centre  # (c, N, D)
+
+    def moments(self, r: Tensor) -> tuple[Tensor, Tensor]:
+        """``sum_i r_i X_i`` and ``sum_i r_i X_i^2`` for ``r`` of shape ``(I, N)``."""
+        m1 = self.centre.new_zeros(self.centre.shape)
+        m2 = self.centre.new_zeros(self.centre.shape)
+        for part, x in self._chunks():
+            w = r[part].unsqueeze(-1)  # (c, N, 1)
+            m1 += (w * x).sum(0)
+            m2 += (w * x.square_()).sum(0)
+        return m1, m2
+
+    def quadratic(self, u1: Tensor, u2: Tensor) -> Tensor:
+        """``sum_d X u1 + X^2 u2`` for ``u1, u2`` of shape ``(N, D)``; returns ``(I, N)``."""
+        out = self.votes.new_empty(self.votes.shape[:2])
+        for part, x in self._chunks():
+            out[part] = (x * torch.addcmul(u1, x, u2)).sum(-1)  # X (u1 + X u2) summed over D
+        return out
+
+    def votes_grad(self) -> Tensor:
+        """``d/dV`` of ``sum_k <left_k (x) right1_k, X> + <left_k (x) right2_k, X^2>`` over :attr:`terms`."""
+        grad = torch.empty_like(self.votes)
+        for part, x in self._chunks():
+            g1 = x.new_zeros(x.shape)
+            g2 = x.new_zeros(x.shape)
+            for left, right1, right2 in self.terms:
+                w = left[part].unsqueeze(-1)
+                g1.addcmul_(w, right1)
+                g2.addcmul_(w, right2)
+            grad[part] = g1.addcmul_(x, g2, value=2.0)  # dX^2/dV = 2 X; c is a constant
+        return grad
+
+
+class _ReplayMoments(torch.autograd.Function):
+    """Stands in for :meth:`_VoteReader.moments` while the backward pass replays the loop.
+
+    Returns the sums the forward pass computed; its backward is the adjoint read and records
+    the outer product that the votes' gradient needs.
+    """
+
+    @staticmethod
+    def forward(ctx, r, anchor, reader, m1, m2):
+        ctx.reader = reader
+        ctx.save_for_backward(r)
+        return m1.clone(), m2.clone()
+
+    @staticmethod
+    def backward(ctx, g1, g2):
+        (r,) = ctx.saved_tensors
+        ctx.reader.terms.append((r, g1, g2))
+        grad_r = ctx.reader.quadratic(g1, g2) if ctx.needs_input_grad[0] else None
+        return grad_r, torch.zeros((), dtype=r.dtype, device=r.device), None, None, None
+
+
+class _ReplayQuadratic(torch.autograd.Function):
+    """Stands in for :meth:`_VoteReader.quadratic` while the backward pass replays the loop."""
+
+    @staticmethod
+    def forward(ctx, u1, u2, anchor, reader, q):
+        ctx.reader = reader
+        ctx.save_for_backward(u1, u2)
+        return q.clone()
+
+    @staticmethod
+    def backward(ctx, gq):
+        u1, u2 = ctx.saved_tensors
+        ctx.reader.terms.append((gq, u1, u2))
+        g1, g2 = ctx.reader.moments(gq)
+        return g1, g2, torch.zeros((), dtype=u1.dtype, device=u1.device), None, None, None
+
+
+class _Config(NamedTuple):
+    lambdas: tuple[float, ...]
+    cost_scale: float
+    var_floor: float
+    eps: float
+    detach_intermediate: bool
+    geometry: Optional[ConvGeometry]
+    shape: tuple[int, int, int, int, int]  # (I, B, L, J, D)
+
+
+def _em_loop(moments, quadratic, a_in: Tensor, beta_a: Tensor, beta_v: Tensor, centre: Tensor, cfg: _Config):
+    """Procedure 1 on the small tensors; ``moments`` and ``quadratic`` are the only vote reads.
+
+    a_in ``(I, B, L, 1)``, beta ``(J,)`` or ``(L, J)``, centre ``(B, L, J, D)``; returns
+    ``mu (B, L, J, D)``, ``a (B, L, J)`` and the last M-step's ``R (I, B, L, J)``.
+    """
+    slots, batch, num_patches, types, dim = cfg.shape
+    geometry = cfg.geometry
+    # Procedure 1 init: R_ij = 1 / (number of parents of child i) = 1 / (J * patches holding i).
+    if geometry is None:
+        r = a_in.new_full((slots, 1, num_patches, 1), 1.0 / types)
+    else:
+        counts = to_patches(parent_counts(geometry, like=a_in), geometry)  # (1, L, I)
+        r = rearrange(1.0 / (types * counts), "1 l i -> i 1 l 1")
+    b_a = beta_a if beta_a.dim() == 1 else beta_a.unsqueeze(0)  # (J,) or (1, L, J)
+    b_v = (beta_v if beta_v.dim() == 1 else beta_v.unsqueeze(0)).unsqueeze(-1)  # (J, 1) or (1, L, J, 1)
+    for it, lam in enumerate(cfg.lambdas):
+        # ---- M-step (Procedure 1) ----
+        ra = (r * a_in).expand(slots, batch, num_patches, types)  # R_ij <- R_ij a_i
+        mass = ra.sum(0)  # (B, L, J): sum_i R_ij a_i
+        m1, m2 = moments(ra.reshape(slots, -1), it)  # sum_i R a (V - c), sum_i R a (V - c)^2: (N, D)
+        m1, m2 = m1.view(batch, num_patches, types, dim), m2.view(batch, num_patches, types, dim)
+        denom = (mass + cfg.eps).unsqueeze(-1)
+        # mu_j^h = sum_i R a V / (sum_i R a + eps), kept as mu - c (exactly that, hence the -eps c).
+        mu_c = (m1 - cfg.eps * centre) / denom
+        # (sigma_j^h)^2 = sum_i R a (V - mu)^2 / (sum_i R a + eps), expanded around c; the clamp only
+        # removes float rounding below zero, the floor keeps log and 1 / sigma^2 finite.
+        var = ((m2 - 2.0 * mu_c * m1 + mu_c.square() * mass.unsqueeze(-1)) / denom).clamp_min(0.0) + cfg.var_floor
+        log_var = torch.log(var)
+        # cost^h = (beta_v + log sigma^h) sum_i R_ij, with log sigma = log(sigma^2) / 2.
+        cost = (b_v + 0.5 * log_var) * (mass.unsqueeze(-1) * cfg.cost_scale)
+        logit = lam * (b_a - cost.sum(-1))  # a_j = logistic(lambda (beta_a - sum_h cost^h))
+        if it == len(cfg.lambdas) - 1:
+            return mu_c + centre, torch.sigmoid(logit), r.expand(slots, batch, num_patches, types)
+        # ---- E-step (Procedure 1) ----
+        # ln p_ij = -sum_h (V - mu)^2 / (2 sigma^2) - sum_h ln(2 pi sigma^2) / 2, expanded in X = V - c:
+        # (V - mu)^2 = X^2 - 2 X (mu - c) + (mu - c)^2, so one read of the votes gives every child's term.
+        inv2var = 0.5 / var  # (B, L, J, D)
+        quad = quadratic((2.0 * mu_c * inv2var).reshape(-1, dim), (-inv2var).reshape(-1, dim), it)  # (I, N)
+        const = -(mu_c.square() * inv2var).sum(-1) - 0.5 * (log_var + _LOG_2PI).sum(-1)  # (B, L, J)
+        # ln(a_j p_ij); logsigmoid is the exact ln a_j, finite even where a_j underflows to 0.
+        log_ap = quad.view(slots, batch, num_patches, types) + (const + F.logsigmoid(logit))
+        per_slot = torch.logsumexp(log_ap, dim=-1)  # (I, B, L): ln sum_j a_j p_ij within one patch
+        # ln sum_k a_k p_ik over every parent k of child i: all types in all patches that hold it.
+        log_norm = log_child_normaliser(per_slot.permute(1, 2, 0), geometry).permute(2, 0, 1)
+        r = torch.exp(log_ap - log_norm.unsqueeze(-1))  # R_ij, (I, B, L, J)
+        if cfg.detach_intermediate:
+            r = r.detach()
+    raise AssertionError("unreachable: lambdas is never empty")
+
+
+class _EMRoutingFunction(torch.autograd.Function):
+    """EM routing with a vote gradient accumulated in one pass.
+
+    Forward runs :func:`_em_loop` without autograd, keeping the votes and the results of the
+    vote reads. Backward replays the loop on the small tensors with autograd, the reads
+    replaced by :class:`_ReplayMoments` / :class:`_ReplayQuadratic` (same values, adjoint reads
+    as backward), then builds the votes' gradient from the recorded outer products. Plain
+    autograd would instead allocate and add one vote-sized gradient per read.
+    """
+
+    @staticmethod
+    def forward(ctx, votes, a_in, beta_a, beta_v, cfg):
+        slots, batch, num_patches, types, dim = cfg.shape
+        flat = votes.view(slots, -1, dim)  # (I, N, D)
+        # c: unweighted mean vote per parent; routing's outputs do not depend on it (it only
+        # keeps the expanded moments free of float cancellation), so it carries no gradient.
+        centre = flat.mean(0)
+        reader = _VoteReader(flat, centre)
+        recorded_m, recorded_q = [], []
+
+        def moments(r, it):
+            recorded_m.append(reader.moments(r))
+            return recorded_m[-1]
+
+        def quadratic(u1, u2, it):
+            recorded_q.append(reader.quadratic(u1, u2))
+            return recorded_q[-1]
+
+        centre_view = centre.view(batch, num_patches, types, dim)
+        mu, a_out, r = _em_loop(moments, quadratic, a_in, beta_a, beta_v, centre_view, cfg)
+        ctx.cfg = cfg
+        ctx.num_m = len(recorded_m)
+        flat_m = [t for pair in recorded_m for t in pair]
+        ctx.save_for_backward(votes, a_in, beta_a, beta_v, centre, *flat_m, *recorded_q)
+        return mu, a_out, r
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_mu, g_a, g_r):
+        cfg = ctx.cfg
+        slots, batch, num_patches, types, dim = cfg.shape
+        votes, a_in, beta_a, beta_v, centre, *rest = ctx.saved_tensors
+        recorded_m = [tuple(rest[2 * k : 2 * k + 2]) for k in range(ctx.num_m)]
+        recorded_q = rest[2 * ctx.num_m :]
+        reader = _VoteReader(votes.view(slots, -1, dim), centre)
+        # A leaf every replayed read depends on, so autograd runs each read's backward even
+        # when no other input of the loop needs a gradient.
+        anchor = votes.new_zeros((), requires_grad=True)
+        leaves = [x.detach().requires_grad_(need) for x, need in zip((a_in, beta_a, beta_v), ctx.needs_input_grad[1:4])]
+
+        def moments(r, it):
+            return _ReplayMoments.apply(r, anchor, reader, *recorded_m[it])
+
+        def quadratic(u1, u2, it):
+            return _ReplayQuadratic.apply(u1, u2, anchor, reader, recorded_q[it])
+
+        with torch.enable_grad():
+            outputs = _em_loop(moments, quadratic, *leaves, centre.view(batch, num_patches, types, dim), cfg)
+            wanted = [anchor] + [leaf for leaf in leaves if leaf.requires_grad]
+            grads = list(torch.autograd.grad(outputs, wanted, (g_mu, g_a, g_r), allow_unused=True)[1:])
+        grad_votes = reader.votes_grad().view_as(votes) if ctx.needs_input_grad[0] else None
+        grad_leaves = [grads.pop(0) if leaf.requires_grad else None for leaf in leaves]
+        return (grad_votes, *grad_leaves, None)
+
+
 def em_routing(
     votes: Tensor,
     activations: Tensor,
@@ -269,13 +496,12 @@ def em_routing(
     child ``i``, in log space). Gradients flow through every iteration unless
     ``detach_intermediate``; nothing is kept between calls.
 
-    The votes are only read through two ``(B, L, J, I, D)`` tensors made once per call, the
-    centred votes ``V - c`` and their squares (``c`` the unweighted mean vote of each parent, which
-    keeps the expanded variance free of float32 cancellation); both steps are then batched
-    matrix-vector products, and no ``(B, L, I, J, D)`` temporary is built per iteration.
+    The votes are read once per step in chunks (see :class:`_VoteReader`): the E-step's
+    Gaussian is expanded so no ``(B, L, I, J, D)`` temporary is built per iteration, and the
+    votes' gradient is accumulated in one pass.
 
     Args:
-        votes: ``V_ij`` in patch layout, ``(B, L, I, J, D)``. A view of a ``(B, L, J, I, D)``
+        votes: ``V_ij`` in patch layout, ``(B, L, I, J, D)``. A view of an ``(I, B, L, J, D)``
             contiguous tensor is the fast layout (no copy is made then).
         activations: child activations ``a_i`` in patch layout, ``(B, L, I)``, in ``[0, 1]``.
         beta_a, beta_v: the learned biases of Procedure 1, ``(J,)`` per parent type or
@@ -319,59 +545,9 @@ def em_routing(
     lambdas = inverse_temperatures(schedule, iterations, final_lambda=final_lambda)
     if cost_scale is None:
         cost_scale = 100.0 * types / slots if schedule == "authors" else 1.0
-
-    # Votes once per call, in (B, L, J, I, D): parents outside, so the contractions over the
-    # children I below are batched matrix-vector products over contiguous memory.
-    v = votes.permute(0, 1, 3, 2, 4)
-    centre = v.mean(dim=3, keepdim=True)  # (B, L, J, 1, D): unweighted mean vote
-    v_c = (v - centre).contiguous()
-    v_c2 = v_c.square()
-    centre = centre.squeeze(3)  # (B, L, J, D)
-
-    # Procedure 1 init: R_ij = 1 / (number of parents of child i): J types in every patch holding it.
-    if geometry is None:
-        r = votes.new_full((1, num_patches, 1, slots), 1.0 / types)
-    else:
-        counts = to_patches(parent_counts(geometry, like=votes), geometry)  # (1, L, I), >= 1
-        r = (1.0 / (types * counts)).unsqueeze(2)  # (1, L, 1, I)
-    a_in = activations.unsqueeze(2)  # (B, L, 1, I)
-    b_a = beta_a.view(1, 1, types) if beta_a.dim() == 1 else beta_a.unsqueeze(0)  # (1, 1|L, J)
-    b_v = beta_v.view(1, 1, types, 1) if beta_v.dim() == 1 else beta_v.view(1, num_patches, types, 1)
-
-    for it, lam in enumerate(lambdas):
-        last = it == len(lambdas) - 1
-        # ---- M-step (Procedure 1) ----
-        ra = (r * a_in).expand(batch, num_patches, types, slots)  # R_ij <- R_ij a_i
-        mass = ra.sum(dim=-1)  # (B, L, J): sum_i R_ij a_i
-        ra_row = ra.unsqueeze(-2)  # (B, L, J, 1, I)
-        m1 = torch.matmul(ra_row, v_c).squeeze(-2)  # (B, L, J, D): sum_i R a (V - c)
-        m2 = torch.matmul(ra_row, v_c2).squeeze(-2)  # sum_i R a (V - c)^2
-        denom = (mass + eps).unsqueeze(-1)
-        # mu_j^h = sum_i R a V / (sum_i R a + eps), written as mu - c; the -eps c keeps it exactly that.
-        mu_c = (m1 - eps * centre) / denom
-        # (sigma_j^h)^2 = sum_i R a (V - mu)^2 / sum_i R a, expanded around the centre c; the clamp
-        # only removes float rounding below zero, the floor keeps log and 1/sigma^2 finite.
-        var = ((m2 - 2.0 * mu_c * m1 + mu_c.square() * mass.unsqueeze(-1)) / denom).clamp_min(0.0) + var_floor
-        log_var = torch.log(var)
-        # cost^h = (beta_v + log sigma^h) sum_i R_ij, log sigma = log(sigma^2) / 2.
-        cost = (b_v + 0.5 * log_var) * (mass.unsqueeze(-1) * cost_scale)
-        logit = lam * (b_a - cost.sum(dim=-1))  # a_j = logistic(lambda (beta_a - sum_h cost^h))
-        a_out = torch.sigmoid(logit)
-        if last:
-            break
-        # ---- E-step (Procedure 1) ----
-        # ln p_ij = -sum_h (V - mu)^2 / (2 sigma^2) - sum_h ln(2 pi sigma^2) / 2, expanded in V - c:
-        # (V - mu)^2 = (V-c)^2 - 2 (V-c)(mu-c) + (mu-c)^2, so only two matrix-vector products touch the votes.
-        inv2var = 0.5 / var  # (B, L, J, D)
-        quad = torch.matmul(v_c2, (-inv2var).unsqueeze(-1)) + torch.matmul(v_c, (2.0 * mu_c * inv2var).unsqueeze(-1))
-        const = -(mu_c.square() * inv2var).sum(-1) - 0.5 * (log_var + _LOG_2PI).sum(-1)  # (B, L, J)
-        # ln(a_j p_ij); logsigmoid is the exact ln a_j, finite even where a_j underflows to 0.
-        log_ap = quad.squeeze(-1) + (const + F.logsigmoid(logit)).unsqueeze(-1)  # (B, L, J, I)
-        per_slot = torch.logsumexp(log_ap, dim=2)  # (B, L, I): ln sum_j a_j p_ij within a patch
-        log_norm = log_child_normaliser(per_slot, geometry)  # ln sum_k a_k p_ik over all parents of i
-        r = torch.exp(log_ap - log_norm.unsqueeze(2))  # R_ij, (B, L, J, I)
-        if detach_intermediate:
-            r = r.detach()
-    poses = mu_c + centre
-    assignments = r.expand(batch, num_patches, types, slots).transpose(2, 3)
-    return EMRoutingResult(poses=poses, activations=a_out, assignments=assignments)
+    cfg = _Config(lambdas, float(cost_scale), var_floor, eps, detach_intermediate, geometry,
+                  (slots, batch, num_patches, types, dim))  # fmt: skip
+    v = votes.permute(2, 0, 1, 3, 4).contiguous()  # (I, B, L, J, D): children outermost
+    a_in = rearrange(activations, "b l i -> i b l 1")
+    mu, a_out, r = _EMRoutingFunction.apply(v, a_in, beta_a, beta_v, cfg)
+    return EMRoutingResult(poses=mu, activations=a_out, assignments=rearrange(r, "i b l j -> b l i j"))

@@ -37,6 +37,7 @@ class TrainConfig:
     time_budget_s: Optional[float] = None
     eval_every: Optional[int] = None
     checkpoint_every: int = 100
+    keep_checkpoints: int = 2
     log_every: int = 10
     seed: int = 0
     figures: bool = True
@@ -45,7 +46,7 @@ class TrainConfig:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             _check_type(f.name, getattr(self, f.name), hints[f.name])
-        positive = ["batch_size", "eval_batch_size", "lr_decay_steps", "epochs", "checkpoint_every", "log_every"]
+        positive = ["batch_size", "eval_batch_size", "lr_decay_steps", "epochs", "checkpoint_every", "keep_checkpoints", "log_every"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"config key {name!r} must be >= 1, got {getattr(self, name)}")

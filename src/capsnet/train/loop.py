@@ -16,8 +16,9 @@ from tqdm import tqdm
 
 from ..data import ExperimentData, load_dataset
 from ..models import create_model
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, load_latest, rotate_and_save, save_checkpoint
 from .config import TrainConfig
+from .distributed import Dist
 from .metrics import MetricsLogger
 from .objectives import Objective, create_objective
 
@@ -68,19 +69,28 @@ def build_model(cfg: TrainConfig, data: ExperimentData) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def evaluate(model, data: ExperimentData, split: str, objective: Objective, *, batch_size: int = 256, device="cpu", step: int = 0) -> dict:
-    """Accuracy and mean loss of ``model`` on every sample of ``split``, without augmentation."""
+def evaluate(
+    model, data: ExperimentData, split: str, objective: Objective, *, batch_size: int = 256, device="cpu", step: int = 0, dist: Optional[Dist] = None
+) -> dict:
+    """Accuracy and mean loss of ``model`` on every sample of ``split``, without augmentation.
+
+    Under ``torch.distributed`` each rank evaluates every ``world``-th batch and the counts are summed.
+    """
+    dist = dist or Dist()
     was_training = model.training
     model.eval()
-    correct, total, loss_sum = 0, 0, 0.0
-    for images, labels in data.eval_batches(split, batch_size):
+    correct, total, loss_sum = 0.0, 0.0, 0.0
+    for k, (images, labels) in enumerate(data.eval_batches(split, batch_size)):
+        if k % dist.world != dist.rank:
+            continue
         images, labels = images.to(device), labels.to(device)
         out = model(images)
-        correct += int((objective.scores(out).argmax(dim=1) == labels).sum())
+        correct += float((objective.scores(out).argmax(dim=1) == labels).sum())
         loss_sum += float(objective.loss(out, images, labels, step)) * labels.shape[0]
         total += labels.shape[0]
+    correct, total, loss_sum = dist.sum([correct, total, loss_sum], device=device)
     model.train(was_training)
-    return {"accuracy": correct / max(total, 1), "loss": loss_sum / max(total, 1), "samples": total}
+    return {"accuracy": correct / max(total, 1), "loss": loss_sum / max(total, 1), "samples": int(total)}
 
 
 def _rng_state(generator: torch.Generator) -> dict:
@@ -120,14 +130,22 @@ def train(
 ) -> dict:
     """Train ``cfg`` into ``out_dir``; returns the summary also written to ``metrics.json``.
 
-    Checkpoints ``last.pt`` (everything, for ``resume``) every ``checkpoint_every`` steps and
-    at the end of each epoch; ``best.pt`` holds the weights with the best validation accuracy.
-    The test split is evaluated once, at the end, with the validation-selected weights.
+    ``last.pt`` (everything needed to resume, plus ``keep_checkpoints - 1`` older copies)
+    is written every ``checkpoint_every`` steps and at the end of each epoch; ``best.pt``
+    holds the weights with the best validation accuracy. The test split is evaluated
+    once, at the end, with the validation-selected weights.
+
+    Under ``torch.distributed`` (e.g. ``torchrun``), every rank draws the same global batch
+    and augmentation and trains on its own contiguous shard of it, so a run matches the
+    single-process run on the same global batch and resumes with any number of processes.
+    Only rank 0 writes logs and checkpoints.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    dist = Dist()
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    data = load_dataset(cfg.dataset, data_root, download=download, seed=cfg.seed, **cfg.dataset_kwargs)
+    data = load_dataset(cfg.dataset, data_root, download=download and dist.is_main, seed=cfg.seed, **cfg.dataset_kwargs)
     model = build_model(cfg, data).to(device)
     objective = create_objective(cfg.objective, **cfg.objective_kwargs)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -135,8 +153,9 @@ def train(
     generator = torch.Generator().manual_seed(cfg.seed)
     state = Progress()
 
-    if resume and (out / LAST).exists():
-        ckpt = load_checkpoint(out / LAST, map_location=device)
+    found = load_latest(out / LAST, map_location=device) if resume else None
+    if found is not None:
+        ckpt, path = found
         if ckpt["config"] != cfg.to_dict():
             changed = sorted(k for k in ckpt["config"] if ckpt["config"][k] != cfg.to_dict().get(k))
             log.warning("resuming with a changed config; keys that differ: %s", ", ".join(changed))
@@ -145,51 +164,62 @@ def train(
         scheduler.load_state_dict(ckpt["scheduler"])
         _set_rng_state(ckpt["rng"], generator)
         state = Progress(**ckpt["progress"])
-        log.info("resumed from %s at step %d (epoch %d)", out / LAST, state.step, state.epoch)
+        log.info("resumed from %s at step %d (epoch %d)", path, state.step, state.epoch)
     elif resume:
         log.info("no checkpoint in %s: starting from scratch", out)
+    trained = torch.nn.parallel.DistributedDataParallel(model) if dist.enabled else model
 
     def checkpoint() -> None:
-        save_checkpoint(
-            {
+        if dist.is_main:
+            payload = {
                 "config": cfg.to_dict(),
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "rng": _rng_state(generator),
                 "progress": vars(state).copy(),
-            },
-            out / LAST,
-        )
+            }
+            rotate_and_save(payload, out / LAST, cfg.keep_checkpoints)
 
     def validate() -> None:
-        result = evaluate(model, data, "val", objective, batch_size=cfg.eval_batch_size, device=device, step=state.step)
-        logger.log(state.step, {"val/accuracy": result["accuracy"], "val/loss": result["loss"]})
+        result = evaluate(model, data, "val", objective, batch_size=cfg.eval_batch_size, device=device, step=state.step, dist=dist)
         if result["accuracy"] > state.best_val_accuracy:
             state.best_val_accuracy, state.best_step = result["accuracy"], state.step
-            save_checkpoint({"config": cfg.to_dict(), "model": model.state_dict(), "step": state.step, "val": result}, out / BEST)
-        log.info("step %d: validation accuracy %.4f (best %.4f at step %d)", state.step, result["accuracy"], state.best_val_accuracy, state.best_step)
+            if dist.is_main:
+                save_checkpoint({"config": cfg.to_dict(), "model": model.state_dict(), "step": state.step, "val": result}, out / BEST)
+        if dist.is_main:
+            logger.log(state.step, {"val/accuracy": result["accuracy"], "val/loss": result["loss"]})
+            log.info("step %d: validation accuracy %.4f (best %.4f at step %d)", state.step, result["accuracy"], state.best_val_accuracy, state.best_step)
 
-    logger = MetricsLogger(out, resume_step=state.step if resume else None)
+    logger = MetricsLogger(out, resume_step=state.step if resume else None) if dist.is_main else None
     n = data.size("train")
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
-    model.train()
-    bar = tqdm(total=total_steps, initial=state.step, disable=not progress, unit="step", dynamic_ncols=True)
+    trained.train()
+    bar = tqdm(total=total_steps, initial=state.step, disable=not (progress and dist.is_main), unit="step", dynamic_ncols=True)
     started = time.perf_counter()
-    budget_left = lambda: cfg.time_budget_s is None or state.train_seconds + (time.perf_counter() - started) < cfg.time_budget_s
+
+    def keep_going() -> bool:
+        if state.step >= total_steps:
+            return False
+        if cfg.time_budget_s is None:
+            return True
+        over = state.train_seconds + (time.perf_counter() - started) >= cfg.time_budget_s
+        return not dist.sum([float(over)], device=device)[0]  # every rank stops at the same step
+
     window_images, window_start = 0, time.perf_counter()
     validated_at = -1
     try:
-        while state.step < total_steps and budget_left():
+        while keep_going():
             order = epoch_order(n, cfg.seed, state.epoch)
-            while state.batch_in_epoch < steps_per_epoch and state.step < total_steps and budget_left():
+            while state.batch_in_epoch < steps_per_epoch and keep_going():
                 index = order[state.batch_in_epoch * cfg.batch_size : (state.batch_in_epoch + 1) * cfg.batch_size]
-                images, labels = data.train_batch(index, generator)
-                images, labels = images.to(device), labels.to(device)
-                output = model(images, labels)
+                images, labels = data.train_batch(index, generator)  # the global batch, same on every rank
+                local = dist.shard(torch.arange(len(index)))
+                images, labels = images[local].to(device), labels[local].to(device)
+                output = trained(images, labels)
                 loss = objective.loss(output, images, labels, state.step)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -197,12 +227,14 @@ def train(
                 scheduler.step()
                 state.step += 1
                 state.batch_in_epoch += 1
-                window_images += labels.shape[0]
+                window_images += len(index)
                 if state.step % cfg.log_every == 0 or state.step == total_steps:
-                    accuracy = float((objective.scores(output).argmax(1) == labels).float().mean())
+                    hits = float((objective.scores(output).argmax(1) == labels).sum())
+                    loss_sum, hits, count = dist.sum([loss.item() * len(labels), hits, float(len(labels))], device=device)
                     speed = window_images / max(time.perf_counter() - window_start, 1e-9)
-                    logger.log(state.step, {"train/loss": loss.item(), "train/accuracy": accuracy, "train/images_per_s": speed, "train/lr": scheduler.get_last_lr()[0]})
-                    bar.set_postfix(loss=f"{loss.item():.4f}", acc=f"{accuracy:.3f}", img_s=f"{speed:.0f}")
+                    if dist.is_main:
+                        logger.log(state.step, {"train/loss": loss_sum / count, "train/accuracy": hits / count, "train/images_per_s": speed, "train/lr": scheduler.get_last_lr()[0]})
+                    bar.set_postfix(loss=f"{loss_sum / count:.4f}", acc=f"{hits / count:.3f}", img_s=f"{speed:.0f}")
                     window_images, window_start = 0, time.perf_counter()
                 bar.update(1)
                 if cfg.eval_every and state.step % cfg.eval_every == 0:
@@ -225,27 +257,33 @@ def train(
         checkpoint()
     finally:
         bar.close()
-        logger.flush()
+        if logger is not None:
+            logger.flush()
 
     summary = {
         "model": cfg.model,
         "dataset": cfg.dataset,
         "steps": state.step,
         "epochs_completed": state.epoch,
-        "train_images": state.step * cfg.batch_size,
+        "train_images": min(state.step * cfg.batch_size, state.epoch * n + state.batch_in_epoch * cfg.batch_size),
         "train_seconds": round(state.train_seconds, 1),
         "best_val_accuracy": state.best_val_accuracy,
         "best_step": state.best_step,
+        "processes": dist.world,
         "machine": platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "date": time.strftime("%Y-%m-%d"),
     }
     if final_test:
+        dist.barrier()  # best.pt is complete on disk before any rank reads it
         best, _, _ = load_model(out / BEST, device=device)
-        result = evaluate(best, data, "test", objective, batch_size=cfg.eval_batch_size, device=device, step=state.step)
+        result = evaluate(best, data, "test", objective, batch_size=cfg.eval_batch_size, device=device, step=state.step, dist=dist)
         summary.update(test_accuracy=result["accuracy"], test_error=1 - result["accuracy"], test_samples=result["samples"])
-        logger.log(state.step, {"test/accuracy": result["accuracy"]})
-    logger.close()
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if dist.is_main:
+            logger.log(state.step, {"test/accuracy": result["accuracy"]})
+    if dist.is_main:
+        logger.close()
+        (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    dist.barrier()
     return summary
