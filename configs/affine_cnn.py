@@ -7,9 +7,9 @@ Reproduce:
 
 Model: cnn_affine, the MNIST baseline's layers (conv 256, 256, 128 5x5 SAME; FC 328, 192,
 dropout, 10) with 2x2 max-pooling after the first two convolutions, on 40x40 input:
-6,728,466 parameters, close to CapsNet's 6,804,224 without its decoder (the paper only
-says "a similar number of parameters"). Softmax cross-entropy, the CapsNet optimiser
-recipe. Paper: 99.22% on expanded MNIST, 66% on affNIST (CapsNet: 79%).
+6,728,466 parameters, close to CapsNet's 6,804,224 without its decoder (the paper gives
+no architecture, only a similar parameter count). Softmax cross-entropy, the CapsNet
+optimiser recipe. Paper: 99.22% on expanded MNIST, 66% on affNIST (CapsNet: 79%).
 """
 
 

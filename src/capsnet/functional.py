@@ -45,8 +45,10 @@ def squash(s: Tensor, dim: int = -1, *, eps: float = NORM_EPS) -> Tensor:
 def _targets_as_float(targets: Tensor, num_classes: int, like: Tensor) -> Tensor:
     """Integer labels ``(B,)`` to one-hot; multi-hot ``(B, J)`` is passed through."""
     if targets.dim() == 1:
-        if targets.dtype.is_floating_point:
+        if targets.dtype.is_floating_point or targets.dtype == torch.bool:
             raise ValueError(f"integer class labels expected for targets of shape (B,), got dtype {targets.dtype}")
+        if targets.shape[0] != like.shape[0]:
+            raise ValueError(f"labels must have shape ({like.shape[0]},) to match the batch, got {tuple(targets.shape)}")
         if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
             raise ValueError(
                 f"labels must lie in [0, {num_classes - 1}], got min {int(targets.min())} max {int(targets.max())}"

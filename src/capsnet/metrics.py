@@ -60,9 +60,9 @@ def multi_hot(classes: Tensor, num_classes: int) -> Tensor:
 def two_digit_correct(scores: Tensor, classes: Tensor) -> Tensor:
     """Per sample: are the ``K`` highest scores exactly the ``K`` labelled classes, as a set?
 
-    Sabour et al. 2017, Sec. 6: "we consider a classification correct if the two most
-    active digit capsules are exactly the two digits" (order does not matter). With
-    ``K = 1`` this is ordinary argmax accuracy.
+    Sabour et al. 2017, Sec. 6: a MultiMNIST image counts as correctly classified when its
+    two most active digit capsules are exactly its two digits (order does not matter).
+    With ``K = 1`` this is ordinary argmax accuracy.
 
     Shape:
         scores: ``(B, J)``; classes: ``(B, K)`` distinct integers per row (or ``(B,)``);
@@ -123,7 +123,7 @@ def matched_reconstruction_loss(
 def sigmoid_cross_entropy(logits: Tensor, classes: Tensor) -> Tensor:
     """Independent sigmoid cross-entropy per class against the multi-hot digits, summed over classes, mean over the batch.
 
-    The loss of the paper's MultiMNIST baseline CNN (Sec. 6: "sigmoid cross entropy").
+    The loss of the paper's MultiMNIST baseline CNN (Sec. 6: sigmoid cross-entropy).
 
     Shape:
         logits: ``(B, J)``; classes: ``(B, K)`` or ``(B,)``; returns a scalar.
@@ -149,6 +149,10 @@ class MultiDigitMarginObjective:
     Needs a model whose output has ``reconstructions`` ``(B, K, C, H, W)`` and ``masks``
     ``(B, K)`` (``capsnet_multimnist``) unless ``recon_weight`` is 0 or it has no decoder.
     Accuracy is :func:`two_digit_correct`.
+
+    Shape:
+        output.lengths: ``(B, J)``; labels: a MultiDigitTarget or ``(B,)`` / ``(B, K)`` classes;
+        loss: a scalar; scores: ``(B, J)``; correct: ``(B,)`` bool; teacher: ``(B, K)`` or ``(B,)``.
     """
 
     def __init__(self, *, recon_weight: float = 0.0005, m_pos: float = 0.9, m_neg: float = 0.1, lam: float = 0.5):
@@ -178,7 +182,12 @@ class MultiDigitMarginObjective:
 
 
 class SigmoidCrossEntropyObjective:
-    """Sigmoid cross-entropy on ``output.logits`` against the multi-hot digits: the MultiMNIST baseline CNN (Sec. 6)."""
+    """Sigmoid cross-entropy on ``output.logits`` against the multi-hot digits: the MultiMNIST baseline CNN (Sec. 6).
+
+    Shape:
+        output.logits: ``(B, J)``; labels as for :class:`MultiDigitMarginObjective`; loss: a
+        scalar; correct: ``(B,)`` bool.
+    """
 
     def teacher(self, labels: Any) -> Tensor:
         return labels.classes if hasattr(labels, "classes") else labels

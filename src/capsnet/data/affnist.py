@@ -1,10 +1,8 @@
 """Robustness to affine transformations (Sabour et al. 2017, Sec. 5.2): expanded MNIST, affine MNIST, affNIST.
 
-"We trained a CapsNet and a traditional convolutional network (with MaxPooling and
-DropOut) on a padded and translated MNIST training set, in which each example is an
-MNIST digit placed randomly on a black background of 40x40 pixels. We then tested this
-network on the affNIST data set, in which each example is an MNIST digit with a random
-small affine transformation." Three registered datasets share the training side:
+The paper trains a CapsNet and a CNN with max-pooling and dropout on MNIST digits placed
+at random on a 40x40 black background, then tests them on affNIST, MNIST digits under
+random small affine transformations. Three registered datasets share the training side:
 
 - ``mnist_expanded``: train, validation and test are all expanded MNIST. Each 28x28 digit
   is padded by ``pad`` and shifted by up to ``shift`` pixels per axis (official code:
@@ -109,6 +107,9 @@ def mnist_expanded(
 
     ``source_options`` go to the source dataset's builder (MNIST: ``val_size``,
     ``limit_train``, ``limit_eval``; ``source="synthetic"`` for file-free smoke runs).
+
+    Shape:
+        batches: images ``(B, C, h + 2 pad, h + 2 pad)`` (MNIST: ``(B, 1, 40, 40)``), labels ``(B,)``.
     """
     base, splits = _expanded(
         root, download=download, seed=seed, pad=pad, shift=shift, placement_seed=placement_seed, source=source, source_options=source_options
@@ -267,6 +268,9 @@ def affine_mnist(
     """Train and validate on expanded MNIST; test on the MNIST test digits under random affine maps.
 
     The test set (uint8, like affNIST) depends only on ``affine_seed`` and the ranges.
+
+    Shape:
+        batches: images ``(B, 1, 40, 40)``, labels ``(B,)``.
     """
     base, splits = _expanded(
         root, download=download, seed=seed, pad=pad, shift=shift, placement_seed=placement_seed, source=source, source_options=source_options
@@ -417,7 +421,11 @@ def affnist(
     source: str = "mnist",
     **source_options,
 ) -> ExperimentData:
-    """Train and validate on expanded MNIST (40x40); test on the official affNIST file (Sec. 5.2)."""
+    """Train and validate on expanded MNIST (40x40); test on the official affNIST file (Sec. 5.2).
+
+    Shape:
+        batches: images ``(B, 1, 40, 40)``, labels ``(B,)``.
+    """
     if 28 + 2 * pad != 40:
         raise ValueError(f"affNIST images are 40x40, so expanded MNIST needs pad=6; got pad={pad}")
     test = AffNIST(root, filename=filename, md5=md5)

@@ -1,9 +1,8 @@
 """MultiMNIST (Sabour et al. 2017, Sec. 6): two overlapping digits of different classes on 36x36.
 
-"We generate the MultiMNIST training and test dataset by overlaying a digit on top of
-another digit from the same set (training or test) but different class. Each digit is
-shifted up to 4 pixels in each direction resulting in a 36x36 image." Construction,
-as in the official code (``mnist_shift.py``):
+The paper overlays each digit with a digit of a different class from the same set
+(training or test), each shifted by up to 4 pixels in each direction, giving 36x36
+images. Construction, as in the official code (``mnist_shift.py``):
 
 - each 28x28 digit is padded by ``shift`` (28 -> 36) and shifted by an independent
   offset in ``[-shift, shift]`` per axis, i.e. placed at a corner offset in
@@ -17,11 +16,11 @@ Training pairs are never stored: every call of :meth:`MultiMNISTData.train_batch
 fresh partners and shifts from the training loop's generator, so one epoch shows each
 training digit once as the base of a new pair, and a resumed run (whose generator state
 is checkpointed) sees exactly the pairs the uninterrupted run would have seen. The paper
-pre-generates 1,000 pairs per digit (60M training, 10M test pairs); the validation and
-test pairs here are a fixed, reproducible set of ``test_pairs`` (default 10,000) pairs
-built from the test split, rendered batch by batch from a stored recipe (indices and
-offsets) that depends only on ``pairs_seed``, so runs with different seeds are scored on
-the same pairs.
+pre-generates 1,000 pairs per digit (60M training, 10M test pairs). Here the test set
+is a fixed, reproducible set of ``test_pairs`` (default 10,000) pairs of test digits and
+the validation set one pair per validation digit (held out of the training file); both
+are rendered batch by batch from a stored recipe (indices and offsets) that depends only
+on ``pairs_seed``, so runs with different seeds are scored on the same pairs.
 
 Targets are a :class:`MultiDigitTarget`: the two classes ``(B, 2)`` and each digit's own
 shifted image ``(B, 2, C, 36, 36)``, which the reconstruction loss needs (each digit is
@@ -41,9 +40,11 @@ from .registry import load_dataset, register_dataset
 from .transforms import to_float
 
 __all__ = [
+    "ClassIndex",
     "MultiDigitTarget",
     "MultiMNISTData",
     "PairRecipe",
+    "class_index",
     "combine_digits",
     "fixed_pairs",
     "multimnist_data",
@@ -154,40 +155,66 @@ def combine_digits(digits: Tensor, rule: str = "sum") -> Tensor:
     raise ValueError(f"combine rule must be one of {COMBINE_RULES}, got {rule!r}")
 
 
-def sample_pairs(labels: Tensor, index: Tensor, generator: Optional[torch.Generator] = None, *, shift: int = 4) -> PairRecipe:
+class ClassIndex(NamedTuple):
+    """The digits of a split grouped by class, computed once per split (sorting 55,000 labels per batch is slow).
+
+    labels: ``(N,)`` int64; order: ``(N,)`` digit indices sorted by class (stable);
+    counts, starts: ``(J,)`` size and first position of each class's block in ``order``.
+    """
+
+    labels: Tensor
+    order: Tensor
+    counts: Tensor
+    starts: Tensor
+
+
+def class_index(labels: Tensor) -> ClassIndex:
+    """Group the digits of a split by class for :func:`sample_pairs`.
+
+    Shape:
+        labels: ``(N,)`` integer classes; returns a :class:`ClassIndex`.
+    """
+    if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+        raise ValueError(f"labels must be (N,) integer classes, got {shape} {getattr(labels, 'dtype', '')}")
+    labels = labels.long()
+    if labels.numel() and int(labels.min()) < 0:
+        raise ValueError(f"labels must be >= 0, got min {int(labels.min())}")
+    counts = torch.bincount(labels, minlength=1)
+    return ClassIndex(labels, torch.argsort(labels, stable=True), counts, torch.cumsum(counts, 0) - counts)
+
+
+def sample_pairs(
+    labels: Tensor | ClassIndex, index: Tensor, generator: Optional[torch.Generator] = None, *, shift: int = 4
+) -> PairRecipe:
     """For each base digit ``index[b]``, draw a partner of another class and both digits' shifts.
 
     The partner is uniform over all digits of the split whose class differs from the
     base's (the official code draws candidates uniformly and drops same-class ones);
     each digit's shift is uniform in ``[-shift, shift]`` per axis (Sec. 6: "up to 4
-    pixels in each direction"). Random numbers come from ``generator`` only.
+    pixels in each direction"). Random numbers come from ``generator`` only: exactly
+    ``B`` uniforms, then ``4 B`` integers.
 
     Shape:
-        labels: ``(N,)`` integer classes of the split's digits; index: ``(B,)``; returns a
-        :class:`PairRecipe` of ``B`` pairs.
+        labels: ``(N,)`` integer classes of the split's digits, or their :func:`class_index`;
+        index: ``(B,)``; returns a :class:`PairRecipe` of ``B`` pairs.
     """
-    if labels.dim() != 1 or labels.dtype.is_floating_point:
-        raise ValueError(f"labels must be (N,) integer classes, got shape {tuple(labels.shape)} dtype {labels.dtype}")
+    grouped = labels if isinstance(labels, ClassIndex) else class_index(labels)
     if index.dim() != 1:
         raise ValueError(f"index must be (B,) digit indices, got shape {tuple(index.shape)}")
     if shift < 0:
         raise ValueError(f"shift must be >= 0, got {shift}")
-    labels = labels.long()
-    n = labels.shape[0]
-    counts = torch.bincount(labels, minlength=int(labels.max()) + 1 if n else 1)
-    base_class = labels[index]
-    others = n - counts[base_class]  # (B,) digits of another class
+    base_class = grouped.labels[index]
+    size = grouped.counts[base_class]  # (B,) digits of the base's class
+    others = grouped.labels.shape[0] - size  # (B,) digits of another class
     if index.numel() and int(others.min()) == 0:
         raise ValueError(f"every digit of the split has class {int(base_class[others.argmin()])}: no partner of another class exists")
-    order = torch.argsort(labels, stable=True)  # digits grouped by class
-    starts = torch.cumsum(counts, 0) - counts  # (J,) first position of each class in `order`
-    # A uniform position among the `others` digits, skipping the base class's block of `order`.
+    # A uniform position among the `others` digits of `order`, skipping the base class's block.
     u = torch.rand(index.shape[0], generator=generator, dtype=torch.float64)
-    r = (u * others).long().clamp_(max=(others - 1).clamp(min=0))
-    skip = r >= starts[base_class]
-    position = r + skip.long() * counts[base_class]
+    r = torch.minimum((u * others).long(), others - 1)
+    position = r + (r >= grouped.starts[base_class]).long() * size
     offsets = torch.randint(0, 2 * shift + 1, (index.shape[0], 2, 2), generator=generator)
-    return PairRecipe(index.long(), order[position], offsets)
+    return PairRecipe(index.long(), grouped.order[position], offsets)
 
 
 def render_pairs(images: Tensor, labels: Tensor, recipe: PairRecipe, *, shift: int = 4, combine: str = "sum") -> tuple[Tensor, MultiDigitTarget]:
@@ -230,6 +257,7 @@ class MultiMNISTData(ExperimentData):
         if combine not in COMBINE_RULES:
             raise ValueError(f"combine must be one of {COMBINE_RULES}, got {combine!r}")
         self.recipes, self.shift, self.combine = recipes, shift, combine
+        self.by_class = class_index(digits["train"].labels)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -255,7 +283,7 @@ class MultiMNISTData(ExperimentData):
         Shape:
             index: ``(B,)``; returns ``(B, C, S, S)`` overlays and a :class:`MultiDigitTarget`.
         """
-        recipe = sample_pairs(self.splits["train"].labels, index, generator, shift=self.shift)
+        recipe = sample_pairs(self.by_class, index, generator, shift=self.shift)
         return self.render("train", recipe)
 
     def eval_batches(self, split: str, batch_size: int) -> Iterator[tuple[Tensor, MultiDigitTarget]]:
@@ -307,6 +335,10 @@ def multimnist_data(
     pairs come from the validation digits (held out of the training file), test pairs from
     the test digits: ``val_pairs`` (default: one per validation digit) and ``test_pairs``
     (default 10,000; the paper uses 10M), fixed by ``pairs_seed``.
+
+    Shape:
+        batches: overlays ``(B, C, h + 2 shift, h + 2 shift)`` (MNIST: ``(B, 1, 36, 36)``) and a
+        :class:`MultiDigitTarget` (classes ``(B, 2)``, digits ``(B, 2, C, 36, 36)``).
     """
     if combine not in COMBINE_RULES:
         raise ValueError(f"combine must be one of {COMBINE_RULES}, got {combine!r}")

@@ -7,12 +7,13 @@
   -> FC 1024 -> 10 sigmoid outputs (sigmoid cross-entropy): 24,563,978 parameters with
   SAME padding (the paper's 24.56M). The official code uses 5x5 for the first convolution
   too (``kernels=(5, 5)``: 24,535,306) and no dropout.
-- ``cnn_affine`` (Sec. 5.2, affNIST): "a traditional convolutional model with a similar
-  number of parameters" with max-pooling and dropout; the paper gives no architecture.
+- ``cnn_affine`` (Sec. 5.2, affNIST): the paper only says a CNN with max-pooling and
+  dropout and a similar number of parameters; it gives no architecture.
   Ours: the MNIST baseline's layers with a 2x2 max-pool after each of the first two
   convolutions, on 40x40 expanded MNIST: 6,728,466 parameters, within 1.2% of
   ``capsnet_mnist`` *without* its decoder (6,804,224; the decoder only regularises
-  training, it takes no part in classification).
+  training, it takes no part in classification). The CapsNet of that experiment, on
+  40x40 input, is larger: 13,475,648 parameters (11,227,904 without the decoder).
 
 Every layer is followed by ReLU except the last; dropout (p = 0.5, the paper gives no
 rate) sits before the last layer where the paper names it.

@@ -7,7 +7,6 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
-from ..functional import safe_norm
 from ..layers import CapsuleDecoder, DenseCaps, PrimaryCaps
 from .registry import register_model
 from .validation import check_images, check_labels
@@ -99,7 +98,9 @@ class CapsNet(nn.Module):
             check_labels(y, x.shape[0], self.num_classes)
         u = self.primary(torch.relu(self.conv1(x)))  # (B, I, 8)
         routed = self.digits(u)  # poses (B, J, 16)
-        lengths = safe_norm(routed.poses, dim=-1)
+        # Exact |v_j|: safe_norm's eps would floor the tiny lengths of an untrained model at
+        # 1e-4 and damp the margin loss's gradient; vector_norm's gradient at 0 is 0, not NaN.
+        lengths = torch.linalg.vector_norm(routed.poses, dim=-1)
         reconstruction = None
         if self.decoder is not None:
             # Mask with the true class in training, the longest capsule otherwise (Sec. 4.1).

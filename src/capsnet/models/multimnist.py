@@ -1,9 +1,9 @@
 """The MultiMNIST CapsNet (Sabour et al. 2017, Sec. 6): each digit reconstructed through its own mask.
 
 Same network as on MNIST, on 36x36 input: 10 x 10 x 32 = 3,200 primary capsules and
-11,361,808 parameters (the paper's 11.36M). "We reconstruct each digit separately by
-masking out all but its capsule" -- in training with the true classes, at test time with
-the two longest capsules.
+11,361,808 parameters (the paper's 11.36M). Each digit is reconstructed separately, the
+decoder seeing only that digit's capsule: in training the capsules of the true classes,
+at test time the two longest capsules.
 """
 
 from __future__ import annotations

@@ -1,0 +1,138 @@
+"""Multi-process training (torchrun, gloo) and surviving killed processes."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from capsnet.train import TrainConfig, load_checkpoint, train
+
+from conftest import REPO
+
+SMOKE = str(REPO / "configs" / "mnist.py:smoke")
+COMMON = ["--no-progress", "--set", "figures=False", "--set", "checkpoint_every=1"]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _capsnet(*args, nproc=None, extra=(), check=True):
+    if nproc is None:
+        cmd = [sys.executable, "-m", "capsnet", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *extra, "-m", "capsnet", *args]
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, check=check, timeout=240)
+
+
+def _weights(run):
+    return load_checkpoint(run / "last.pt")["model"]
+
+
+def _assert_close(a, b, atol):
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=atol, rtol=0), f"{name}: max diff {(a[name] - b[name]).abs().max()}"
+
+
+def test_two_processes_match_one_on_the_same_global_batch(tmp_path):
+    """DDP averages the two half-batch gradients: equal to the full-batch gradient up to float rounding."""
+    _capsnet("train", "--config", SMOKE, "--out", str(tmp_path / "one"), "--data", str(tmp_path), *COMMON)
+    _capsnet("train", "--config", SMOKE, "--out", str(tmp_path / "two"), "--data", str(tmp_path), *COMMON, nproc=2)
+    assert load_checkpoint(tmp_path / "two" / "last.pt")["progress"]["step"] == 8
+    _assert_close(_weights(tmp_path / "one"), _weights(tmp_path / "two"), atol=1e-5)
+
+
+def test_resume_with_a_different_number_of_processes(tmp_path):
+    _capsnet("train", "--config", SMOKE, "--out", str(tmp_path / "one"), "--data", str(tmp_path), *COMMON)
+    mixed = tmp_path / "mixed"
+    _capsnet("train", "--config", SMOKE, "--out", str(mixed), "--data", str(tmp_path), *COMMON, "--set", "max_steps=4", nproc=2)
+    _capsnet("train", "--config", SMOKE, "--out", str(mixed), "--data", str(tmp_path), *COMMON, "--resume")
+    _assert_close(_weights(tmp_path / "one"), _weights(mixed), atol=1e-5)
+
+
+TINY = dict(
+    model="capsnet_tiny",
+    dataset="synthetic",
+    dataset_kwargs=dict(train_size=256, val_size=16, test_size=16),
+    batch_size=8,
+    epochs=2,
+    checkpoint_every=1,
+    log_every=1,
+    figures=False,
+    max_steps=60,
+)
+
+KILLABLE = textwrap.dedent(
+    """
+    import sys
+    from capsnet.train import TrainConfig, train
+    train(TrainConfig(**{cfg!r}), data_root=sys.argv[1], out_dir=sys.argv[1], progress=False, final_test=False, resume=True)
+    """
+)
+
+
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
+    straight = tmp_path / "straight"
+    train(TrainConfig(**TINY), data_root=tmp_path, out_dir=straight, progress=False, final_test=False)
+
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", KILLABLE.format(cfg=TINY), str(killed)], env=_env())
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (killed / "last.pt").exists() and load_checkpoint(killed / "last.pt")["progress"]["step"] >= 5:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be killed; make it longer"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    stopped_at = load_checkpoint(killed / "last.pt")["progress"]["step"]
+    assert 5 <= stopped_at < 60
+
+    train(TrainConfig(**TINY), data_root=tmp_path, out_dir=killed, progress=False, final_test=False, resume=True)
+    a, b = _weights(straight), _weights(killed)
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed run differs from the uninterrupted one"
+
+
+WORKER_THAT_DIES_ONCE = textwrap.dedent(
+    """
+    import os, signal, sys, threading, time
+    from pathlib import Path
+    out = Path(sys.argv[1])
+    marker = out / "died-once"
+    if not marker.exists():
+        marker.write_text("x")
+        def kill_after_first_checkpoint():
+            while not (out / "last.pt").exists():
+                time.sleep(0.01)
+            time.sleep(0.3)
+            os.kill(os.getpid(), signal.SIGKILL)
+        threading.Thread(target=kill_after_first_checkpoint, daemon=True).start()
+    from capsnet.cli import main
+    sys.exit(main(sys.argv[2:]))
+    """
+)
+
+
+def test_torchrun_max_restarts_continues_from_the_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER_THAT_DIES_ONCE)
+    args = ["train", "--config", SMOKE, "--out", str(out), "--data", str(tmp_path), *COMMON, "--set", "epochs=40", "--resume"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "--max-restarts=1", str(script), str(out), *args]
+    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (out / "died-once").exists()
+    assert "resumed from" in result.stderr, "the restarted worker continued from the checkpoint"
+    straight = tmp_path / "straight"
+    _capsnet("train", "--config", SMOKE, "--out", str(straight), "--data", str(tmp_path), *COMMON, "--set", "epochs=40")
+    a, b = _weights(straight), _weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
