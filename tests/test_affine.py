@@ -276,10 +276,10 @@ def test_corrupt_zip_is_refused(tmp_path):
         AffNIST(tmp_path)
 
 
-def test_without_scipy_the_error_says_what_to_install(mat_root, monkeypatch):
+def test_without_scipy_the_error_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "scipy.io", None)  # makes `from scipy.io import loadmat` fail
-    with pytest.raises(DataError, match=r"needs scipy.*pip install scipy"):
-        read_affnist_mat(b"", mat_root / "affnist" / "test.mat")
+    with pytest.raises(DataError, match=r"test.mat needs scipy.*pip install scipy"):
+        read_affnist_mat(b"", tmp_path / "test.mat")
 
 
 def test_affnist_dataset_tests_on_the_file_and_trains_on_expanded_digits(mat_root):

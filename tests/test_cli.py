@@ -62,3 +62,13 @@ def test_every_config_has_a_command_and_a_smoke_variant(config):
     assert "capsnet train --config configs/" + config in text, "docstring holds the command"
     load_config(str(REPO / "configs" / config))
     load_config(str(REPO / "configs" / config) + ":smoke")
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.py")))
+def test_every_smoke_variant_trains_evaluates_and_draws(config, tmp_path):
+    out = tmp_path / "run"
+    code = main(["train", "--config", str(REPO / "configs" / config) + ":smoke", "--out", str(out), "--data", str(tmp_path), "--no-progress"])
+    assert code == 0
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["steps"] >= 1 and 0.0 <= summary["test_accuracy"] <= 1.0
+    assert (out / "best.pt").exists() and (out / "figures" / "training_curves.png").exists()

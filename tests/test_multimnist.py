@@ -268,6 +268,19 @@ def test_each_reconstruction_is_masked_by_its_own_digit(tiny_model):
     torch.testing.assert_close(out.reconstruction, (first + second).clamp(max=1.0), rtol=0, atol=1e-6)
 
 
+def test_multidigit_capsnet_matches_capsnet_with_the_same_weights(tiny_model):
+    """The subclass repeats CapsNet's encoder; this keeps the two from drifting apart."""
+    from capsnet.models import CapsNet
+
+    plain = CapsNet(image_size=36, **TINY_CAPS).eval()
+    plain.load_state_dict(tiny_model.state_dict())
+    x, y = torch.rand(3, 1, 36, 36), torch.tensor([2, 5, 7])
+    with torch.no_grad():
+        ours, theirs = tiny_model(x, y), plain(x, y)
+    for field in ("lengths", "poses", "reconstruction", "coupling", "primary"):
+        torch.testing.assert_close(getattr(ours, field), getattr(theirs, field), rtol=0, atol=1e-6, msg=field)
+
+
 def test_without_labels_the_two_longest_capsules_are_reconstructed(tiny_model):
     x = torch.rand(4, 1, 36, 36)
     with torch.no_grad():

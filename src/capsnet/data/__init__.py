@@ -1,6 +1,7 @@
 """Datasets (one module per family), batched transforms and the dataset registry."""
 
 from . import mnist, synthetic  # noqa: F401  (register datasets)
+from . import affnist, multimnist  # noqa: F401  (register multimnist, mnist_expanded, affine_mnist, affnist)
 from .base import ExperimentData, Split
 from .errors import DataError
 from .idx import read_idx, write_idx

@@ -56,6 +56,22 @@ def _trunc_normal_(t: Tensor, std: float, mean: float = 0.0) -> Tensor:
     return nn.init.trunc_normal_(t, mean=mean, std=std, a=mean - 2 * std, b=mean + 2 * std)
 
 
+def _block_weight(weight: Tensor) -> Tensor:
+    """Transforms as one matrix per child type: ``M W`` for all parents is then one ``bmm``.
+
+    ``V = M W`` with ``M``, ``W`` 4x4 is linear in the 16 elements of ``M``:
+    ``V[p, r] = sum_{p', q} M[p', q] delta(p, p') W[q, r]``. Stacking this 16 x 16 map for
+    every parent gives a ``(16, J 16)`` matrix per child type, so the votes of all patches
+    come out of a single batched matrix product in routing's layout, with weights that carry
+    no batch axis.
+
+    Shape:
+        weight: ``(I, J, 4, 4)``; returns ``(I, 16, J 16)``.
+    """
+    eye = torch.eye(POSE, dtype=weight.dtype, device=weight.device)
+    return rearrange(torch.einsum("ap,ijqr->iaqjpr", eye, weight), "i a q j p r -> i (a q) (j p r)")
+
+
 def _check_grid(poses: Tensor, activations: Tensor, types: int, size: Optional[tuple[int, int]], who: str) -> None:
     shape = "(B, H, W, {t}, 4, 4)".format(t=types) if size is None else f"(B, {size[0]}, {size[1]}, {types}, 4, 4)"
     if poses.dim() != 6 or poses.shape[3:] != (types, POSE, POSE):
@@ -227,21 +243,23 @@ class ConvMatCaps(_EMRouted):
         """``V_ij = M_i W_ij`` for every child slot of every patch.
 
         Shape:
-            poses: ``(B, H, W, T, 4, 4)``; returns ``(B, L, J, I, 16)`` (contiguous).
+            poses: ``(B, H, W, T, 4, 4)``; returns ``(B, L, I, J, 16)``, a view of an
+            ``(I, B, L, J, 16)`` contiguous tensor (the layout :func:`em_routing` reads fastest).
         """
+        batch = poses.shape[0]
         cols = F.unfold(rearrange(poses, "b h w t p q -> b (t p q) h w"), self.kernel_size, stride=self.stride)
-        patches = rearrange(cols, "b (t p q k) l -> b l (k t) p q", t=self.in_types, p=POSE, q=POSE)
-        votes = torch.einsum("blipq,ijqr->bljipr", patches, self.weight)  # (B, L, J, I, 4, 4)
-        return votes.reshape(*votes.shape[:4], POSE * POSE)
+        patches = rearrange(cols, "b (t d k) l -> (k t) (b l) d", t=self.in_types, d=POSE * POSE)  # (I, B L, 16)
+        votes = torch.bmm(patches, _block_weight(self.weight))  # (I, B L, J 16)
+        return rearrange(votes, "i (b l) (j d) -> b l i j d", b=batch, j=self.out_types)
 
     def forward(self, poses: Tensor, activations: Tensor) -> MatrixCaps:
         _check_grid(poses, activations, self.in_types, self.in_size, "ConvMatCaps")
         geometry = self.geometry(tuple(poses.shape[1:3]))
         if min(*geometry.in_size) < self.kernel_size:
             raise ValueError(f"ConvMatCaps input grid {geometry.in_size} is smaller than its kernel {self.kernel_size}")
-        votes = self.votes(poses)  # (B, L, J, I, 16)
+        votes = self.votes(poses)  # (B, L, I, J, 16)
         a_in = to_patches(rearrange(activations, "b h w t -> b t h w"), geometry)  # (B, L, I)
-        routed = self._route(votes.transpose(2, 3), a_in, geometry)
+        routed = self._route(votes, a_in, geometry)
         out_h, out_w = geometry.out_size
         return MatrixCaps(
             poses=rearrange(routed.poses, "b (h w) j (p q) -> b h w j p q", h=out_h, p=POSE),
@@ -260,18 +278,18 @@ def coordinate_offsets(size: tuple[int, int], types: int, *, order: str = "colum
     wording taken literally).
 
     Shape:
-        returns ``(H W T, 16)``, capsules ordered ``(h, w, t)``, zero except columns 3 and 7.
+        returns ``(T H W, 16)``, capsules ordered ``(t, h, w)``, zero except columns 3 and 7.
     """
     if order not in COORD_ORDERS:
         raise ValueError(f"order must be one of {COORD_ORDERS}, got {order!r}")
     h, w = size
-    rows = ((torch.arange(h, dtype=torch.float64) + 0.5) / h).view(h, 1, 1).expand(h, w, types)
-    cols = ((torch.arange(w, dtype=torch.float64) + 0.5) / w).view(1, w, 1).expand(h, w, types)
+    rows = ((torch.arange(h, dtype=torch.float64) + 0.5) / h).view(1, h, 1).expand(types, h, w)
+    cols = ((torch.arange(w, dtype=torch.float64) + 0.5) / w).view(1, 1, w).expand(types, h, w)
     first, second = (cols, rows) if order == "column_row" else (rows, cols)
-    offsets = torch.zeros(h, w, types, POSE * POSE, dtype=torch.float64)
+    offsets = torch.zeros(types, h, w, POSE * POSE, dtype=torch.float64)
     offsets[..., COORD_INDICES[0]] = first
     offsets[..., COORD_INDICES[1]] = second
-    return offsets.reshape(h * w * types, POSE * POSE)
+    return offsets.reshape(types * h * w, POSE * POSE)
 
 
 class ClassMatCaps(_EMRouted):
@@ -293,7 +311,8 @@ class ClassMatCaps(_EMRouted):
 
     Shape:
         poses ``(B, H, W, T, 4, 4)``, activations ``(B, H, W, T)``; returns :class:`MatrixCaps` with
-        poses ``(B, J, 4, 4)``, activations ``(B, J)`` and assignments ``(B, H W T, J)``.
+        poses ``(B, J, 4, 4)``, activations ``(B, J)`` and assignments ``(B, T H W, J)`` (children
+        ordered ``(t, h, w)``).
     """
 
     def __init__(
@@ -333,26 +352,28 @@ class ClassMatCaps(_EMRouted):
         self.weight = nn.Parameter(torch.empty(in_types, num_classes, POSE, POSE))
         _trunc_normal_(self.weight.data, init_std)
         offsets = coordinate_offsets(self.in_size, in_types, order=coordinate_order) if coordinate_addition else None
-        self.register_buffer("offsets", None if offsets is None else offsets.float(), persistent=False)
+        self.register_buffer("offsets", None if offsets is None else offsets.to(torch.get_default_dtype()), persistent=False)
 
     def votes(self, poses: Tensor) -> Tensor:
-        """``V_ij = M_i W_{t(i) j}`` (+ coordinates) for every capsule ``i = (h, w, t)`` of the grid.
+        """``V_ij = M_i W_{t(i) j}`` (+ coordinates) for every capsule ``i = (t, h, w)`` of the grid.
 
         Shape:
-            poses: ``(B, H, W, T, 4, 4)``; returns ``(B, J, I, 16)`` with ``I = H W T``.
+            poses: ``(B, H, W, T, 4, 4)``; returns ``(B, 1, I, J, 16)`` with ``I = T H W`` ordered
+            ``(t, h, w)``: a view of an ``(I, B, 1, J, 16)`` contiguous tensor.
         """
-        flat = rearrange(poses, "b h w t p q -> b (h w) t p q")
-        votes = torch.einsum("bntpq,tjqr->bjntpr", flat, self.weight)  # (B, J, HW, T, 4, 4)
-        votes = votes.reshape(votes.shape[0], self.num_classes, -1, POSE * POSE)
+        batch = poses.shape[0]
+        flat = rearrange(poses, "b h w t p q -> t (h w b) (p q)")
+        votes = torch.bmm(flat, _block_weight(self.weight))  # (T, H W B, J 16)
+        votes = rearrange(votes, "t (n b) (j d) -> (t n) b 1 j d", b=batch, j=self.num_classes)
         if self.offsets is not None:
-            votes = votes + self.offsets.to(votes.dtype)  # coordinate addition, Sec. 3
-        return votes
+            votes = votes + self.offsets.to(votes.dtype)[:, None, None, None, :]  # coordinate addition, Sec. 3
+        return rearrange(votes, "i b 1 j d -> b 1 i j d")
 
     def forward(self, poses: Tensor, activations: Tensor) -> MatrixCaps:
         _check_grid(poses, activations, self.in_types, self.in_size, "ClassMatCaps")
-        votes = self.votes(poses).unsqueeze(1)  # (B, 1, J, I, 16): one "patch" holding every child
-        a_in = activations.reshape(activations.shape[0], 1, -1)  # (B, 1, I), order (h, w, t)
-        routed = self._route(votes.transpose(2, 3), a_in, None)
+        votes = self.votes(poses)  # (B, 1, I, J, 16): one "patch" holding every child
+        a_in = rearrange(activations, "b h w t -> b 1 (t h w)")  # same child order as the votes
+        routed = self._route(votes, a_in, None)
         return MatrixCaps(
             poses=rearrange(routed.poses, "b 1 j (p q) -> b j p q", p=POSE),
             activations=routed.activations.squeeze(1),

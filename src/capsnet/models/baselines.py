@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from .registry import register_model

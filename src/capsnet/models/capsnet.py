@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import CapsuleDecoder, DenseCaps, PrimaryCaps
+from ..routing import RoutingResult
 from .registry import register_model
 from .validation import check_images, check_labels
 
@@ -92,15 +93,19 @@ class CapsNet(nn.Module):
             raise ValueError("this CapsNet was built with decoder=False and cannot reconstruct")
         return self.decoder(poses, labels)
 
-    def forward(self, x: Tensor, y: Optional[Tensor] = None) -> CapsNetOutput:
-        check_images(x, self.in_channels, (self.image_size, self.image_size))
-        if y is not None:
-            check_labels(y, x.shape[0], self.num_classes)
+    def encode(self, x: Tensor) -> tuple[Tensor, RoutingResult, Tensor]:
+        """Primary capsules ``u`` (B, I, in_dim), the routing result and the lengths ``|v_j|`` (B, J)."""
         u = self.primary(torch.relu(self.conv1(x)))  # (B, I, 8)
         routed = self.digits(u)  # poses (B, J, 16)
         # Exact |v_j|: safe_norm's eps would floor the tiny lengths of an untrained model at
         # 1e-4 and damp the margin loss's gradient; vector_norm's gradient at 0 is 0, not NaN.
-        lengths = torch.linalg.vector_norm(routed.poses, dim=-1)
+        return u, routed, torch.linalg.vector_norm(routed.poses, dim=-1)
+
+    def forward(self, x: Tensor, y: Optional[Tensor] = None) -> CapsNetOutput:
+        check_images(x, self.in_channels, (self.image_size, self.image_size))
+        if y is not None:
+            check_labels(y, x.shape[0], self.num_classes)
+        u, routed, lengths = self.encode(x)
         reconstruction = None
         if self.decoder is not None:
             # Mask with the true class in training, the longest capsule otherwise (Sec. 4.1).

@@ -32,7 +32,7 @@ class MatrixCapsOutput(NamedTuple):
     activations: ``(B, J)`` class capsule activations (the scores the spread loss reads).
     poses: ``(B, J, 4, 4)`` class capsule pose matrices.
     assignments: ``(B, I, J)`` class-layer routing assignments ``R`` of the last iteration,
-        ``I = H W D`` ConvCaps2 capsules ordered ``(h, w, type)``.
+        ``I = D H W`` ConvCaps2 capsules ordered ``(type, h, w)``.
     """
 
     activations: Tensor

@@ -13,7 +13,6 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ..functional import safe_norm
 from .capsnet import CapsNet
 from .registry import register_model
 from .validation import check_images, check_labels
@@ -82,9 +81,7 @@ class MultiDigitCapsNet(CapsNet):
                 check_labels(y, x.shape[0], self.num_classes)
                 y = y[:, None]
             check_label_sets(y, x.shape[0], self.num_classes)
-        u = self.primary(torch.relu(self.conv1(x)))  # (B, I, 8)
-        routed = self.digits(u)  # poses (B, J, 16)
-        lengths = safe_norm(routed.poses, dim=-1)  # (B, J)
+        u, routed, lengths = self.encode(x)
         reconstruction = reconstructions = masks = None
         if self.decoder is not None:
             # True classes in training, the longest capsules otherwise (Sec. 4.1 and 6).

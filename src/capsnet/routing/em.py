@@ -262,49 +262,58 @@ class _VoteReader:
 
     Each is the adjoint of the other, so their backward passes are the same two reads; the
     gradient with respect to the votes is a sum of outer products, accumulated in one pass by
-    :meth:`votes_grad`. Neither ``X`` nor ``X^2`` is ever stored: each chunk is rebuilt in cache.
-    ``N`` flattens the parent axes ``(B, L, J)``.
+    :meth:`votes_grad`. ``X^2`` is never stored: each chunk of it is rebuilt in cache. ``N``
+    flattens the parent axes ``(B, L, J)``.
     """
 
-    def __init__(self, votes: Tensor, centre: Tensor):
-        self.votes, self.centre = votes, centre  # (I, N, D), (N, D)
-        n, d = centre.shape
+    def __init__(self, centred: Tensor):
+        self.x = centred  # (I, N, D)
+        slots, n, d = centred.shape
         self.step = max(1, _CHUNK_ELEMENTS // (n * d))
         self.terms: list[tuple[Tensor, Tensor, Tensor]] = []  # (left, right1, right2) outer products
 
     def _chunks(self):
-        for start in range(0, self.votes.shape[0], self.step):
+        buffer = self.x.new_empty((min(self.step, self.x.shape[0]), *self.x.shape[1:]))
+        for start in range(0, self.x.shape[0], self.step):
             part = slice(start, start + self.step)
-            yield part, self.votes[part] - self.centre  # (c, N, D)
+            x = self.x[part]
+            yield part, x, buffer[: x.shape[0]]
 
     def moments(self, r: Tensor) -> tuple[Tensor, Tensor]:
         """``sum_i r_i X_i`` and ``sum_i r_i X_i^2`` for ``r`` of shape ``(I, N)``."""
-        m1 = self.centre.new_zeros(self.centre.shape)
-        m2 = self.centre.new_zeros(self.centre.shape)
-        for part, x in self._chunks():
+        m1 = self.x.new_zeros(self.x.shape[1:])
+        m2 = self.x.new_zeros(self.x.shape[1:])
+        for part, x, buf in self._chunks():
             w = r[part].unsqueeze(-1)  # (c, N, 1)
-            m1 += (w * x).sum(0)
-            m2 += (w * x.square_()).sum(0)
+            x2 = torch.square(x, out=buf)
+            if x.shape[0] == 1:  # one child per chunk: fused multiply-adds
+                m1.addcmul_(w[0], x[0])
+                m2.addcmul_(w[0], x2[0])
+            else:
+                m1 += (w * x).sum(0)
+                m2 += (w * x2).sum(0)
         return m1, m2
 
     def quadratic(self, u1: Tensor, u2: Tensor) -> Tensor:
         """``sum_d X u1 + X^2 u2`` for ``u1, u2`` of shape ``(N, D)``; returns ``(I, N)``."""
-        out = self.votes.new_empty(self.votes.shape[:2])
-        for part, x in self._chunks():
-            out[part] = (x * torch.addcmul(u1, x, u2)).sum(-1)  # X (u1 + X u2) summed over D
+        out = self.x.new_empty(self.x.shape[:2])
+        for part, x, buf in self._chunks():
+            t = torch.addcmul(u1, x, u2, out=buf)  # u1 + X u2
+            torch.sum(t.mul_(x), dim=-1, out=out[part])  # X u1 + X^2 u2, summed over D
         return out
 
     def votes_grad(self) -> Tensor:
         """``d/dV`` of ``sum_k <left_k (x) right1_k, X> + <left_k (x) right2_k, X^2>`` over :attr:`terms`."""
-        grad = torch.empty_like(self.votes)
-        for part, x in self._chunks():
-            g1 = x.new_zeros(x.shape)
-            g2 = x.new_zeros(x.shape)
-            for left, right1, right2 in self.terms:
+        grad = torch.empty_like(self.x)
+        (l0, a0, b0), *rest = self.terms
+        for part, x, buf in self._chunks():
+            g1 = torch.mul(l0[part].unsqueeze(-1), a0, out=grad[part])
+            g2 = torch.mul(l0[part].unsqueeze(-1), b0, out=buf)
+            for left, right1, right2 in rest:
                 w = left[part].unsqueeze(-1)
                 g1.addcmul_(w, right1)
                 g2.addcmul_(w, right2)
-            grad[part] = g1.addcmul_(x, g2, value=2.0)  # dX^2/dV = 2 X; c is a constant
+            g1.addcmul_(x, g2, value=2.0)  # dX^2/dV = 2 X; c is a constant
         return grad
 
 
@@ -424,7 +433,7 @@ class _EMRoutingFunction(torch.autograd.Function):
         # c: unweighted mean vote per parent; routing's outputs do not depend on it (it only
         # keeps the expanded moments free of float cancellation), so it carries no gradient.
         centre = flat.mean(0)
-        reader = _VoteReader(flat, centre)
+        reader = _VoteReader(flat - centre)
         recorded_m, recorded_q = [], []
 
         def moments(r, it):
@@ -440,7 +449,7 @@ class _EMRoutingFunction(torch.autograd.Function):
         ctx.cfg = cfg
         ctx.num_m = len(recorded_m)
         flat_m = [t for pair in recorded_m for t in pair]
-        ctx.save_for_backward(votes, a_in, beta_a, beta_v, centre, *flat_m, *recorded_q)
+        ctx.save_for_backward(reader.x, a_in, beta_a, beta_v, centre, *flat_m, *recorded_q)
         return mu, a_out, r
 
     @staticmethod
@@ -448,13 +457,13 @@ class _EMRoutingFunction(torch.autograd.Function):
     def backward(ctx, g_mu, g_a, g_r):
         cfg = ctx.cfg
         slots, batch, num_patches, types, dim = cfg.shape
-        votes, a_in, beta_a, beta_v, centre, *rest = ctx.saved_tensors
+        centred, a_in, beta_a, beta_v, centre, *rest = ctx.saved_tensors
         recorded_m = [tuple(rest[2 * k : 2 * k + 2]) for k in range(ctx.num_m)]
         recorded_q = rest[2 * ctx.num_m :]
-        reader = _VoteReader(votes.view(slots, -1, dim), centre)
+        reader = _VoteReader(centred)
         # A leaf every replayed read depends on, so autograd runs each read's backward even
         # when no other input of the loop needs a gradient.
-        anchor = votes.new_zeros((), requires_grad=True)
+        anchor = centred.new_zeros((), requires_grad=True)
         leaves = [x.detach().requires_grad_(need) for x, need in zip((a_in, beta_a, beta_v), ctx.needs_input_grad[1:4])]
 
         def moments(r, it):
@@ -465,9 +474,12 @@ class _EMRoutingFunction(torch.autograd.Function):
 
         with torch.enable_grad():
             outputs = _em_loop(moments, quadratic, *leaves, centre.view(batch, num_patches, types, dim), cfg)
+            # R of the last M-step carries no graph when detach_intermediate; skip such outputs.
+            used = [(out, g) for out, g in zip(outputs, (g_mu, g_a, g_r)) if out.requires_grad]
             wanted = [anchor] + [leaf for leaf in leaves if leaf.requires_grad]
-            grads = list(torch.autograd.grad(outputs, wanted, (g_mu, g_a, g_r), allow_unused=True)[1:])
-        grad_votes = reader.votes_grad().view_as(votes) if ctx.needs_input_grad[0] else None
+            grads = torch.autograd.grad([o for o, _ in used], wanted, [g for _, g in used], allow_unused=True)
+        grads = [g if g is not None else torch.zeros_like(x) for g, x in zip(grads[1:], wanted[1:])]
+        grad_votes = reader.votes_grad().view(slots, batch, num_patches, types, dim) if ctx.needs_input_grad[0] else None
         grad_leaves = [grads.pop(0) if leaf.requires_grad else None for leaf in leaves]
         return (grad_votes, *grad_leaves, None)
 

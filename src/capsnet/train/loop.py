@@ -85,9 +85,9 @@ def evaluate(
             continue
         images, labels = images.to(device), labels.to(device)
         out = model(images)
-        correct += float((objective.scores(out).argmax(dim=1) == labels).sum())
-        loss_sum += float(objective.loss(out, images, labels, step)) * labels.shape[0]
-        total += labels.shape[0]
+        correct += float(objective.correct(out, labels).sum())
+        loss_sum += float(objective.loss(out, images, labels, step)) * len(labels)
+        total += len(labels)
     correct, total, loss_sum = dist.sum([correct, total, loss_sum], device=device)
     model.train(was_training)
     return {"accuracy": correct / max(total, 1), "loss": loss_sum / max(total, 1), "samples": int(total)}
@@ -219,7 +219,7 @@ def train(
                 images, labels = data.train_batch(index, generator)  # the global batch, same on every rank
                 local = dist.shard(torch.arange(len(index)))
                 images, labels = images[local].to(device), labels[local].to(device)
-                output = trained(images, labels)
+                output = trained(images, objective.teacher(labels))
                 loss = objective.loss(output, images, labels, state.step)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -229,7 +229,7 @@ def train(
                 state.batch_in_epoch += 1
                 window_images += len(index)
                 if state.step % cfg.log_every == 0 or state.step == total_steps:
-                    hits = float((objective.scores(output).argmax(1) == labels).sum())
+                    hits = float(objective.correct(output, labels).sum())
                     loss_sum, hits, count = dist.sum([loss.item() * len(labels), hits, float(len(labels))], device=device)
                     speed = window_images / max(time.perf_counter() - window_start, 1e-9)
                     if dist.is_main:

@@ -8,18 +8,29 @@ import torch
 from torch import Tensor
 
 from ..functional import margin_loss, reconstruction_loss, spread_loss
+from ..metrics import MultiDigitMarginObjective, SigmoidCrossEntropyObjective
 
 __all__ = ["Objective", "create_objective"]
 
 
 class Objective:
-    """``loss(output, images, labels, step)`` for training and ``scores(output)`` for accuracy."""
+    """``loss(output, images, labels, step)`` for training and ``scores(output)`` for accuracy.
+
+    ``teacher(labels)`` is what the model gets as ``y`` in training, ``correct(output, labels)``
+    which samples are right: multi-digit objectives (``capsnet.metrics``) override both.
+    """
 
     def loss(self, output: Any, images: Tensor, labels: Tensor, step: int) -> Tensor:
         raise NotImplementedError
 
     def scores(self, output: Any) -> Tensor:
         raise NotImplementedError
+
+    def teacher(self, labels: Any) -> Tensor:
+        return labels
+
+    def correct(self, output: Any, labels: Tensor) -> Tensor:
+        return self.scores(output).argmax(dim=1) == labels
 
 
 class MarginObjective(Objective):
@@ -63,7 +74,13 @@ class CrossEntropyObjective(Objective):
         return output.logits
 
 
-_OBJECTIVES = {"margin": MarginObjective, "spread": SpreadObjective, "cross_entropy": CrossEntropyObjective}
+_OBJECTIVES = {
+    "margin": MarginObjective,
+    "spread": SpreadObjective,
+    "cross_entropy": CrossEntropyObjective,
+    "multi_margin": MultiDigitMarginObjective,  # MultiMNIST CapsNet, Sabour et al. 2017 Sec. 6
+    "sigmoid_cross_entropy": SigmoidCrossEntropyObjective,  # MultiMNIST baseline CNN, Sec. 6
+}
 
 
 def create_objective(name: str, **kwargs) -> Objective:

@@ -8,6 +8,7 @@ import torch
 
 from ..data import ExperimentData
 from .figures import coupling_figure, pose_perturbation_figure, pose_perturbations, reconstruction_figure, training_curves_figure
+from .multimnist import multimnist_figure
 
 __all__ = ["write_figures"]
 
@@ -21,10 +22,13 @@ def write_figures(model, data: ExperimentData, out_dir: str | Path, *, split: st
     images = images.to(device)
     model.eval()
     output = model(images)
-    predicted = output.lengths.argmax(1) if hasattr(output, "lengths") else output.activations.argmax(1)
+    if hasattr(labels, "classes"):  # MultiMNIST: two digits per image
+        if getattr(output, "reconstructions", None) is not None:
+            written.append(multimnist_figure(images, output.reconstructions, out / "multimnist.png", classes=labels.classes, masks=output.masks))
+        labels = labels.classes[:, 0]
     if getattr(output, "reconstruction", None) is not None:
         written.append(reconstruction_figure(images, output.reconstruction, out / "reconstructions.png", labels=labels.tolist()))
-        grid = pose_perturbations(model, output.poses[0], int(predicted[0]))
+        grid = pose_perturbations(model, output.poses[0], int(output.lengths[0].argmax()))
         written.append(pose_perturbation_figure(grid, out / "pose_perturbations.png"))
     if getattr(output, "coupling", None) is not None and hasattr(model, "primary"):
         written.append(coupling_figure(images[0], output.coupling[0], out / "routing.png", types=model.primary.types, label=int(labels[0])))
