@@ -62,7 +62,7 @@ def test_csv_after_resume_holds_one_history(tmp_path):
 
 
 def test_training_learns_the_synthetic_task(tmp_path):
-    cfg = TrainConfig(**dict(TINY, epochs=15, checkpoint_every=50, dataset_kwargs=dict(train_size=160, val_size=64, test_size=64)), lr=3e-3)
+    cfg = TrainConfig(**dict(TINY, epochs=8, checkpoint_every=50, dataset_kwargs=dict(train_size=96, val_size=64, test_size=64)), lr=3e-3)
     summary = train(cfg, data_root=tmp_path, out_dir=tmp_path, progress=False)
     assert summary["best_val_accuracy"] > 0.8
     assert summary["test_samples"] == 64 and summary["test_accuracy"] > 0.8
