@@ -145,7 +145,11 @@ def train(
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    data = load_dataset(cfg.dataset, data_root, download=download and dist.is_main, seed=cfg.seed, **cfg.dataset_kwargs)
+    if download and not dist.is_main:
+        dist.barrier()  # rank 0 downloads first; the others then find complete, verified files
+    data = load_dataset(cfg.dataset, data_root, download=download, seed=cfg.seed, **cfg.dataset_kwargs)
+    if download and dist.is_main:
+        dist.barrier()
     model = build_model(cfg, data).to(device)
     objective = create_objective(cfg.objective, **cfg.objective_kwargs)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
