@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..routing.em import LAMBDA_SCHEDULES, MASS_EPS, VAR_FLOOR, ConvGeometry, em_routing, to_patches
+from ..routing.em import LAMBDA_SCHEDULES, MASS_EPS, VAR_FLOOR, ConvGeometry, FactoredVotes, em_routing, to_patches
 
 __all__ = ["ClassMatCaps", "ConvMatCaps", "MatrixCaps", "PrimaryMatCaps", "coordinate_offsets"]
 
@@ -193,7 +193,7 @@ class ConvMatCaps(_EMRouted):
         stride: int = 1,
         in_size: Optional[tuple[int, int]] = None,
         iterations: int = 3,
-        schedule: Union[str, Sequence[float]] = "linear",
+        schedule: Union[str, Sequence[float]] = "fan_in",
         final_lambda: Optional[float] = None,
         beta: str = "type",
         var_floor: float = VAR_FLOOR,
@@ -246,20 +246,23 @@ class ConvMatCaps(_EMRouted):
             poses: ``(B, H, W, T, 4, 4)``; returns ``(B, L, I, J, 16)``, a view of an
             ``(I, B, L, J, 16)`` contiguous tensor (the layout :func:`em_routing` reads fastest).
         """
-        batch = poses.shape[0]
+        patches, block, _ = self._factors(poses)
+        votes = torch.bmm(patches, block)  # (I, B L, J 16)
+        return rearrange(votes, "i (b l) (j d) -> b l i j d", b=poses.shape[0], j=self.out_types)
+
+    def _factors(self, poses: Tensor) -> FactoredVotes:
+        """The votes as ``patches (I, B L, 16) @ block transforms (I, 16, J 16)``."""
         cols = F.unfold(rearrange(poses, "b h w t p q -> b (t p q) h w"), self.kernel_size, stride=self.stride)
-        patches = rearrange(cols, "b (t d k) l -> (k t) (b l) d", t=self.in_types, d=POSE * POSE)  # (I, B L, 16)
-        votes = torch.bmm(patches, _block_weight(self.weight))  # (I, B L, J 16)
-        return rearrange(votes, "i (b l) (j d) -> b l i j d", b=batch, j=self.out_types)
+        patches = rearrange(cols, "b (t d k) l -> (k t) (b l) d", t=self.in_types, d=POSE * POSE)
+        return FactoredVotes(patches, _block_weight(self.weight))
 
     def forward(self, poses: Tensor, activations: Tensor) -> MatrixCaps:
         _check_grid(poses, activations, self.in_types, self.in_size, "ConvMatCaps")
         geometry = self.geometry(tuple(poses.shape[1:3]))
         if min(*geometry.in_size) < self.kernel_size:
             raise ValueError(f"ConvMatCaps input grid {geometry.in_size} is smaller than its kernel {self.kernel_size}")
-        votes = self.votes(poses)  # (B, L, I, J, 16)
         a_in = to_patches(rearrange(activations, "b h w t -> b t h w"), geometry)  # (B, L, I)
-        routed = self._route(votes, a_in, geometry)
+        routed = self._route(self._factors(poses), a_in, geometry)  # votes = self.votes(poses), never stored
         out_h, out_w = geometry.out_size
         return MatrixCaps(
             poses=rearrange(routed.poses, "b (h w) j (p q) -> b h w j p q", h=out_h, p=POSE),
@@ -324,7 +327,7 @@ class ClassMatCaps(_EMRouted):
         coordinate_addition: bool = True,
         coordinate_order: str = "column_row",
         iterations: int = 3,
-        schedule: Union[str, Sequence[float]] = "linear",
+        schedule: Union[str, Sequence[float]] = "fan_in",
         final_lambda: Optional[float] = None,
         beta: str = "type",
         var_floor: float = VAR_FLOOR,
@@ -361,19 +364,23 @@ class ClassMatCaps(_EMRouted):
             poses: ``(B, H, W, T, 4, 4)``; returns ``(B, 1, I, J, 16)`` with ``I = T H W`` ordered
             ``(t, h, w)``: a view of an ``(I, B, 1, J, 16)`` contiguous tensor.
         """
-        batch = poses.shape[0]
-        flat = rearrange(poses, "b h w t p q -> t (h w b) (p q)")
-        votes = torch.bmm(flat, _block_weight(self.weight))  # (T, H W B, J 16)
-        votes = rearrange(votes, "t (n b) (j d) -> (t n) b 1 j d", b=batch, j=self.num_classes)
-        if self.offsets is not None:
-            votes = votes + self.offsets.to(votes.dtype)[:, None, None, None, :]  # coordinate addition, Sec. 3
+        flat, block, offsets = self._factors(poses)
+        votes = torch.bmm(flat, block)  # (T, H W B, J 16)
+        votes = rearrange(votes, "t (n b) (j d) -> (t n) b 1 j d", b=poses.shape[0], j=self.num_classes)
+        if offsets is not None:
+            votes = votes + offsets[:, None, None, None, :]  # coordinate addition, Sec. 3
         return rearrange(votes, "i b 1 j d -> b 1 i j d")
+
+    def _factors(self, poses: Tensor) -> FactoredVotes:
+        """The votes as ``poses (T, H W B, 16) @ block transforms (T, 16, J 16) + coordinates``."""
+        flat = rearrange(poses, "b h w t p q -> t (h w b) (p q)")
+        offsets = None if self.offsets is None else self.offsets.to(poses.dtype)
+        return FactoredVotes(flat, _block_weight(self.weight), offsets)
 
     def forward(self, poses: Tensor, activations: Tensor) -> MatrixCaps:
         _check_grid(poses, activations, self.in_types, self.in_size, "ClassMatCaps")
-        votes = self.votes(poses)  # (B, 1, I, J, 16): one "patch" holding every child
         a_in = rearrange(activations, "b h w t -> b 1 (t h w)")  # same child order as the votes
-        routed = self._route(votes, a_in, None)
+        routed = self._route(self._factors(poses), a_in, None)  # one "patch" holding every child
         return MatrixCaps(
             poses=rearrange(routed.poses, "b 1 j (p q) -> b j p q", p=POSE),
             activations=routed.activations.squeeze(1),

@@ -50,7 +50,7 @@ class MatrixCapsNet(nn.Module):
         conv_kernel, conv_stride: Conv1 (5, 2); caps_kernel (3), caps1_stride (2), caps2_stride (1).
         iterations: EM iterations in every routed layer (the paper: 3).
         schedule, final_lambda: inverse-temperature schedule, see
-            :func:`~capsnet.routing.em.inverse_temperatures` ("linear" default, "authors" option).
+            :func:`~capsnet.routing.em.inverse_temperatures` ("fan_in" default; "linear", "authors").
         beta: ``"type"`` or ``"capsule"``, see :class:`~capsnet.layers.matrix.ConvMatCaps`.
         coordinate_addition, coordinate_order: see :func:`~capsnet.layers.matrix.coordinate_offsets`.
         var_floor, eps, detach_intermediate: passed to :func:`~capsnet.routing.em.em_routing`.
@@ -76,7 +76,7 @@ class MatrixCapsNet(nn.Module):
         caps1_stride: int = 2,
         caps2_stride: int = 1,
         iterations: int = 3,
-        schedule: Union[str, Sequence[float]] = "linear",
+        schedule: Union[str, Sequence[float]] = "fan_in",
         final_lambda: Optional[float] = None,
         beta: str = "type",
         coordinate_addition: bool = True,

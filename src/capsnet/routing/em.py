@@ -34,10 +34,12 @@ from torch.autograd.function import once_differentiable
 __all__ = [
     "ConvGeometry",
     "EMRoutingResult",
+    "FactoredVotes",
     "LAMBDA_SCHEDULES",
     "MASS_EPS",
     "VAR_FLOOR",
     "child_sum",
+    "children_per_parent",
     "em_routing",
     "inverse_temperatures",
     "log_child_normaliser",
@@ -55,7 +57,7 @@ VAR_FLOOR = 5e-4
 MASS_EPS = 1e-6
 
 #: Named inverse-temperature schedules, see :func:`inverse_temperatures`.
-LAMBDA_SCHEDULES = ("linear", "authors")
+LAMBDA_SCHEDULES = ("fan_in", "linear", "authors")
 
 #: ``log(2 pi)``: the Gaussian normaliser in the E-step log-likelihood.
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -73,6 +75,23 @@ class EMRoutingResult(NamedTuple):
     poses: Tensor
     activations: Tensor
     assignments: Tensor
+
+
+class FactoredVotes(NamedTuple):
+    """Votes given by their factors, ``V = poses @ transforms`` (+ offsets), never kept whole.
+
+    ``em_routing`` multiplies them out once in the forward pass and once more in the backward
+    pass, so no vote-sized tensor lives between the two (the layers' memory saving: with plain
+    votes the centred copy is kept for backward). The product's memory order must be routing's
+    ``(I, B, L, J, D)``: ``G R = I B L`` with the bmm batch ``G`` outermost.
+
+    poses: ``(G, R, P)``; transforms: ``(G, P, J D)``, no batch axis;
+    offsets: ``(I, D)`` constants added to every vote of child slot ``i`` (coordinate addition), or None.
+    """
+
+    poses: Tensor
+    transforms: Tensor
+    offsets: Optional[Tensor] = None
 
 
 class ConvGeometry(NamedTuple):
@@ -196,20 +215,34 @@ def log_child_normaliser(s: Tensor, geometry: Optional[ConvGeometry]) -> Tensor:
 
 
 def inverse_temperatures(
-    schedule: Union[str, Sequence[float]], iterations: int, *, final_lambda: Optional[float] = None
+    schedule: Union[str, Sequence[float]],
+    iterations: int,
+    *,
+    final_lambda: Optional[float] = None,
+    fan_in: Optional[float] = None,
 ) -> tuple[float, ...]:
-    """The inverse temperature ``lambda`` of each routing iteration.
+    """The inverse temperature ``lambda`` of each routing iteration (the paper: "a fixed schedule").
 
-    ``"linear"`` (default of :func:`em_routing`): ``lambda_it = final_lambda (it + 1) / iterations``,
-    ``final_lambda = 1``. With the paper's cost this is the annealing the paper describes: early
-    iterations are soft (activations near 1/2, so assignments follow the Gaussians rather than
-    a premature winner) and the last is ``lambda = 1``, where the activation logit is exactly
-    the description-length difference ``beta_a - sum_h cost^h`` of Procedure 1 in nats.
+    ``"fan_in"`` (default of :func:`em_routing`): ``lambda_it = final_lambda (it + 1) / iterations
+    / fan_in`` with ``final_lambda = 1`` and ``fan_in = D x (children per parent)``. The paper's
+    cost ``sum_h (beta_v + log sigma^h) sum_i R_ij`` is a sum over ``D`` pose elements and over
+    the mass of all children of a parent, so its spread grows with both: about 40 nats in a
+    ConvCaps layer but several hundred in the class layer at initialisation, which saturates
+    every sigmoid at ``lambda = 1``. Dividing by the fan-in makes the last iteration's logit the
+    description-length difference per child and pose element, O(1) in every layer, and the
+    linear ramp anneals from soft to that (early iterations keep activations near 1/2, so the
+    first E-steps follow the Gaussians rather than a premature winner). This trains with the
+    paper's cost and zero-initialised betas (checked on MNIST).
+
+    ``"linear"``: the same ramp without the fan-in, ``lambda_it = final_lambda (it + 1) /
+    iterations``, ``final_lambda = 1``. With the paper's cost and zero betas every capsule
+    starts saturated; kept for experiments that rescale the cost or the betas themselves.
 
     ``"authors"``: the formula the authors gave on OpenReview and both public codes use,
     ``lambda_it = final_lambda (1 - 0.95^(it + 1))``, ``final_lambda = 0.01``
     (5.0e-4, 9.75e-4, 1.43e-3 for three iterations). It only trains together with the IBM cost
-    scaling, which :func:`em_routing` applies with this schedule.
+    scaling (which :func:`em_routing` applies with this schedule) and IBM's large negative
+    beta_a initialisation (which the layers apply).
 
     A sequence of ``iterations`` non-negative floats is used as given.
 
@@ -219,8 +252,12 @@ def inverse_temperatures(
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
     if isinstance(schedule, str):
-        if schedule == "linear":
+        if schedule in ("fan_in", "linear"):
             final = 1.0 if final_lambda is None else float(final_lambda)
+            if schedule == "fan_in":
+                if fan_in is None or not fan_in > 0:
+                    raise ValueError(f"schedule 'fan_in' needs fan_in > 0 (D x children per parent), got {fan_in}")
+                final /= fan_in
             lambdas = tuple(final * (it + 1) / iterations for it in range(iterations))
         elif schedule == "authors":
             final = 0.01 if final_lambda is None else float(final_lambda)
@@ -236,6 +273,23 @@ def inverse_temperatures(
     if any(not math.isfinite(x) or x < 0 for x in lambdas):
         raise ValueError(f"inverse temperatures must be finite and >= 0, got {lambdas}")
     return lambdas
+
+
+def children_per_parent(num_patches: int, slots: int, types: int, geometry: Optional[ConvGeometry] = None) -> float:
+    """Number of child capsules over number of parent capsules of a routing layer.
+
+    With uniform assignments and all ``a_i = 1`` this is every parent's mass ``sum_i R_ij``
+    on average. Children are the covered grid positions times types in a convolutional layer,
+    every ``(patch, slot)`` otherwise; parents are ``L J``.
+
+    Shape:
+        sizes in, a float out.
+    """
+    if geometry is None:
+        children = num_patches * slots
+    else:
+        children = int((parent_counts(geometry, like=torch.zeros(())) > 0).sum())
+    return children / (num_patches * types)
 
 
 def _check_beta(beta: Tensor, name: str, num_patches: int, types: int) -> None:
@@ -297,23 +351,31 @@ class _VoteReader:
     def quadratic(self, u1: Tensor, u2: Tensor) -> Tensor:
         """``sum_d X u1 + X^2 u2`` for ``u1, u2`` of shape ``(N, D)``; returns ``(I, N)``."""
         out = self.x.new_empty(self.x.shape[:2])
+        ones = self.x.new_ones(self.x.shape[-1])
         for part, x, buf in self._chunks():
-            t = torch.addcmul(u1, x, u2, out=buf)  # u1 + X u2
-            torch.sum(t.mul_(x), dim=-1, out=out[part])  # X u1 + X^2 u2, summed over D
+            t = torch.addcmul(u1, x, u2, out=buf).mul_(x)  # X u1 + X^2 u2
+            torch.mv(t.view(-1, t.shape[-1]), ones, out=out[part].view(-1))  # summed over D (mv beats sum(-1))
         return out
 
-    def votes_grad(self) -> Tensor:
-        """``d/dV`` of ``sum_k <left_k (x) right1_k, X> + <left_k (x) right2_k, X^2>`` over :attr:`terms`."""
-        grad = torch.empty_like(self.x)
+    def votes_grad(self, *, overwrite: bool = False) -> Tensor:
+        """``d/dV`` of ``sum_k <left_k (x) right1_k, X> + <left_k (x) right2_k, X^2>`` over :attr:`terms`.
+
+        ``overwrite=True`` writes the gradient over ``X`` itself (when the caller owns ``X`` and
+        needs it no more): one vote-sized tensor less.
+        """
+        grad = self.x if overwrite else torch.empty_like(self.x)
         (l0, a0, b0), *rest = self.terms
+        spare = torch.empty_like(self.x[: self.step]) if overwrite else None
         for part, x, buf in self._chunks():
-            g1 = torch.mul(l0[part].unsqueeze(-1), a0, out=grad[part])
+            g1 = torch.mul(l0[part].unsqueeze(-1), a0, out=spare[: x.shape[0]] if overwrite else grad[part])
             g2 = torch.mul(l0[part].unsqueeze(-1), b0, out=buf)
             for left, right1, right2 in rest:
                 w = left[part].unsqueeze(-1)
                 g1.addcmul_(w, right1)
                 g2.addcmul_(w, right2)
             g1.addcmul_(x, g2, value=2.0)  # dX^2/dV = 2 X; c is a constant
+            if overwrite:
+                grad[part] = g1
         return grad
 
 
@@ -333,7 +395,9 @@ class _ReplayMoments(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g1, g2):
         (r,) = ctx.saved_tensors
-        ctx.reader.terms.append((r, g1, g2))
+        # Detached: a term holding r's graph would close a cycle (graph -> ctx -> reader -> r)
+        # through C++ autograd nodes that the garbage collector cannot break.
+        ctx.reader.terms.append((r.detach(), g1, g2))
         grad_r = ctx.reader.quadratic(g1, g2) if ctx.needs_input_grad[0] else None
         return grad_r, torch.zeros((), dtype=r.dtype, device=r.device), None, None, None
 
@@ -350,7 +414,7 @@ class _ReplayQuadratic(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gq):
         u1, u2 = ctx.saved_tensors
-        ctx.reader.terms.append((gq, u1, u2))
+        ctx.reader.terms.append((gq, u1.detach(), u2.detach()))  # detached: see _ReplayMoments
         g1, g2 = ctx.reader.moments(gq)
         return g1, g2, torch.zeros((), dtype=u1.dtype, device=u1.device), None, None, None
 
@@ -365,75 +429,100 @@ class _Config(NamedTuple):
     shape: tuple[int, int, int, int, int]  # (I, B, L, J, D)
 
 
-def _em_loop(moments, quadratic, a_in: Tensor, beta_a: Tensor, beta_v: Tensor, centre: Tensor, cfg: _Config):
-    """Procedure 1 on the small tensors; ``moments`` and ``quadratic`` are the only vote reads.
+def _m_step(moments, it: int, r: Tensor, a_in: Tensor, b_a: Tensor, b_v: Tensor, lam: float, centre: Tensor, cfg: _Config):
+    """M-step of Procedure 1: parent Gaussians ``(mu - c, sigma^2, ln sigma^2)`` and activation logits."""
+    slots, batch, num_patches, types, dim = cfg.shape
+    ra = (r * a_in).expand(slots, batch, num_patches, types)  # R_ij <- R_ij a_i
+    mass = ra.sum(0)  # (B, L, J): sum_i R_ij a_i
+    m1, m2 = moments(ra.reshape(slots, -1), it)  # sum_i R a (V - c), sum_i R a (V - c)^2: (N, D)
+    m1, m2 = m1.view(batch, num_patches, types, dim), m2.view(batch, num_patches, types, dim)
+    denom = (mass + cfg.eps).unsqueeze(-1)
+    # mu_j^h = sum_i R a V / (sum_i R a + eps), kept as mu - c (exactly that, hence the -eps c).
+    mu_c = (m1 - cfg.eps * centre) / denom
+    # (sigma_j^h)^2 = sum_i R a (V - mu)^2 / (sum_i R a + eps), expanded around c; the clamp only
+    # removes float rounding below zero, the floor keeps log and 1 / sigma^2 finite.
+    var = ((m2 - 2.0 * mu_c * m1 + mu_c.square() * mass.unsqueeze(-1)) / denom).clamp_min(0.0) + cfg.var_floor
+    log_var = torch.log(var)
+    # cost^h = (beta_v + log sigma^h) sum_i R_ij, with log sigma = log(sigma^2) / 2.
+    cost = (b_v + 0.5 * log_var) * (mass.unsqueeze(-1) * cfg.cost_scale)
+    logit = lam * (b_a - cost.sum(-1))  # a_j = logistic(lambda (beta_a - sum_h cost^h))
+    return mu_c, var, log_var, logit
 
-    a_in ``(I, B, L, 1)``, beta ``(J,)`` or ``(L, J)``, centre ``(B, L, J, D)``; returns
-    ``mu (B, L, J, D)``, ``a (B, L, J)`` and the last M-step's ``R (I, B, L, J)``.
+
+def _e_step(quadratic, it: int, mu_c: Tensor, var: Tensor, log_var: Tensor, logit: Tensor, cfg: _Config) -> Tensor:
+    """E-step of Procedure 1: ``R_ij = a_j p_ij / sum_k a_k p_ik`` over every parent ``k`` of child ``i``."""
+    slots, batch, num_patches, types, dim = cfg.shape
+    # ln p_ij = -sum_h (V - mu)^2 / (2 sigma^2) - sum_h ln(2 pi sigma^2) / 2, expanded in X = V - c:
+    # (V - mu)^2 = X^2 - 2 X (mu - c) + (mu - c)^2, so one read of the votes gives every child's term.
+    inv2var = 0.5 / var  # (B, L, J, D)
+    quad = quadratic((2.0 * mu_c * inv2var).reshape(-1, dim), (-inv2var).reshape(-1, dim), it)  # (I, N)
+    const = -(mu_c.square() * inv2var).sum(-1) - 0.5 * (log_var + _LOG_2PI).sum(-1)  # (B, L, J)
+    # ln(a_j p_ij); logsigmoid is the exact ln a_j, finite even where a_j underflows to 0.
+    log_ap = quad.view(slots, batch, num_patches, types) + (const + F.logsigmoid(logit))
+    per_slot = torch.logsumexp(log_ap, dim=-1)  # (I, B, L): ln sum_j a_j p_ij within one patch
+    # ln sum_k a_k p_ik over every parent k of child i: all types in all patches that hold it.
+    log_norm = log_child_normaliser(per_slot.permute(1, 2, 0), cfg.geometry).permute(2, 0, 1)
+    r = torch.exp(log_ap - log_norm.unsqueeze(-1))  # R_ij, (I, B, L, J)
+    return r.detach() if cfg.detach_intermediate else r
+
+
+def _iteration(moments, quadratic, it: int, prev, a_in: Tensor, beta_a: Tensor, beta_v: Tensor, centre: Tensor, cfg: _Config):
+    """Iteration ``it`` of Procedure 1 on the small tensors: the E-step from the previous
+    Gaussians ``prev`` (the uniform init when ``it == 0``), then the M-step.
+
+    ``moments`` and ``quadratic`` are the only vote reads. a_in ``(I, B, L, 1)``, beta ``(J,)``
+    or ``(L, J)``, centre ``(B, L, J, D)``; returns ``R (I, B, L, J)`` (or a broadcastable init)
+    and the Gaussians ``(mu - c, sigma^2, ln sigma^2, logit)``.
     """
     slots, batch, num_patches, types, dim = cfg.shape
-    geometry = cfg.geometry
-    # Procedure 1 init: R_ij = 1 / (number of parents of child i) = 1 / (J * patches holding i).
-    if geometry is None:
+    if it > 0:
+        r = _e_step(quadratic, it - 1, *prev, cfg)
+    elif cfg.geometry is None:  # Procedure 1 init: R_ij = 1 / (number of parents of child i)
         r = a_in.new_full((slots, 1, num_patches, 1), 1.0 / types)
-    else:
-        counts = to_patches(parent_counts(geometry, like=a_in), geometry)  # (1, L, I)
+    else:  # ... = 1 / (J * number of patches that hold child i)
+        counts = to_patches(parent_counts(cfg.geometry, like=a_in), cfg.geometry)  # (1, L, I)
         r = rearrange(1.0 / (types * counts), "1 l i -> i 1 l 1")
     b_a = beta_a if beta_a.dim() == 1 else beta_a.unsqueeze(0)  # (J,) or (1, L, J)
     b_v = (beta_v if beta_v.dim() == 1 else beta_v.unsqueeze(0)).unsqueeze(-1)  # (J, 1) or (1, L, J, 1)
-    for it, lam in enumerate(cfg.lambdas):
-        # ---- M-step (Procedure 1) ----
-        ra = (r * a_in).expand(slots, batch, num_patches, types)  # R_ij <- R_ij a_i
-        mass = ra.sum(0)  # (B, L, J): sum_i R_ij a_i
-        m1, m2 = moments(ra.reshape(slots, -1), it)  # sum_i R a (V - c), sum_i R a (V - c)^2: (N, D)
-        m1, m2 = m1.view(batch, num_patches, types, dim), m2.view(batch, num_patches, types, dim)
-        denom = (mass + cfg.eps).unsqueeze(-1)
-        # mu_j^h = sum_i R a V / (sum_i R a + eps), kept as mu - c (exactly that, hence the -eps c).
-        mu_c = (m1 - cfg.eps * centre) / denom
-        # (sigma_j^h)^2 = sum_i R a (V - mu)^2 / (sum_i R a + eps), expanded around c; the clamp only
-        # removes float rounding below zero, the floor keeps log and 1 / sigma^2 finite.
-        var = ((m2 - 2.0 * mu_c * m1 + mu_c.square() * mass.unsqueeze(-1)) / denom).clamp_min(0.0) + cfg.var_floor
-        log_var = torch.log(var)
-        # cost^h = (beta_v + log sigma^h) sum_i R_ij, with log sigma = log(sigma^2) / 2.
-        cost = (b_v + 0.5 * log_var) * (mass.unsqueeze(-1) * cfg.cost_scale)
-        logit = lam * (b_a - cost.sum(-1))  # a_j = logistic(lambda (beta_a - sum_h cost^h))
-        if it == len(cfg.lambdas) - 1:
-            return mu_c + centre, torch.sigmoid(logit), r.expand(slots, batch, num_patches, types)
-        # ---- E-step (Procedure 1) ----
-        # ln p_ij = -sum_h (V - mu)^2 / (2 sigma^2) - sum_h ln(2 pi sigma^2) / 2, expanded in X = V - c:
-        # (V - mu)^2 = X^2 - 2 X (mu - c) + (mu - c)^2, so one read of the votes gives every child's term.
-        inv2var = 0.5 / var  # (B, L, J, D)
-        quad = quadratic((2.0 * mu_c * inv2var).reshape(-1, dim), (-inv2var).reshape(-1, dim), it)  # (I, N)
-        const = -(mu_c.square() * inv2var).sum(-1) - 0.5 * (log_var + _LOG_2PI).sum(-1)  # (B, L, J)
-        # ln(a_j p_ij); logsigmoid is the exact ln a_j, finite even where a_j underflows to 0.
-        log_ap = quad.view(slots, batch, num_patches, types) + (const + F.logsigmoid(logit))
-        per_slot = torch.logsumexp(log_ap, dim=-1)  # (I, B, L): ln sum_j a_j p_ij within one patch
-        # ln sum_k a_k p_ik over every parent k of child i: all types in all patches that hold it.
-        log_norm = log_child_normaliser(per_slot.permute(1, 2, 0), geometry).permute(2, 0, 1)
-        r = torch.exp(log_ap - log_norm.unsqueeze(-1))  # R_ij, (I, B, L, J)
-        if cfg.detach_intermediate:
-            r = r.detach()
-    raise AssertionError("unreachable: lambdas is never empty")
+    return r, _m_step(moments, it, r, a_in, b_a, b_v, cfg.lambdas[it], centre, cfg)
+
+
+def _outputs(r: Tensor, gaussians, centre: Tensor, cfg: _Config):
+    """``mu (B, L, J, D)``, ``a (B, L, J)`` and ``R (I, B, L, J)`` of the last M-step."""
+    mu_c, _, _, logit = gaussians
+    return mu_c + centre, torch.sigmoid(logit), r.expand(cfg.shape[:4])
+
+
+def _vote_product(poses: Tensor, transforms: Tensor, offsets: Optional[Tensor], shape) -> Tensor:
+    """``poses @ transforms (+ offsets)`` as routing's ``(I, N, D)``, a fresh tensor routing may overwrite."""
+    slots, dim = shape[0], shape[-1]
+    flat = torch.bmm(poses, transforms).view(slots, -1, dim)
+    return flat if offsets is None else flat.add_(offsets.unsqueeze(1))
 
 
 class _EMRoutingFunction(torch.autograd.Function):
     """EM routing with a vote gradient accumulated in one pass.
 
-    Forward runs :func:`_em_loop` without autograd, keeping the votes and the results of the
-    vote reads. Backward replays the loop on the small tensors with autograd, the reads
-    replaced by :class:`_ReplayMoments` / :class:`_ReplayQuadratic` (same values, adjoint reads
-    as backward), then builds the votes' gradient from the recorded outer products. Plain
-    autograd would instead allocate and add one vote-sized gradient per read.
+    Forward runs the iterations without autograd, keeping each iteration's Gaussians, the
+    results of the vote reads and the centred votes (or, for :class:`FactoredVotes`, only their
+    factors). Backward goes through the iterations in reverse, replaying one at a time on the
+    small tensors with autograd (so only one iteration's intermediates are alive), the reads
+    replaced by :class:`_ReplayMoments` / :class:`_ReplayQuadratic` (same values; adjoint reads
+    as backward); then it builds the votes' gradient from the recorded outer products. Plain
+    autograd would instead keep every iteration's intermediates and allocate and add one
+    vote-sized gradient per read.
     """
 
     @staticmethod
-    def forward(ctx, votes, a_in, beta_a, beta_v, cfg):
+    def forward(ctx, votes, transforms, offsets, a_in, beta_a, beta_v, cfg):
         slots, batch, num_patches, types, dim = cfg.shape
-        flat = votes.view(slots, -1, dim)  # (I, N, D)
+        factored = transforms is not None
+        # (I, N, D): children outermost, N = (B, L, J). A product is our own tensor, centred in place.
+        flat = _vote_product(votes, transforms, offsets, cfg.shape) if factored else votes.view(slots, -1, dim)
         # c: unweighted mean vote per parent; routing's outputs do not depend on it (it only
         # keeps the expanded moments free of float cancellation), so it carries no gradient.
         centre = flat.mean(0)
-        reader = _VoteReader(flat - centre)
+        reader = _VoteReader(flat.sub_(centre) if factored else flat - centre)
         recorded_m, recorded_q = [], []
 
         def moments(r, it):
@@ -445,54 +534,111 @@ class _EMRoutingFunction(torch.autograd.Function):
             return recorded_q[-1]
 
         centre_view = centre.view(batch, num_patches, types, dim)
-        mu, a_out, r = _em_loop(moments, quadratic, a_in, beta_a, beta_v, centre_view, cfg)
-        ctx.cfg = cfg
-        ctx.num_m = len(recorded_m)
-        flat_m = [t for pair in recorded_m for t in pair]
-        ctx.save_for_backward(reader.x, a_in, beta_a, beta_v, centre, *flat_m, *recorded_q)
-        return mu, a_out, r
+        gaussians, history = None, []
+        for it in range(len(cfg.lambdas)):
+            r, gaussians = _iteration(moments, quadratic, it, gaussians, a_in, beta_a, beta_v, centre_view, cfg)
+            history.extend(gaussians)
+        ctx.cfg, ctx.factored, ctx.has_offsets = cfg, factored, offsets is not None
+        saved_m = [t for pair in recorded_m for t in pair]
+        sources = (votes, transforms, *(() if offsets is None else (offsets,))) if factored else (reader.x,)
+        ctx.save_for_backward(*sources, a_in, beta_a, beta_v, centre, *history, *saved_m, *recorded_q)
+        return _outputs(r, gaussians, centre_view, cfg)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_mu, g_a, g_r):
         cfg = ctx.cfg
         slots, batch, num_patches, types, dim = cfg.shape
-        centred, a_in, beta_a, beta_v, centre, *rest = ctx.saved_tensors
-        recorded_m = [tuple(rest[2 * k : 2 * k + 2]) for k in range(ctx.num_m)]
-        recorded_q = rest[2 * ctx.num_m :]
+        iters = len(cfg.lambdas)
+        saved = list(ctx.saved_tensors)
+        if ctx.factored:
+            poses, transforms = saved.pop(0), saved.pop(0)
+            offsets = saved.pop(0) if ctx.has_offsets else None
+        else:
+            centred = saved.pop(0)
+        a_in, beta_a, beta_v, centre, *rest = saved
+        if ctx.factored:
+            centred = _vote_product(poses, transforms, offsets, cfg.shape).sub_(centre)  # multiplied out again
+        history = [tuple(rest[4 * k : 4 * k + 4]) for k in range(iters)]
+        rest = rest[4 * iters :]
+        recorded_m = [tuple(rest[2 * k : 2 * k + 2]) for k in range(iters)]
+        recorded_q = rest[2 * iters :]
         reader = _VoteReader(centred)
-        # A leaf every replayed read depends on, so autograd runs each read's backward even
-        # when no other input of the loop needs a gradient.
-        anchor = centred.new_zeros((), requires_grad=True)
-        leaves = [x.detach().requires_grad_(need) for x, need in zip((a_in, beta_a, beta_v), ctx.needs_input_grad[1:4])]
+        centre_view = centre.view(batch, num_patches, types, dim)
+        params = [x.detach().requires_grad_(need) for x, need in zip((a_in, beta_a, beta_v), ctx.needs_input_grad[3:6])]
+        grad_params = [torch.zeros_like(x) if x.requires_grad else None for x in params]
+        outputs_grad = [g_mu, g_a, g_r]
+        for it in reversed(range(iters)):
+            if all(g is None for g in outputs_grad):
+                break  # detach_intermediate: earlier iterations do not reach the outputs
+            # A leaf every replayed read depends on, so autograd runs each read's backward even
+            # when no other input needs a gradient.
+            anchor = centred.new_zeros((), requires_grad=True)
+            prev = None if it == 0 else tuple(t.detach().requires_grad_() for t in history[it - 1])
 
-        def moments(r, it):
-            return _ReplayMoments.apply(r, anchor, reader, *recorded_m[it])
+            def moments(r, k, anchor=anchor):
+                return _ReplayMoments.apply(r, anchor, reader, *recorded_m[k])
 
-        def quadratic(u1, u2, it):
-            return _ReplayQuadratic.apply(u1, u2, anchor, reader, recorded_q[it])
+            def quadratic(u1, u2, k, anchor=anchor):
+                return _ReplayQuadratic.apply(u1, u2, anchor, reader, recorded_q[k])
 
-        with torch.enable_grad():
-            outputs = _em_loop(moments, quadratic, *leaves, centre.view(batch, num_patches, types, dim), cfg)
-            # R of the last M-step carries no graph when detach_intermediate; skip such outputs.
-            used = [(out, g) for out, g in zip(outputs, (g_mu, g_a, g_r)) if out.requires_grad]
-            wanted = [anchor] + [leaf for leaf in leaves if leaf.requires_grad]
-            grads = torch.autograd.grad([o for o, _ in used], wanted, [g for _, g in used], allow_unused=True)
-        grads = [g if g is not None else torch.zeros_like(x) for g, x in zip(grads[1:], wanted[1:])]
-        grad_votes = reader.votes_grad().view(slots, batch, num_patches, types, dim) if ctx.needs_input_grad[0] else None
-        grad_leaves = [grads.pop(0) if leaf.requires_grad else None for leaf in leaves]
-        return (grad_votes, *grad_leaves, None)
+            with torch.enable_grad():
+                r, gaussians = _iteration(moments, quadratic, it, prev, *params, centre_view, cfg)
+                outputs = _outputs(r, gaussians, centre_view, cfg) if it == iters - 1 else gaussians
+                # R carries no graph when detach_intermediate; outputs without a graph are skipped.
+                used = [(out, g) for out, g in zip(outputs, outputs_grad) if out.requires_grad and g is not None]
+                inputs = [anchor, *(prev or ()), *(x for x in params if x.requires_grad)]
+                grads = list(torch.autograd.grad([o for o, _ in used], inputs, [g for _, g in used], allow_unused=True))
+            grads.pop(0)  # the anchor's
+            outputs_grad = [grads.pop(0) for _ in range(len(prev or ()))]
+            for k, x in enumerate(params):
+                if x.requires_grad:
+                    g = grads.pop(0)
+                    if g is not None:
+                        grad_params[k] += g
+        grad_votes = grad_transforms = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            grad = reader.votes_grad(overwrite=ctx.factored)  # (I, N, D); over our own recomputed votes
+            if not ctx.factored:
+                grad_votes = grad.view(cfg.shape)
+            else:
+                grad = grad.view(poses.shape[0], poses.shape[1], -1)  # (G, R, J D)
+                grad_votes = torch.bmm(grad, transforms.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+                grad_transforms = torch.bmm(poses.transpose(1, 2), grad) if ctx.needs_input_grad[1] else None
+        return (grad_votes, grad_transforms, None, *grad_params, None)
+
+
+def _factored_shape(votes: FactoredVotes, activations: Tensor, beta_a: Tensor) -> tuple[int, int, int, int, int]:
+    """``(B, L, I, J, D)`` of factored votes, checked against the activations ``(B, L, I)`` and beta."""
+    poses, transforms, offsets = votes
+    if activations.dim() != 3:
+        raise ValueError(f"activations must be (B, L, I), got shape {tuple(activations.shape)}")
+    batch, num_patches, slots = activations.shape
+    types = beta_a.shape[-1] if beta_a.dim() in (1, 2) else 0
+    if poses.dim() != 3 or transforms.dim() != 3 or poses.shape[0] != transforms.shape[0] or poses.shape[2] != transforms.shape[1]:
+        raise ValueError(
+            f"factored votes need poses (G, R, P) and transforms (G, P, J D), got {tuple(poses.shape)} and {tuple(transforms.shape)}"
+        )
+    if types < 1 or transforms.shape[2] % types or poses.shape[0] * poses.shape[1] != slots * batch * num_patches:
+        raise ValueError(
+            f"factored votes {tuple(poses.shape)} @ {tuple(transforms.shape)} do not make (I, B, L, J, D) votes for "
+            f"activations (B, L, I) = {tuple(activations.shape)} and J = {types} parent types"
+        )
+    dim = transforms.shape[2] // types
+    if offsets is not None and offsets.shape != (slots, dim):
+        raise ValueError(f"offsets must be (I, D) = {(slots, dim)}, got {tuple(offsets.shape)}")
+    return batch, num_patches, slots, types, dim
 
 
 def em_routing(
-    votes: Tensor,
+    votes: Union[Tensor, FactoredVotes],
     activations: Tensor,
     beta_a: Tensor,
     beta_v: Tensor,
     *,
     iterations: int = 3,
     geometry: Optional[ConvGeometry] = None,
-    schedule: Union[str, Sequence[float]] = "linear",
+    schedule: Union[str, Sequence[float]] = "fan_in",
     final_lambda: Optional[float] = None,
     cost_scale: Optional[float] = None,
     var_floor: float = VAR_FLOOR,
@@ -514,14 +660,17 @@ def em_routing(
 
     Args:
         votes: ``V_ij`` in patch layout, ``(B, L, I, J, D)``. A view of an ``(I, B, L, J, D)``
-            contiguous tensor is the fast layout (no copy is made then).
+            contiguous tensor is the fast layout (no copy is made then). Or
+            :class:`FactoredVotes`, which the layers pass: the same votes as a product of
+            factors, so no vote-sized tensor is kept for the backward pass.
         activations: child activations ``a_i`` in patch layout, ``(B, L, I)``, in ``[0, 1]``.
         beta_a, beta_v: the learned biases of Procedure 1, ``(J,)`` per parent type or
             ``(L, J)`` per parent capsule.
         iterations: EM iterations (the paper: 3).
         geometry: how child slots map to children in a convolutional layer; None when every
             ``(patch, slot)`` is its own child (fully connected layers).
-        schedule, final_lambda: inverse temperature per iteration, see :func:`inverse_temperatures`.
+        schedule, final_lambda: inverse temperature per iteration, see :func:`inverse_temperatures`;
+            the default ``"fan_in"`` divides by ``D x`` :func:`children_per_parent`.
         cost_scale: multiplies ``cost^h``. None: 1 (the paper's cost), except with
             ``schedule="authors"``, where it is IBM's ``100 / (I / J)`` (100 over children per
             parent), the scaling without which that schedule's small ``lambda`` does not train.
@@ -535,14 +684,17 @@ def em_routing(
         Returns :class:`EMRoutingResult` with poses ``(B, L, J, D)``, activations ``(B, L, J)`` and
         assignments ``(B, L, I, J)``.
     """
-    if votes.dim() != 5:
-        raise ValueError(f"votes must be (B, L, I, J, D), got shape {tuple(votes.shape)}")
-    batch, num_patches, slots, types, dim = votes.shape
-    if activations.shape != (batch, num_patches, slots):
-        raise ValueError(
-            f"activations must be (B, L, I) = {(batch, num_patches, slots)} to match votes {tuple(votes.shape)}, "
-            f"got {tuple(activations.shape)}"
-        )
+    if isinstance(votes, FactoredVotes):
+        batch, num_patches, slots, types, dim = _factored_shape(votes, activations, beta_a)
+    else:
+        if votes.dim() != 5:
+            raise ValueError(f"votes must be (B, L, I, J, D), got shape {tuple(votes.shape)}")
+        batch, num_patches, slots, types, dim = votes.shape
+        if activations.shape != (batch, num_patches, slots):
+            raise ValueError(
+                f"activations must be (B, L, I) = {(batch, num_patches, slots)} to match votes {tuple(votes.shape)}, "
+                f"got {tuple(activations.shape)}"
+            )
     _check_beta(beta_a, "beta_a", num_patches, types)
     _check_beta(beta_v, "beta_v", num_patches, types)
     if geometry is not None:
@@ -554,12 +706,16 @@ def em_routing(
             )
     if var_floor <= 0 or eps < 0:
         raise ValueError(f"var_floor must be > 0 and eps >= 0, got var_floor={var_floor} eps={eps}")
-    lambdas = inverse_temperatures(schedule, iterations, final_lambda=final_lambda)
+    fan_in = dim * children_per_parent(num_patches, slots, types, geometry)
+    lambdas = inverse_temperatures(schedule, iterations, final_lambda=final_lambda, fan_in=fan_in)
     if cost_scale is None:
         cost_scale = 100.0 * types / slots if schedule == "authors" else 1.0
     cfg = _Config(lambdas, float(cost_scale), var_floor, eps, detach_intermediate, geometry,
                   (slots, batch, num_patches, types, dim))  # fmt: skip
-    v = votes.permute(2, 0, 1, 3, 4).contiguous()  # (I, B, L, J, D): children outermost
     a_in = rearrange(activations, "b l i -> i b l 1")
-    mu, a_out, r = _EMRoutingFunction.apply(v, a_in, beta_a, beta_v, cfg)
+    if isinstance(votes, FactoredVotes):
+        mu, a_out, r = _EMRoutingFunction.apply(*votes, a_in, beta_a, beta_v, cfg)
+    else:
+        v = votes.permute(2, 0, 1, 3, 4).contiguous()  # (I, B, L, J, D): children outermost
+        mu, a_out, r = _EMRoutingFunction.apply(v, None, None, a_in, beta_a, beta_v, cfg)
     return EMRoutingResult(poses=mu, activations=a_out, assignments=rearrange(r, "i b l j -> b l i j"))

@@ -1,0 +1,251 @@
+"""Measurements for ``benchmarks/run.py``; each one runs inside a fresh worker process.
+
+A worker takes one JSON spec on the command line, measures, and prints one JSON line.
+Speeds are images per second from the median of timed repeats after warm-up; a
+repeat times a block of steps long enough (``MIN_SAMPLE_S``) for the clock. Peak memory
+is ``ru_maxrss`` of the worker (CPU) or ``max_memory_allocated`` (CUDA), read right
+after the model's own steps, before anything else runs in the process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import capsnet
+from capsnet.data import random_shift, to_float
+
+#: Shortest timed sample; fast steps are grouped into blocks of at least this length.
+MIN_SAMPLE_S = 0.2
+
+#: The PrimaryCaps convolution of Sabour et al. 2017 (MNIST): 256 -> 32 x 8 channels,
+#: 9x9, stride 2, on the 20x20 output of Conv1.
+PRIMARY_CONV = dict(in_channels=256, out_channels=256, kernel_size=9, stride=2, input_hw=20)
+
+#: Side of the square fp32 matmul that measures the GEMM peak.
+GEMM_SIZE = {"cpu": 2048, "cuda": 8192}
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step: Callable[[], None], *, device: torch.device, warmup: int, repeats: int) -> list[float]:
+    """Seconds per step, one value per repeat (each the mean over a block of >= MIN_SAMPLE_S)."""
+    block, elapsed = 1, 0.0
+    for _ in range(max(1, warmup)):
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        elapsed = time.perf_counter() - start
+    block = max(1, math.ceil(MIN_SAMPLE_S / max(elapsed, 1e-6)))
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(block):
+            step()
+        _sync(device)
+        samples.append((time.perf_counter() - start) / block)
+    return samples
+
+
+def _speed(batch: int, samples: list[float]) -> dict:
+    median = statistics.median(samples)
+    return {"images_per_s": batch / median, "step_s_median": median, "step_s": samples}
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# --------------------------------------------------------------------------- models
+
+
+def natural_loss(output, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The loss a model of this output type trains with (see docs/performance.md)."""
+    if hasattr(output, "lengths"):
+        loss = capsnet.margin_loss(output.lengths, labels)
+        if getattr(output, "reconstruction", None) is not None:
+            loss = loss + capsnet.reconstruction_loss(output.reconstruction, images)
+        return loss
+    if hasattr(output, "activations"):
+        return capsnet.spread_loss(output.activations, labels, margin=0.2)
+    return F.cross_entropy(output.logits, labels)
+
+
+def use_reference_routing() -> None:
+    """Swap ``DenseCaps.forward`` for the unfused path: einsum votes, autograd routing.
+
+    That is the implementation before the fused routing (``capsnet.routing.dynamic``
+    keeps it as ``_dynamic_routing_autograd``), so "before" and "after" run in one
+    benchmark run on the same machine state.
+    """
+    from capsnet.layers import dense
+    from capsnet.routing.dynamic import _dynamic_routing_autograd
+
+    def forward(self, u):
+        return _dynamic_routing_autograd(
+            self.votes(u).transpose(1, 2),
+            self.iterations,
+            detach_intermediate=self.detach_intermediate,
+            leaky=self.leaky,
+        )
+
+    dense.DenseCaps.forward = forward
+
+
+def synthetic_batch(model, batch: int, device: torch.device, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch, model.in_channels, model.image_size, model.image_size)
+    images = torch.rand(shape, generator=gen).to(device)
+    labels = torch.randint(0, model.num_classes, (batch,), generator=gen).to(device)
+    return images, labels
+
+
+def measure_model(spec: dict) -> dict:
+    device = torch.device(spec["device"])
+    if spec.get("reference_routing"):
+        use_reference_routing()
+    torch.manual_seed(0)
+    model = capsnet.create_model(spec["model"]).to(device)
+    images, labels = synthetic_batch(model, spec["batch"], device)
+    rss_idle = _peak_memory_mb(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    if spec["mode"] == "train":
+        model.train()
+        optimizer = torch.optim.Adam(model.parameters())
+
+        def step():
+            loss = natural_loss(model(images, labels), images, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    else:
+        model.eval()
+
+        def step():
+            with torch.no_grad():
+                model(images)
+
+    samples = time_steps(step, device=device, warmup=spec["warmup"], repeats=spec["repeats"])
+    result = {
+        **_speed(spec["batch"], samples),
+        "peak_memory_mb": _peak_memory_mb(device),
+        "memory_before_steps_mb": rss_idle,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    # The bound of the same mode, right after, in the same process: a ratio from
+    # measurements seconds apart, robust to the load of a shared machine drifting.
+    del model, images, labels, step
+    bound = measure_conv_bound({**spec, "mode": spec["mode"]})
+    result["bound"] = {k: bound[k] for k in ("images_per_s", "step_s_median", "step_s")}
+    result["ratio_to_bound"] = result["images_per_s"] / bound["images_per_s"]
+    return result
+
+
+# --------------------------------------------------------------------------- bounds
+
+
+def measure_conv_bound(spec: dict) -> dict:
+    """The PrimaryCaps convolution alone: forward + backward (train) or forward under no_grad (infer)."""
+    device = torch.device(spec["device"])
+    torch.manual_seed(0)
+    c = PRIMARY_CONV
+    conv = torch.nn.Conv2d(c["in_channels"], c["out_channels"], c["kernel_size"], stride=c["stride"]).to(device)
+    x = torch.randn(spec["batch"], c["in_channels"], c["input_hw"], c["input_hw"], device=device)
+    if spec["mode"] == "train":
+        # The input needs its gradient too: inside the model, Conv1 lies below.
+        x.requires_grad_(True)
+        grad_out = torch.randn_like(conv(x)).detach()
+
+        def step():
+            x.grad = None
+            conv.zero_grad(set_to_none=True)
+            conv(x).backward(grad_out)
+
+    else:
+
+        def step():
+            with torch.no_grad():
+                conv(x)
+
+    samples = time_steps(step, device=device, warmup=spec["warmup"], repeats=spec["repeats"])
+    out_hw = (c["input_hw"] - c["kernel_size"]) // c["stride"] + 1
+    flops_fwd = 2 * spec["batch"] * out_hw**2 * c["out_channels"] * c["in_channels"] * c["kernel_size"] ** 2
+    flops = flops_fwd * (3 if spec["mode"] == "train" else 1)  # backward: grad input + grad weight
+    result = _speed(spec["batch"], samples)
+    result["gflops"] = flops / result["step_s_median"] / 1e9
+    result["peak_memory_mb"] = _peak_memory_mb(device)
+    return result
+
+
+def measure_gemm(spec: dict) -> dict:
+    """fp32 GFLOP/s of a large square matmul (median and best of the repeats)."""
+    device = torch.device(spec["device"])
+    n = GEMM_SIZE.get(device.type, 4096)
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    out = torch.empty(n, n, device=device)
+    samples = time_steps(lambda: torch.mm(a, b, out=out), device=device, warmup=spec["warmup"], repeats=spec["repeats"])
+    flops = 2 * n**3
+    return {
+        "size": n,
+        "gflops": flops / statistics.median(samples) / 1e9,
+        "gflops_best": flops / min(samples) / 1e9,
+        "step_s": samples,
+    }
+
+
+def measure_data(spec: dict) -> dict:
+    """Input pipeline alone: uint8 -> float, random 2-pixel shift, batches from an in-memory tensor.
+
+    Synthetic uint8 images of MNIST's shape stand in for the dataset (no files needed);
+    the work per batch is the training loop's: index a shuffled batch, decode, augment.
+    """
+    device = torch.device(spec["device"])
+    batch, n_images = spec["batch"], 60_000
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n_images, 1, 28, 28), dtype=torch.uint8, generator=gen)
+    labels = torch.randint(0, 10, (n_images,), generator=gen)
+    order = torch.randperm(n_images, generator=gen)
+    position = [0]
+
+    def step():
+        start = position[0] % (n_images - batch)
+        index = order[start : start + batch]
+        position[0] += batch
+        x = random_shift(to_float(images[index]), 2, generator=gen)
+        y = labels[index]
+        x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    samples = time_steps(step, device=device, warmup=spec["warmup"], repeats=spec["repeats"])
+    return _speed(batch, samples)
+
+
+MEASUREMENTS = {"model": measure_model, "bound": measure_conv_bound, "gemm": measure_gemm, "data": measure_data}
+
+
+def worker_main(spec_json: str) -> None:
+    spec = json.loads(spec_json)
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    result = MEASUREMENTS[spec["kind"]](spec)
+    result["threads"] = torch.get_num_threads()
+    result["loadavg_after"] = os.getloadavg()[0]
+    sys.stdout.write(json.dumps(result) + "\n")

@@ -1,0 +1,123 @@
+"""Training speed and peak memory of the EM-capsule models against the dynamic-routing CapsNet.
+
+Run:
+    python benchmarks/bench_em.py                        # prints JSON, ~5 minutes on 2 CPU cores
+    python benchmarks/bench_em.py --threads 1 --out bench_em.json
+    python benchmarks/bench_em.py --malloc-tuned         # glibc keeps freed memory mapped (see below)
+
+Every measurement runs in a fresh subprocess: speed is training images per second (forward,
+loss, backward, Adam step) at batch 32 on random data, the median and best of ``--steps``
+timed steps after ``--warmup`` untimed ones; memory is the peak resident set size
+(``resource.getrusage(...).ru_maxrss``) of a process that builds the model and runs two training
+steps (em_small at batch 128, em_full at batch 32). Targets (issue 5): em_small at least as
+fast as capsnet_mnist, em_full at least a quarter as fast; peak RSS <= 1.5 GB and <= 3 GB.
+
+``--malloc-tuned`` sets ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` for the
+workers: glibc then serves tensors above 32 MB from a heap it keeps instead of fresh ``mmap``
+pages, which every step would otherwise fault in again (EM votes are 85-680 MB per layer at
+batch 32; the CapsNet's tensors are mostly below 32 MB and are reused either way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+SPEED = [("capsnet_mnist", 32), ("em_small", 32), ("em_full", 32)]
+MEMORY = [("em_small", 128), ("em_full", 32)]
+
+
+def _worker(model_name: str, batch: int, steps: int, warmup: int, threads: int | None) -> dict:
+    import torch
+
+    from capsnet import create_model
+    from capsnet.functional import margin_loss, spread_loss
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = create_model(model_name)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = torch.rand(batch, model.in_channels, model.image_size, model.image_size)
+    y = torch.randint(0, model.num_classes, (batch,))
+
+    def step() -> float:
+        start = time.perf_counter()
+        out = model(x, y)
+        if hasattr(out, "activations"):
+            loss = spread_loss(out.activations, y, margin=0.2)
+        else:
+            loss = margin_loss(out.lengths, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return time.perf_counter() - start
+
+    for _ in range(warmup):
+        step()
+    times = [step() for _ in range(steps)]
+    return {
+        "model": model_name,
+        "batch": batch,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "threads": torch.get_num_threads(),
+        "step_s_median": statistics.median(times),
+        "step_s_best": min(times),
+        "images_per_s_median": batch / statistics.median(times),
+        "images_per_s_best": batch / min(times),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
+    }
+
+
+def _spawn(args: argparse.Namespace, model_name: str, batch: int, steps: int, warmup: int) -> dict:
+    env = dict(os.environ)
+    if args.malloc_tuned:
+        env.update(MALLOC_MMAP_THRESHOLD_=str(1 << 34), MALLOC_TRIM_THRESHOLD_=str(1 << 34))
+    cmd = [sys.executable, __file__, "--worker", model_name, str(batch), str(steps), str(warmup)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=5, help="timed training steps per model")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads in the workers (default: torch's choice)")
+    parser.add_argument("--malloc-tuned", action="store_true", help="keep freed heap memory mapped (glibc)")
+    parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        name, batch, steps, warmup = args.worker
+        print(json.dumps(_worker(name, int(batch), int(steps), int(warmup), args.threads)))
+        return
+    speed = {name: _spawn(args, name, batch, args.steps, args.warmup) for name, batch in SPEED}
+    memory = {f"{name}@{batch}": _spawn(args, name, batch, 2, 0)["peak_rss_mb"] for name, batch in MEMORY}
+    base = speed["capsnet_mnist"]["images_per_s_median"]
+    result = {
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "load_avg_1m": os.getloadavg()[0]},
+        "malloc_tuned": args.malloc_tuned,
+        "speed": speed,
+        "speed_ratio_vs_capsnet_mnist": {n: speed[n]["images_per_s_median"] / base for n in ("em_small", "em_full")},
+        "targets": {"em_small_ratio": 1.0, "em_full_ratio": 0.25, "em_small@128_rss_mb": 1536, "em_full@32_rss_mb": 3072},
+        "peak_rss_mb": memory,
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""Matrix-capsule layers and the EM models of Hinton, Sabour & Frosst 2018."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.autograd import gradcheck
+
+from capsnet import create_model, list_models
+from capsnet.layers.matrix import ClassMatCaps, ConvMatCaps, PrimaryMatCaps, coordinate_offsets
+from capsnet.models.em import MatrixCapsNet, MatrixCapsOutput
+
+EM_MODELS = ["em_small", "em_full", "em_mnist", "em_tiny"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Routing is many small ops: on a shared 2-core machine OpenMP barriers stall them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "name, channels, expected",
+    [("em_small", 1, 67_154), ("em_full", 1, 316_394), ("em_small", 2, 68_754), ("em_full", 2, 317_194)],
+)
+def test_parameter_counts_match_the_paper(name, channels, expected):
+    assert _count(create_model(name, in_channels=channels)) == expected
+
+
+def test_every_em_model_is_registered():
+    assert set(EM_MODELS) <= set(list_models())
+
+
+@pytest.mark.parametrize("name", EM_MODELS)
+def test_forward_shapes(name):
+    model = create_model(name)
+    x = torch.rand(1, model.in_channels, model.image_size, model.image_size)
+    out = model(x)
+    assert isinstance(out, MatrixCapsOutput)
+    assert out.activations.shape == (1, model.num_classes)
+    assert out.poses.shape == (1, model.num_classes, 4, 4)
+    assert out.assignments.shape[0] == 1 and out.assignments.shape[2] == model.num_classes
+    assert ((out.activations >= 0) & (out.activations <= 1)).all()
+
+
+def test_model_attributes():
+    model = create_model("em_mnist")
+    assert (model.in_channels, model.image_size, model.num_classes) == (1, 28, 10)
+    model = create_model("em_small", in_channels=2)
+    assert (model.in_channels, model.image_size, model.num_classes) == (2, 32, 5)
+
+
+@pytest.mark.parametrize("name", EM_MODELS)
+def test_every_parameter_gets_a_finite_gradient(name):
+    torch.manual_seed(0)
+    model = create_model(name)
+    x = torch.rand(2, model.in_channels, model.image_size, model.image_size)
+    out = model(x)
+    (out.activations.sum() + out.poses.sum()).backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None, pname
+        assert torch.isfinite(p.grad).all(), pname
+        assert p.grad.abs().sum() > 0, pname
+
+
+@pytest.mark.parametrize("schedule", ["fan_in", "linear", "authors"])
+def test_every_lambda_schedule_trains_a_step_without_nan(schedule):
+    from capsnet.functional import spread_loss
+
+    torch.manual_seed(0)
+    model = create_model("em_tiny", schedule=schedule)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, y = torch.rand(4, 1, 32, 32), torch.tensor([0, 1, 2, 3])
+    for _ in range(2):
+        loss = spread_loss(model(x).activations, y, margin=0.2)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        assert torch.isfinite(loss)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_authors_schedule_uses_large_negative_beta_a_init():
+    model = create_model("em_tiny", schedule="authors")
+    assert model.caps1.beta_a.mean() < -100
+    assert create_model("em_tiny").caps1.beta_a.abs().max() == 0
+
+
+def test_per_capsule_betas_have_one_value_per_output_capsule():
+    model = create_model("em_small", beta="capsule")
+    assert model.caps1.beta_a.shape == (36, 16)  # 6 x 6 positions, 16 types
+    assert model.caps2.beta_v.shape == (16, 16)  # 4 x 4 positions
+    assert model.classes.beta_a.shape == (1, 5)
+    assert model(torch.rand(1, 1, 32, 32)).activations.shape == (1, 5)
+
+
+def test_coordinate_addition_changes_exactly_elements_3_and_7_of_the_votes():
+    torch.manual_seed(0)
+    with_coords = ClassMatCaps(3, 5, in_size=(4, 4))
+    without = ClassMatCaps(3, 5, in_size=(4, 4), coordinate_addition=False)
+    without.load_state_dict(with_coords.state_dict())
+    poses = torch.randn(2, 4, 4, 3, 4, 4)
+    diff = with_coords.votes(poses) - without.votes(poses)  # (B, 1, I, J, 16)
+    changed = (diff.abs() > 0).flatten(0, 3).any(0)
+    assert changed.nonzero().flatten().tolist() == [3, 7]
+    # IBM scaling, column to element 3, row to element 7; children ordered (type, row, column).
+    offsets = diff[0, 0, :, 0].reshape(3, 4, 4, 16)
+    torch.testing.assert_close(offsets[1, 2, 3, 3], torch.tensor(3.5 / 4))
+    torch.testing.assert_close(offsets[1, 2, 3, 7], torch.tensor(2.5 / 4))
+
+
+def test_coordinate_order_row_column_swaps_the_elements():
+    col_row = coordinate_offsets((2, 3), 1)
+    row_col = coordinate_offsets((2, 3), 1, order="row_column")
+    torch.testing.assert_close(col_row[:, 3], row_col[:, 7])
+    torch.testing.assert_close(col_row[:, 7], row_col[:, 3])
+    with pytest.raises(ValueError, match="order"):
+        coordinate_offsets((2, 3), 1, order="xy")
+
+
+def test_conv_votes_are_pose_times_transform_for_every_slot():
+    torch.manual_seed(0)
+    layer = ConvMatCaps(2, 3, kernel_size=3, stride=2).double()
+    poses = torch.randn(2, 5, 5, 2, 4, 4, dtype=torch.float64)
+    votes = layer.votes(poses)  # (B, L, I, J, 16)
+    assert votes.shape == (2, 4, 18, 3, 16)
+    for l, (y, x) in enumerate([(0, 0), (0, 2), (2, 0), (2, 2)]):
+        for i in range(18):
+            ky, kx, t = i // 6, (i // 2) % 3, i % 2
+            expected = torch.einsum("pq,jqr->jpr", poses[1, y + ky, x + kx, t], layer.weight[i])
+            torch.testing.assert_close(votes[1, l, i], expected.reshape(3, 16))
+
+
+def test_primary_caps_shapes_and_range():
+    layer = PrimaryMatCaps(6, 4)
+    out = layer(torch.randn(3, 6, 7, 7))
+    assert out.poses.shape == (3, 7, 7, 4, 4, 4)
+    assert out.activations.shape == (3, 7, 7, 4)
+    assert ((out.activations >= 0) & (out.activations <= 1)).all()
+    assert _count(layer) == (6 + 1) * 4 * 17
+
+
+def test_gradcheck_small_conv_capsule_layer_float64():
+    torch.manual_seed(0)
+    layer = ConvMatCaps(2, 2, kernel_size=2, stride=1, iterations=2).double()
+    poses = torch.randn(1, 3, 3, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    acts = torch.rand(1, 3, 3, 2, dtype=torch.float64, requires_grad=True)
+    params = tuple(t.detach().clone().requires_grad_() for t in (layer.weight, layer.beta_a, layer.beta_v))
+
+    def fn(p, a, w, ba, bv):
+        out = torch.func.functional_call(layer, {"weight": w, "beta_a": ba, "beta_v": bv}, (p, a))
+        return out.poses, out.activations
+
+    assert gradcheck(fn, (poses, acts, *params), atol=1e-6, fast_mode=True)
+
+
+@pytest.mark.parametrize(
+    "x, message",
+    [
+        (torch.rand(2, 2, 32, 32), "channel"),
+        (torch.rand(2, 1, 28, 28), "32x32"),
+        (torch.randint(0, 255, (2, 1, 32, 32), dtype=torch.uint8), "floating"),
+        (torch.full((2, 1, 32, 32), float("nan")), "NaN"),
+        (torch.rand(1, 32, 32), "shape"),
+    ],
+)
+def test_bad_images_raise_value_error(x, message):
+    with pytest.raises(ValueError, match=message):
+        create_model("em_tiny")(x)
+
+
+def test_bad_labels_raise_value_error():
+    with pytest.raises(ValueError, match="labels"):
+        create_model("em_tiny")(torch.rand(2, 1, 32, 32), torch.tensor([0, 7]))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(image_size=12), "too small"),
+        (dict(beta="layer"), "beta must be"),
+        (dict(schedule="cosine"), "schedule must be"),
+        (dict(conv_channels=0), "positive"),
+        (dict(iterations=0), "iterations"),
+    ],
+)
+def test_bad_hyper_parameters_raise_value_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MatrixCapsNet(**kwargs)
+
+
+def test_layers_reject_wrong_capsule_grids():
+    layer = ConvMatCaps(4, 2)
+    with pytest.raises(ValueError, match="poses"):
+        layer(torch.randn(1, 5, 5, 3, 4, 4), torch.rand(1, 5, 5, 3))
+    with pytest.raises(ValueError, match="activations"):
+        layer(torch.randn(1, 5, 5, 4, 4, 4), torch.rand(1, 5, 5, 3))
+    with pytest.raises(ValueError, match="poses"):
+        ClassMatCaps(4, 5, in_size=(3, 3))(torch.randn(1, 4, 4, 4, 4, 4), torch.rand(1, 4, 4, 4))
