@@ -80,7 +80,8 @@ def margin_loss(
     t = _targets_as_float(targets, lengths.shape[1], lengths)
     present = t * torch.relu(m_pos - lengths).pow(2)
     absent = lam * (1.0 - t) * torch.relu(lengths - m_neg).pow(2)
-    return (present + absent).sum(dim=1).mean()
+    # Sum over classes, mean over the batch; an empty batch (a torchrun shard) gives 0, not 0/0.
+    return (present + absent).sum() / max(lengths.shape[0], 1)
 
 
 def reconstruction_loss(reconstruction: Tensor, images: Tensor, *, weight: float = 0.0005) -> Tensor:
@@ -111,4 +112,4 @@ def spread_loss(activations: Tensor, targets: Tensor, *, margin: float) -> Tenso
     t = _targets_as_float(targets, activations.shape[1], activations)
     a_t = (activations * t).sum(dim=1, keepdim=True)
     per_class = torch.relu(margin - (a_t - activations)).pow(2) * (1.0 - t)
-    return per_class.sum(dim=1).mean()
+    return per_class.sum() / max(activations.shape[0], 1)

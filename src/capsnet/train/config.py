@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import difflib
 import typing
 from dataclasses import dataclass, field
@@ -56,6 +57,10 @@ class TrainConfig:
                 raise ValueError(f"config key {name!r} must be >= 1 or None, got {value}")
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise ValueError(f"config key 'time_budget_s' must be > 0 or None, got {self.time_budget_s}")
+        for name in ("lr", "lr_min", "weight_decay", "time_budget_s"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"config key {name!r} must be finite, got {value}")
         if not self.lr > 0:
             raise ValueError(f"config key 'lr' must be > 0, got {self.lr}")
         if not 0 < self.lr_decay_rate <= 1:

@@ -173,7 +173,16 @@ def train(
         log.info("no checkpoint in %s: starting from scratch", out)
     trained = torch.nn.parallel.DistributedDataParallel(model) if dist.enabled else model
 
+    def check_finite() -> None:
+        """Stop a diverged run before it overwrites a good checkpoint (only where the loop syncs anyway)."""
+        if not math.isfinite(loss.item()) or not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            raise ValueError(
+                f"training diverged at step {state.step}: loss {loss.item()} or weights are not finite; "
+                f"{out / LAST} holds the last finite state. Lower lr (now {cfg.lr}) and resume or restart."
+            )
+
     def checkpoint() -> None:
+        check_finite()
         if dist.is_main:
             payload = {
                 "config": cfg.to_dict(),
@@ -215,6 +224,7 @@ def train(
 
     window_images, window_start = 0, time.perf_counter()
     validated_at = -1
+    loss = torch.zeros(())
     try:
         while keep_going():
             order = epoch_order(n, cfg.seed, state.epoch)
@@ -233,6 +243,7 @@ def train(
                 state.batch_in_epoch += 1
                 window_images += len(index)
                 if state.step % cfg.log_every == 0 or state.step == total_steps:
+                    check_finite()
                     hits = float(objective.correct(output, labels).sum())
                     loss_sum, hits, count = dist.sum([loss.item() * len(labels), hits, float(len(labels))], device=device)
                     speed = window_images / max(time.perf_counter() - window_start, 1e-9)
