@@ -196,7 +196,8 @@ def test_one_parent_one_iteration_is_the_closed_form_gaussian():
 
 
 def test_inverse_temperature_schedules():
-    assert inverse_temperatures("fan_in", 3, fan_in=32.0) == pytest.approx((1 / 96, 2 / 96, 1 / 32))
+    assert inverse_temperatures("fan_in", 3, fan_in=32.0) == pytest.approx((1 / 192, 2 / 192, 1 / 64))
+    assert inverse_temperatures("fan_in", 2, fan_in=4.0, final_lambda=1.0) == pytest.approx((1 / 8, 1 / 4))
     assert inverse_temperatures("linear", 3) == pytest.approx((1 / 3, 2 / 3, 1.0))
     assert inverse_temperatures("linear", 2, final_lambda=0.5) == pytest.approx((0.25, 0.5))
     assert inverse_temperatures("authors", 3) == pytest.approx((5.0e-4, 9.75e-4, 1.42625e-3))

@@ -21,12 +21,12 @@ from ..routing.dynamic import (
 
 __all__ = ["DenseCaps"]
 
-#: Elements of one ``(B, J, slab of I, D)`` slab of votes handled at a time (8 MiB in
-#: float32): small enough to stay in cache between the matmul that makes it and the copy
-#: that moves it to the other layout, large enough that the per-op overhead (high on a
-#: loaded machine, where every parallel region waits for a core) stays small. A speed
-#: knob only: results do not depend on it.
-_SLAB_ELEMENTS = 1 << 21
+#: Elements of one ``(B, J, slab of I, D)`` slab of votes moved between layouts at a time
+#: (32 MiB in float32; three slabs for the MNIST model at batch 128). Measured on 2 CPU
+#: cores: smaller slabs (2-8 MiB, cache-sized) were no faster even alone and lost on a
+#: loaded machine, where every extra op waits for a core; one slab makes full-size
+#: temporaries. A speed knob only: results do not depend on it.
+_SLAB_ELEMENTS = 1 << 23
 
 
 class DenseCaps(nn.Module):
@@ -124,9 +124,8 @@ def _votes(u: Tensor, weight_t: Tensor, n_out: int, bias: Optional[Tensor]) -> T
     """Votes ``u_hat_{j|i} = W_ij u_i (+ bias_j)`` as a contiguous ``(B, J, I, D)`` tensor, without autograd.
 
     Per child ``i`` the votes of the whole batch are one matmul ``(B, E) @ (E, J D)``
-    (``weight_t`` from :func:`_weight_by_child`), a good BLAS shape, unlike the einsum's
-    permuted copy of the full result; each slab of children is computed that way and
-    copied, while still in cache, into the layout routing reads.
+    (``weight_t`` from :func:`_weight_by_child`); each slab of children is computed that
+    way and copied into the layout routing reads, so no full-size temporary is made.
     """
     batch, n_in, _ = u.shape
     dim = weight_t.shape[2] // n_out
@@ -195,7 +194,7 @@ class _DenseRouting(torch.autograd.Function):
         grad_w_t = u.new_empty(n_in, u.shape[2], n_out * dim) if need[1] else None  # as weight_t
         grad_bias = u.new_zeros(n_out * dim) if need[2] else None
         for start, stop in _slabs(batch, n_in, n_out, dim, u.device):
-            # This slab of grad_u_hat per child, (i, B, J D): a copy small enough for cache.
+            # This slab of grad_u_hat per child, (i, B, J D): one slab-sized copy.
             per_child = grad_u_hat[:, :, start:stop].permute(2, 0, 1, 3).reshape(stop - start, batch, n_out * dim)
             if need[1]:
                 torch.bmm(u_t[start:stop].transpose(1, 2), per_child, out=grad_w_t[start:stop])  # (i, E, J D)

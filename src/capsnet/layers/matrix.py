@@ -8,7 +8,9 @@ parents come from :func:`~capsnet.routing.em.em_routing`.
 Initialisation follows Google's release of the authors' code (truncated normal, cut at two
 standard deviations): PrimaryCaps pose kernel std 0.5, activation kernel std 3.0 with the
 logit shifted by -1 (here: the bias starts at -1); ConvCaps transforms std 0.3; class
-transforms std 0.01.
+transforms std 0.01. ``beta_a`` and ``beta_v`` start at zero, except that the authors'
+lambda schedule starts ``beta_a`` at IBM's truncated N(-1000, 500), without which that
+schedule does not train.
 """
 
 from __future__ import annotations
@@ -165,8 +167,10 @@ class ConvMatCaps(_EMRouted):
     """Convolutional capsules with EM routing (ConvCaps1 and ConvCaps2, Sec. 3).
 
     One 4x4 transform per (kernel position, input type, output type), VALID padding. Votes are
-    one ``F.unfold`` and one einsum whose weights carry no batch axis; routing normalises each
-    child over all parents of every patch that holds it.
+    one ``F.unfold`` and one batched matrix product whose weights carry no batch axis (see
+    :func:`_block_weight`), handed to routing as :class:`~capsnet.routing.em.FactoredVotes` so
+    they are never stored; routing normalises each child over all parents of every patch that
+    holds it.
 
     Args:
         in_types, out_types: capsule types ``T`` below and ``J`` above.
