@@ -88,25 +88,24 @@ def natural_loss(output, images: torch.Tensor, labels: torch.Tensor) -> torch.Te
     return F.cross_entropy(output.logits, labels)
 
 
-def use_reference_routing() -> None:
-    """Swap ``DenseCaps.forward`` for the unfused path: einsum votes, autograd routing.
+def unfused_forward(self, u):
+    """``DenseCaps.forward`` before the fusion: einsum votes, then autograd through Procedure 1.
 
-    That is the implementation before the fused routing (``capsnet.routing.dynamic``
-    keeps it as ``_dynamic_routing_autograd``), so "before" and "after" run in one
-    benchmark run on the same machine state.
+    ``capsnet.routing.dynamic`` keeps that routing as ``_dynamic_routing_autograd``, so
+    "before" and "after" can run in one benchmark run on the same machine state.
     """
-    from capsnet.layers import dense
     from capsnet.routing.dynamic import _dynamic_routing_autograd
 
-    def forward(self, u):
-        return _dynamic_routing_autograd(
-            self.votes(u).transpose(1, 2),
-            self.iterations,
-            detach_intermediate=self.detach_intermediate,
-            leaky=self.leaky,
-        )
+    return _dynamic_routing_autograd(
+        self.votes(u).transpose(1, 2), self.iterations, detach_intermediate=self.detach_intermediate, leaky=self.leaky
+    )
 
-    dense.DenseCaps.forward = forward
+
+def use_reference_routing() -> None:
+    """Make every ``DenseCaps`` in this process use :func:`unfused_forward`."""
+    from capsnet.layers import dense
+
+    dense.DenseCaps.forward = unfused_forward
 
 
 def synthetic_batch(model, batch: int, device: torch.device, seed: int = 0):

@@ -29,7 +29,6 @@ import os
 import platform
 import shlex
 import socket
-import statistics
 import subprocess
 import sys
 from pathlib import Path
