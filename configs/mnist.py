@@ -29,7 +29,7 @@ def get_config(variant: str = "default") -> dict:
     if variant == "default":
         return config
     if variant == "demo":
-        # A 2-core CPU trains this model at ~35 images/s, so the demo stops after a fixed
+        # A 2-core CPU trains this model at ~46 images/s (docs/results.md), so the demo stops after a fixed
         # training-time budget (install + train + validation + test fit in 20 minutes) and
         # uses batch 64: twice the updates per image seen, which is what a short run needs.
         return dict(config, batch_size=64, epochs=1, time_budget_s=780.0, eval_every=250, checkpoint_every=50)
