@@ -4,6 +4,7 @@ Run:
     python benchmarks/bench_em.py                        # prints JSON, ~5 minutes on 2 CPU cores
     python benchmarks/bench_em.py --threads 1 --out bench_em.json
     python benchmarks/bench_em.py --malloc-tuned         # glibc keeps freed memory mapped (see below)
+    python benchmarks/bench_em.py --omp-passive          # OpenMP threads sleep instead of spinning (see below)
 
 Every measurement runs in a fresh subprocess: speed is training images per second (forward,
 loss, backward, Adam step) at batch 32 on random data, the median and best of ``--steps``
@@ -16,6 +17,11 @@ fast as capsnet_mnist, em_full at least a quarter as fast; peak RSS <= 1.5 GB an
 workers: glibc then serves tensors above 32 MB from a heap it keeps instead of fresh ``mmap``
 pages, which every step would otherwise fault in again (EM votes are 85-680 MB per layer at
 batch 32; the CapsNet's tensors are mostly below 32 MB and are reused either way).
+
+``--omp-passive`` sets ``OMP_WAIT_POLICY=PASSIVE`` for the workers. On a machine whose cores
+other processes also use, spinning OpenMP threads wait for a descheduled partner at every
+parallel region; EM routing runs thousands of small operations per step, so with two threads
+its steps then take 10x longer and vary wildly (one thread, or passive waiting, avoids it).
 """
 
 from __future__ import annotations
@@ -80,6 +86,8 @@ def _spawn(args: argparse.Namespace, model_name: str, batch: int, steps: int, wa
     env = dict(os.environ)
     if args.malloc_tuned:
         env.update(MALLOC_MMAP_THRESHOLD_=str(1 << 34), MALLOC_TRIM_THRESHOLD_=str(1 << 34))
+    if args.omp_passive:
+        env.update(OMP_WAIT_POLICY="PASSIVE")
     cmd = [sys.executable, __file__, "--worker", model_name, str(batch), str(steps), str(warmup)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
@@ -93,6 +101,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--threads", type=int, help="torch intra-op threads in the workers (default: torch's choice)")
     parser.add_argument("--malloc-tuned", action="store_true", help="keep freed heap memory mapped (glibc)")
+    parser.add_argument("--omp-passive", action="store_true", help="OMP_WAIT_POLICY=PASSIVE in the workers")
     parser.add_argument("--out", help="also write the JSON here")
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -107,6 +116,7 @@ def main() -> None:
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "load_avg_1m": os.getloadavg()[0]},
         "malloc_tuned": args.malloc_tuned,
+        "omp_passive": args.omp_passive,
         "speed": speed,
         "speed_ratio_vs_capsnet_mnist": {n: speed[n]["images_per_s_median"] / base for n in ("em_small", "em_full")},
         "targets": {"em_small_ratio": 1.0, "em_full_ratio": 0.25, "em_small@128_rss_mb": 1536, "em_full@32_rss_mb": 3072},

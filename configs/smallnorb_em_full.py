@@ -15,8 +15,6 @@ lambda schedule; batch 64, lr 3e-3, weight decay 2e-7 from the public codes; the
 length (10,000 steps) is our choice.
 """
 
-import capsnet.data.smallnorb  # noqa: F401  (registers the "smallnorb" dataset)
-
 
 def get_config(variant: str = "default") -> dict:
     config = dict(
@@ -45,7 +43,7 @@ def get_config(variant: str = "default") -> dict:
         return dict(
             config,
             model="em_tiny",
-            model_kwargs=dict(iterations=3, num_classes=5, caps1_types=6, caps2_types=6),
+            model_kwargs=dict(iterations=3, num_classes=5),
             dataset="synthetic",
             dataset_kwargs=dict(train_size=64, val_size=32, test_size=32, image_size=32, num_classes=5),
             objective_kwargs=dict(schedule="linear", start=0.2, end=0.9, steps=8),

@@ -18,8 +18,6 @@ jitter; 2,430 training pairs held out for validation, the test set used once at 
 Files: <data>/smallnorb/smallnorb-5x*-{training,testing}-{dat,cat,info}.mat.gz.
 """
 
-import capsnet.data.smallnorb  # noqa: F401  (registers the "smallnorb" dataset)
-
 
 def get_config(variant: str = "default") -> dict:
     config = dict(

@@ -204,3 +204,51 @@ def test_layers_reject_wrong_capsule_grids():
         layer(torch.randn(1, 5, 5, 4, 4, 4), torch.rand(1, 5, 5, 3))
     with pytest.raises(ValueError, match="poses"):
         ClassMatCaps(4, 5, in_size=(3, 3))(torch.randn(1, 4, 4, 4, 4, 4), torch.rand(1, 4, 4, 4))
+
+
+@pytest.mark.parametrize("case", ["zero", "constant", "scaled_1e4"])
+def test_model_values_and_gradients_stay_finite_on_degenerate_images(case):
+    from capsnet.functional import spread_loss
+
+    torch.manual_seed(0)
+    model = create_model("em_tiny")
+    x = {"zero": torch.zeros(2, 1, 32, 32), "constant": torch.full((2, 1, 32, 32), 0.5),
+         "scaled_1e4": torch.rand(2, 1, 32, 32) * 1e4}[case]  # fmt: skip
+    out = model(x)
+    assert all(torch.isfinite(t).all() for t in out)
+    spread_loss(out.activations, torch.tensor([0, 1]), margin=0.9).backward()
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p.grad).all(), name
+
+
+def test_layer_routing_defaults_are_em_routing_defaults():
+    import inspect
+
+    from capsnet.routing.em import em_routing
+
+    routing = inspect.signature(em_routing).parameters
+    torch.manual_seed(0)
+    for layer in (ConvMatCaps(2, 3), ClassMatCaps(2, 3, in_size=(2, 2))):
+        for name in ("iterations", "schedule", "final_lambda", "var_floor", "eps", "detach_intermediate"):
+            assert getattr(layer, name) == routing[name].default, (type(layer).__name__, name)
+        assert layer.beta_a.shape == (3,)  # beta="type"
+
+
+def test_per_capsule_betas_need_the_input_grid_size():
+    with pytest.raises(ValueError, match="in_size"):
+        ConvMatCaps(2, 3, beta="capsule")
+    assert ConvMatCaps(2, 3, beta="capsule", in_size=(5, 5)).beta_a.shape == (9, 3)  # 3 x 3 positions
+
+
+def test_unknown_routing_keywords_are_rejected():
+    with pytest.raises(TypeError, match="iteration"):
+        ConvMatCaps(2, 3, iteration=2)
+
+
+def test_smallnorb_is_registered_by_importing_capsnet_data():
+    """In a fresh interpreter: no config or caller has to import capsnet.data.smallnorb first."""
+    import subprocess
+    import sys
+
+    code = "import capsnet.data as d, sys; sys.exit(0 if 'smallnorb' in d.list_datasets() else 1)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0

@@ -377,3 +377,12 @@ def test_factored_votes_of_the_wrong_shape_raise_value_error():
     with pytest.raises(ValueError, match="offsets"):
         em_routing(FactoredVotes(factored.poses, factored.transforms, factored.offsets[:, :2]), act, beta_a, beta_v,
                    geometry=geometry)  # fmt: skip
+
+
+def test_em_routing_is_exported_at_the_top_level():
+    import capsnet
+    import capsnet.routing
+
+    assert capsnet.em_routing is capsnet.routing.em_routing is em_routing
+    assert capsnet.EMRoutingResult is capsnet.routing.EMRoutingResult
+    assert {"em_routing", "EMRoutingResult"} <= set(capsnet.__all__) & set(capsnet.routing.__all__)

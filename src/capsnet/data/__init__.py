@@ -2,6 +2,7 @@
 
 from . import mnist, synthetic  # noqa: F401  (register datasets)
 from . import affnist, multimnist  # noqa: F401  (register multimnist, mnist_expanded, affine_mnist, affnist)
+from . import smallnorb  # noqa: F401  (register smallnorb)
 from .base import ExperimentData, Split
 from .errors import DataError
 from .idx import read_idx, write_idx
