@@ -85,24 +85,32 @@ def _check_grid(poses: Tensor, activations: Tensor, types: int, size: Optional[t
 
 
 class _EMRouted(nn.Module):
-    """Shared parts of the routed layers: betas and routing options."""
+    """Shared parts of the routed layers: betas and the routing options, with their defaults.
+
+    The layers pass their routing keywords (``iterations``, ``schedule``, ``final_lambda``,
+    ``beta``, ``var_floor``, ``eps``, ``detach_intermediate``) through unchanged, so each
+    option and its default is written once, here. ``num_capsules``: output capsules per type
+    (positions), None where the layer does not know them; only ``beta="capsule"`` needs them.
+    """
 
     def __init__(
         self,
         out_types: int,
+        num_capsules: Optional[int],
         *,
-        num_capsules: int,
-        iterations: int,
-        schedule: Union[str, Sequence[float]],
-        final_lambda: Optional[float],
-        beta: str,
-        var_floor: float,
-        eps: float,
-        detach_intermediate: bool,
+        iterations: int = 3,
+        schedule: Union[str, Sequence[float]] = "fan_in",
+        final_lambda: Optional[float] = None,
+        beta: str = "type",
+        var_floor: float = VAR_FLOOR,
+        eps: float = MASS_EPS,
+        detach_intermediate: bool = False,
     ):
         super().__init__()
         if beta not in BETA_MODES:
             raise ValueError(f"beta must be one of {BETA_MODES}, got {beta!r}")
+        if beta == "capsule" and num_capsules is None:
+            raise ValueError("beta='capsule' needs in_size=(H, W) to know how many output capsules there are")
         if iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {iterations}")
         if isinstance(schedule, str) and schedule not in LAMBDA_SCHEDULES:
@@ -176,11 +184,12 @@ class ConvMatCaps(_EMRouted):
         in_types, out_types: capsule types ``T`` below and ``J`` above.
         kernel_size, stride: of the capsule convolution (the paper: 3x3, strides 2 then 1).
         in_size: ``(H, W)`` of the input grid; needed only for ``beta="capsule"``.
-        iterations, schedule, final_lambda, var_floor, eps, detach_intermediate: passed to
-            :func:`~capsnet.routing.em.em_routing`.
-        beta: ``"type"`` (default, both public codes): beta_a and beta_v per output type;
-            ``"capsule"``: per output capsule (type and position; the paper's "per capsule").
         init_std: truncated-normal std of the transforms (Google: 0.3).
+        routing: keyword-only routing options. ``iterations`` (3), ``schedule`` ("fan_in"),
+            ``final_lambda``, ``var_floor``, ``eps``, ``detach_intermediate``: passed to
+            :func:`~capsnet.routing.em.em_routing` (same defaults). ``beta``: ``"type"``
+            (default, both public codes): beta_a and beta_v per output type; ``"capsule"``: per
+            output capsule (type and position; the paper's "per capsule").
 
     Shape:
         poses ``(B, H, W, T, 4, 4)``, activations ``(B, H, W, T)``; returns :class:`MatrixCaps`
@@ -196,38 +205,20 @@ class ConvMatCaps(_EMRouted):
         kernel_size: int = 3,
         stride: int = 1,
         in_size: Optional[tuple[int, int]] = None,
-        iterations: int = 3,
-        schedule: Union[str, Sequence[float]] = "fan_in",
-        final_lambda: Optional[float] = None,
-        beta: str = "type",
-        var_floor: float = VAR_FLOOR,
-        eps: float = MASS_EPS,
-        detach_intermediate: bool = False,
         init_std: float = 0.3,
+        **routing,
     ):
         if min(in_types, out_types, kernel_size, stride) < 1:
             raise ValueError(
                 f"ConvMatCaps sizes must be positive, got in_types={in_types} out_types={out_types} "
                 f"kernel_size={kernel_size} stride={stride}"
             )
-        if beta == "capsule" and in_size is None:
-            raise ValueError("beta='capsule' needs in_size=(H, W) to know how many output capsules there are")
-        num_capsules = 0
+        num_capsules = None
         if in_size is not None:
             geometry = ConvGeometry(tuple(in_size), (kernel_size,) * 2, (stride,) * 2, in_types)
             geometry.check()
             num_capsules = geometry.num_patches
-        super().__init__(
-            out_types,
-            num_capsules=num_capsules,
-            iterations=iterations,
-            schedule=schedule,
-            final_lambda=final_lambda,
-            beta=beta,
-            var_floor=var_floor,
-            eps=eps,
-            detach_intermediate=detach_intermediate,
-        )
+        super().__init__(out_types, num_capsules, **routing)
         self.in_types, self.out_types = in_types, out_types
         self.kernel_size, self.stride = kernel_size, stride
         self.in_size = None if in_size is None else tuple(in_size)
@@ -310,11 +301,9 @@ class ClassMatCaps(_EMRouted):
         in_types, num_classes: capsule types ``T`` below and classes ``J``.
         in_size: ``(H, W)`` of the input grid (the coordinate offsets depend on it).
         coordinate_addition, coordinate_order: see :func:`coordinate_offsets`.
-        iterations, schedule, final_lambda, var_floor, eps, detach_intermediate: passed to
-            :func:`~capsnet.routing.em.em_routing`.
-        beta: as :class:`ConvMatCaps` (one class capsule per type, so both give ``J`` values,
-            stored ``(J,)`` or ``(1, J)``).
         init_std: truncated-normal std of the transforms (Google: 0.01).
+        routing: as :class:`ConvMatCaps` (one class capsule per type, so both ``beta`` modes
+            give ``J`` values, stored ``(J,)`` or ``(1, J)``).
 
     Shape:
         poses ``(B, H, W, T, 4, 4)``, activations ``(B, H, W, T)``; returns :class:`MatrixCaps` with
@@ -330,30 +319,14 @@ class ClassMatCaps(_EMRouted):
         in_size: tuple[int, int],
         coordinate_addition: bool = True,
         coordinate_order: str = "column_row",
-        iterations: int = 3,
-        schedule: Union[str, Sequence[float]] = "fan_in",
-        final_lambda: Optional[float] = None,
-        beta: str = "type",
-        var_floor: float = VAR_FLOOR,
-        eps: float = MASS_EPS,
-        detach_intermediate: bool = False,
         init_std: float = 0.01,
+        **routing,
     ):
         if min(in_types, num_classes, *in_size) < 1:
             raise ValueError(
                 f"ClassMatCaps sizes must be positive, got in_types={in_types} num_classes={num_classes} in_size={in_size}"
             )
-        super().__init__(
-            num_classes,
-            num_capsules=1,
-            iterations=iterations,
-            schedule=schedule,
-            final_lambda=final_lambda,
-            beta=beta,
-            var_floor=var_floor,
-            eps=eps,
-            detach_intermediate=detach_intermediate,
-        )
+        super().__init__(num_classes, 1, **routing)  # one class capsule per type
         self.in_types, self.num_classes, self.in_size = in_types, num_classes, tuple(in_size)
         self.coordinate_addition = coordinate_addition
         self.weight = nn.Parameter(torch.empty(in_types, num_classes, POSE, POSE))
