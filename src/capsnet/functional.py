@@ -7,6 +7,8 @@ capsules, ``J`` output (parent) capsules, ``D`` pose dimension, ``K`` kernel,
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -17,13 +19,33 @@ __all__ = ["safe_norm", "squash", "margin_loss", "reconstruction_loss", "spread_
 NORM_EPS = 1e-8
 
 
+def _overflow_scale(x: Tensor, dim: int) -> Tensor:
+    """``m = max(1, max |x|)`` along ``dim`` (kept, size 1), detached: ``|x / m|^2 <= D`` cannot overflow.
+
+    ``m`` is a constant to autograd and the callers' results do not depend on it (to
+    rounding), so values and gradients are those of the unscaled formula; for
+    ``max |x| <= 1`` (``m = 1``) they are bit-identical to it. NaN / inf in ``x`` make
+    ``m`` non-finite, which keeps them to their own capsule.
+    """
+    if x.dim() and x.shape[dim] == 0:
+        return x.new_ones(())  # a max over nothing is undefined; there is nothing to scale
+    # abs().amax(): linalg.vector_norm(ord=inf) is the same value but ~10x slower on CPU.
+    return x.detach().abs().amax(dim=dim, keepdim=True).clamp_min(1.0)
+
+
 def safe_norm(x: Tensor, dim: int = -1, keepdim: bool = False, *, eps: float = NORM_EPS) -> Tensor:
     """Euclidean norm ``sqrt(sum(x**2) + eps)``, finite with a finite gradient at zero.
+
+    Computed as ``m sqrt(sum((x / m)**2) + eps / m**2)`` with ``m = max(1, max |x|)``, so it
+    stays finite wherever the norm itself is representable (``|x|^2`` overflows from
+    ``|x| > 1.8e19`` in float32).
 
     Shape:
         x: ``(..., D, ...)``; returns ``x`` without ``dim`` (or with size 1 there if ``keepdim``).
     """
-    return torch.sqrt(x.pow(2).sum(dim=dim, keepdim=keepdim) + eps)
+    m = _overflow_scale(x, dim)
+    norm = m * torch.sqrt((x / m).pow(2).sum(dim=dim, keepdim=True) + eps * m.reciprocal().square())
+    return norm if keepdim else norm.squeeze(dim)
 
 
 def squash(s: Tensor, dim: int = -1, *, eps: float = NORM_EPS) -> Tensor:
@@ -36,10 +58,16 @@ def squash(s: Tensor, dim: int = -1, *, eps: float = NORM_EPS) -> Tensor:
     Shape:
         s: ``(..., D, ...)`` with the capsule dimension at ``dim``; returns the same shape.
     """
-    sq = s.pow(2).sum(dim=dim, keepdim=True)
-    # |s|^2 / ((1 + |s|^2) |s|): the eps-guarded norm keeps the 0/0 at s = 0 finite.
-    scale = sq / ((1.0 + sq) * torch.sqrt(sq + eps))
-    return scale * s
+    # Eq. 1 in t = s / m, m = max(1, max |s|): with |s|^2 = m^2 |t|^2 the m^2 cancels,
+    # v = |t|^2 / ((m^-2 + |t|^2) sqrt(|t|^2 + eps m^-2)) t. Unscaled, |s|^3 overflows
+    # from |s| > 7e12 in float32 and the capsule came out 0 (inf / inf = NaN from 1.8e19).
+    m = _overflow_scale(s, dim)
+    t = s / m
+    sq = t.pow(2).sum(dim=dim, keepdim=True)
+    inv_m2 = m.reciprocal().square()
+    # The eps-guarded norm keeps the 0/0 at s = 0 (where m = 1) finite.
+    scale = sq / ((inv_m2 + sq) * torch.sqrt(sq + eps * inv_m2))
+    return scale * t
 
 
 def _targets_as_float(targets: Tensor, num_classes: int, like: Tensor) -> Tensor:
@@ -56,6 +84,12 @@ def _targets_as_float(targets: Tensor, num_classes: int, like: Tensor) -> Tensor
         return torch.nn.functional.one_hot(targets.long(), num_classes).to(like.dtype)
     if targets.shape != like.shape:
         raise ValueError(f"targets must be (B,) labels or (B, J) = {tuple(like.shape)} multi-hot, got {tuple(targets.shape)}")
+    if targets.dtype != torch.bool and targets.numel() and not bool(((targets == 0) | (targets == 1)).all()):
+        bad = targets[(targets != 0) & (targets != 1)]
+        raise ValueError(
+            f"multi-hot targets must hold only 0 and 1, got {bad.numel()} other value(s), e.g. {bad[0].item()}; "
+            "mark each present class with 1 and every other class with 0"
+        )
     return targets.to(like.dtype)
 
 
@@ -78,8 +112,10 @@ def margin_loss(
     if lengths.dim() != 2:
         raise ValueError(f"lengths must be (B, J), got shape {tuple(lengths.shape)}")
     t = _targets_as_float(targets, lengths.shape[1], lengths)
-    present = t * torch.relu(m_pos - lengths).pow(2)
-    absent = lam * (1.0 - t) * torch.relu(lengths - m_neg).pow(2)
+    # The targets select the terms rather than multiply them: a square that overflows in
+    # the other term would give 0 * inf = NaN where Eq. 4 says +inf.
+    present = torch.where(t > 0, t * torch.relu(m_pos - lengths).pow(2), 0.0)
+    absent = torch.where(t < 1, lam * (1.0 - t) * torch.relu(lengths - m_neg).pow(2), 0.0)
     # Sum over classes, mean over the batch; an empty batch (a torchrun shard) gives 0, not 0/0.
     return (present + absent).sum() / max(lengths.shape[0], 1)
 
@@ -90,12 +126,19 @@ def reconstruction_loss(reconstruction: Tensor, images: Tensor, *, weight: float
     Shape:
         reconstruction: ``(B, ...)``; images: same number of elements per sample; returns a scalar.
     """
-    if reconstruction.shape[0] != images.shape[0] or reconstruction[0].numel() != images[0].numel():
+    if reconstruction.dim() < 1 or images.dim() < 1:
+        raise ValueError(
+            f"reconstruction and images must be (B, ...) batches, got shapes {tuple(reconstruction.shape)} and "
+            f"{tuple(images.shape)}; add the batch axis with x[None]"
+        )
+    batch, pixels = reconstruction.shape[0], math.prod(reconstruction.shape[1:])
+    if images.shape[0] != batch or math.prod(images.shape[1:]) != pixels:
         raise ValueError(
             f"reconstruction {tuple(reconstruction.shape)} and images {tuple(images.shape)} must hold the same pixels per sample"
         )
-    diff = reconstruction.reshape(reconstruction.shape[0], -1) - images.reshape(images.shape[0], -1)
-    return weight * diff.pow(2).sum(dim=1).mean()
+    diff = reconstruction.reshape(batch, pixels) - images.reshape(batch, pixels)
+    # Sum over pixels, mean over the batch; an empty batch (a torchrun shard) gives 0, not 0/0.
+    return weight * diff.pow(2).sum() / max(batch, 1)
 
 
 def spread_loss(activations: Tensor, targets: Tensor, *, margin: float) -> Tensor:

@@ -29,6 +29,12 @@ def synthetic_data(
 
     ``root`` and ``download`` are accepted for a uniform signature and ignored.
     """
+    for key, value, least in (
+        ("train_size", train_size, 1), ("val_size", val_size, 0), ("test_size", test_size, 0),
+        ("image_size", image_size, 1), ("channels", channels, 1), ("num_classes", num_classes, 1),
+    ):
+        if value < least:
+            raise ValueError(f"synthetic dataset option {key!r} must be >= {least}, got {value}; fix it in dataset_kwargs")
     g = torch.Generator().manual_seed(seed)
     prototypes = (torch.rand(num_classes, channels, image_size, image_size, generator=g) > 0.7).float()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -18,6 +19,7 @@ from ..routing.dynamic import (
     _routing_vjp,
     _Step,
 )
+from ..validation import check_dtype
 
 __all__ = ["DenseCaps"]
 
@@ -72,6 +74,8 @@ class DenseCaps(nn.Module):
                 f"DenseCaps sizes must be positive, got in_caps={in_caps} in_dim={in_dim} "
                 f"out_caps={out_caps} out_dim={out_dim} iterations={iterations}"
             )
+        if not (math.isfinite(init_std) and init_std >= 0):
+            raise ValueError(f"DenseCaps init_std must be finite and >= 0, got {init_std}; pass a small std such as the default 0.01")
         self.in_caps, self.in_dim = in_caps, in_dim
         self.iterations = iterations
         self.detach_intermediate = detach_intermediate
@@ -85,6 +89,7 @@ class DenseCaps(nn.Module):
             raise ValueError(
                 f"DenseCaps expects input capsules of shape (B, {self.in_caps}, {self.in_dim}), got {tuple(u.shape)}"
             )
+        check_dtype(u, self.weight.dtype, name="DenseCaps input")
 
     def votes(self, u: Tensor) -> Tensor:
         """Predictions ``u_hat_{j|i} = W_ij u_i`` as a ``(B, J, I, D)`` tensor: the readable form of what ``forward`` fuses."""

@@ -7,6 +7,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..functional import squash
+from ..validation import check_dtype
 
 __all__ = ["PrimaryCaps"]
 
@@ -36,5 +37,11 @@ class PrimaryCaps(nn.Module):
         return (size - self.conv.kernel_size[0]) // self.conv.stride[0] + 1
 
     def forward(self, x: Tensor) -> Tensor:
+        channels, (kh, kw) = self.conv.in_channels, self.conv.kernel_size
+        if x.dim() != 4 or x.shape[1] != channels or x.shape[2] < kh or x.shape[3] < kw:
+            raise ValueError(
+                f"PrimaryCaps expects feature maps of shape (B, {channels}, H >= {kh}, W >= {kw}), got {tuple(x.shape)}"
+            )
+        check_dtype(x, self.conv.weight.dtype, name="PrimaryCaps input")
         u = rearrange(self.conv(x), "b (t d) h w -> b (t h w) d", t=self.types, d=self.dim)
         return squash(u, dim=-1)

@@ -94,7 +94,7 @@ class BaselineCNN(nn.Module):
         self.classifier = nn.Sequential(*fc)
 
     def forward(self, x: Tensor, y: Optional[Tensor] = None) -> CNNOutput:
-        check_images(x, self.in_channels, (self.image_size, self.image_size))
+        check_images(x, self.in_channels, (self.image_size, self.image_size), dtype=self.classifier[-1].weight.dtype)
         return CNNOutput(self.classifier(self.features(x)))
 
 

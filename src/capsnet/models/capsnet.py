@@ -62,6 +62,16 @@ class CapsNet(nn.Module):
         decoder_hidden: tuple[int, ...] = (512, 1024),
     ):
         super().__init__()
+        sizes = dict(
+            in_channels=in_channels, image_size=image_size, num_classes=num_classes, conv_channels=conv_channels,
+            conv_kernel=conv_kernel, primary_types=primary_types, primary_dim=primary_dim, primary_kernel=primary_kernel,
+            primary_stride=primary_stride, class_dim=class_dim, routing_iterations=routing_iterations,
+        )
+        bad = [f"{key!r}={value}" for key, value in sizes.items() if value < 1]
+        if any(h < 1 for h in decoder_hidden):
+            bad.append(f"'decoder_hidden'={tuple(decoder_hidden)} (every entry)")
+        if bad:  # before any layer: nn.Conv2d / nn.Linear would crash or build a model that cannot run
+            raise ValueError(f"CapsNet sizes must be positive (>= 1), got {', '.join(bad)}; fix these keyword arguments")
         self.in_channels, self.image_size, self.num_classes = in_channels, image_size, num_classes
         self.conv1 = nn.Conv2d(in_channels, conv_channels, conv_kernel)
         self.primary = PrimaryCaps(
@@ -102,7 +112,7 @@ class CapsNet(nn.Module):
         return u, routed, torch.linalg.vector_norm(routed.poses, dim=-1)
 
     def forward(self, x: Tensor, y: Optional[Tensor] = None) -> CapsNetOutput:
-        check_images(x, self.in_channels, (self.image_size, self.image_size))
+        check_images(x, self.in_channels, (self.image_size, self.image_size), dtype=self.conv1.weight.dtype)
         if y is not None:
             check_labels(y, x.shape[0], self.num_classes)
         u, routed, lengths = self.encode(x)

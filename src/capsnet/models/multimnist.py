@@ -75,7 +75,7 @@ class MultiDigitCapsNet(CapsNet):
         self.num_digits = num_digits
 
     def forward(self, x: Tensor, y: Optional[Tensor] = None) -> MultiCapsNetOutput:
-        check_images(x, self.in_channels, (self.image_size, self.image_size))
+        check_images(x, self.in_channels, (self.image_size, self.image_size), dtype=self.conv1.weight.dtype)
         if y is not None:
             if isinstance(y, Tensor) and y.dim() == 1:
                 check_labels(y, x.shape[0], self.num_classes)

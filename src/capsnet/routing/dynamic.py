@@ -90,8 +90,15 @@ def dynamic_routing(
 def _check_routing_args(votes: Tensor, iterations: int) -> None:
     if votes.dim() != 4:
         raise ValueError(f"votes must be (B, I, J, D), got shape {tuple(votes.shape)}")
-    if iterations < 1:
-        raise ValueError(f"iterations must be >= 1, got {iterations}")
+    if min(votes.shape[1:]) < 1:
+        raise ValueError(
+            f"votes must have at least one input capsule, parent and pose dimension, (B, I >= 1, J >= 1, D >= 1); "
+            f"got shape {tuple(votes.shape)}"
+        )
+    if not votes.dtype.is_floating_point:
+        raise ValueError(f"votes must be a floating tensor, got dtype {votes.dtype}; convert them with votes.float()")
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
 
 
 def _functorch_active() -> bool:

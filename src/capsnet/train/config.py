@@ -11,6 +11,11 @@ from typing import Any, Optional
 
 __all__ = ["TrainConfig", "load_config"]
 
+#: ``epoch_order`` (train/loop.py) seeds the data order with ``seed * EPOCH_SEED_STRIDE + epoch``, an int64.
+EPOCH_SEED_STRIDE = 1_000_003
+#: Seeds lie in ``[0, SEED_LIMIT)``, so that the epoch-order seed above fits in int64.
+SEED_LIMIT = 2**63 // EPOCH_SEED_STRIDE
+
 
 @dataclass
 class TrainConfig:
@@ -67,6 +72,8 @@ class TrainConfig:
             raise ValueError(f"config key 'lr_decay_rate' must lie in (0, 1], got {self.lr_decay_rate}")
         if self.lr_min < 0 or self.weight_decay < 0:
             raise ValueError(f"config keys 'lr_min' and 'weight_decay' must be >= 0, got {self.lr_min}, {self.weight_decay}")
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise ValueError(f"config key 'seed' must lie in [0, {SEED_LIMIT}), got {self.seed}; pick a seed in that range")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":

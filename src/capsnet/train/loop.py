@@ -17,7 +17,7 @@ from tqdm import tqdm
 from ..data import ExperimentData, load_dataset
 from ..models import create_model
 from .checkpoint import load_checkpoint, load_latest, rotate_and_save, save_checkpoint
-from .config import TrainConfig
+from .config import EPOCH_SEED_STRIDE, TrainConfig
 from .distributed import Dist
 from .metrics import MetricsLogger
 from .objectives import Objective, create_objective
@@ -43,7 +43,7 @@ class Progress:
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The sample order of ``epoch``: a permutation that depends only on (seed, epoch)."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * EPOCH_SEED_STRIDE + epoch))
 
 
 def lr_factor(cfg: TrainConfig):
@@ -57,7 +57,12 @@ def lr_factor(cfg: TrainConfig):
 
 
 def build_model(cfg: TrainConfig, data: ExperimentData) -> torch.nn.Module:
-    model = create_model(cfg.model, **cfg.model_kwargs)
+    try:
+        model = create_model(cfg.model, **cfg.model_kwargs)
+    except TypeError as exc:  # an unknown or misspelt key; the message names it
+        if not cfg.model_kwargs:
+            raise
+        raise ValueError(f"bad model_kwargs for model {cfg.model!r}: {exc}; fix that key in the config") from exc
     expected = (getattr(model, "in_channels", None), getattr(model, "image_size", None))
     c, h, w = data.image_shape
     if expected[0] is not None and (expected[0] != c or expected[1] not in (h, (h, w))):
@@ -66,6 +71,15 @@ def build_model(cfg: TrainConfig, data: ExperimentData) -> torch.nn.Module:
             f"{cfg.dataset!r} gives {c}x{h}x{w}; adjust model_kwargs or dataset_kwargs in the config"
         )
     return model
+
+
+def _load_data(cfg: TrainConfig, data_root: str | Path, download: bool) -> ExperimentData:
+    try:
+        return load_dataset(cfg.dataset, data_root, download=download, seed=cfg.seed, **cfg.dataset_kwargs)
+    except TypeError as exc:  # an unknown or misspelt key; the message names it
+        if not cfg.dataset_kwargs:
+            raise
+        raise ValueError(f"bad dataset_kwargs for dataset {cfg.dataset!r}: {exc}; fix that key in the config") from exc
 
 
 @torch.no_grad()
@@ -142,16 +156,17 @@ def train(
     """
     out = Path(out_dir)
     dist = Dist()
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     if download and not dist.is_main:
         dist.barrier()  # rank 0 downloads first; the others then find complete, verified files
-    data = load_dataset(cfg.dataset, data_root, download=download, seed=cfg.seed, **cfg.dataset_kwargs)
+    data = _load_data(cfg, data_root, download)
     if download and dist.is_main:
         dist.barrier()
     model = build_model(cfg, data).to(device)
     objective = create_objective(cfg.objective, **cfg.objective_kwargs)
+    # Only now, with every name and *_kwargs of the config accepted: a refused config leaves no run directory.
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
     generator = torch.Generator().manual_seed(cfg.seed)
