@@ -35,6 +35,20 @@ def test_train_resume_flag(tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 8
 
 
+def test_eval_on_other_data_overrides_only_data_keys(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--config", str(REPO / "configs" / "mnist.py:smoke"), "--out", str(out), "--data", str(tmp_path), "--no-progress"]
+    assert main(["train", *args, "--set", "max_steps=2", "--set", "figures=False"]) == 0
+    ckpt = ["--checkpoint", str(out / "best.pt"), "--data", str(tmp_path)]
+    assert main(["eval", *ckpt, "--set", "dataset_kwargs.test_size=12", "--out", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["samples"] == 12
+    capsys.readouterr()
+    assert main(["eval", *ckpt, "--set", "model=capsnet_mnist"]) == 2
+    assert "may only override dataset" in capsys.readouterr().err
+    assert main(["eval", *ckpt, "--set", "dataset_kwargs.no_such_key=1"]) == 2
+    assert "bad dataset_kwargs" in capsys.readouterr().err
+
+
 def test_bad_config_key_fails_before_training(tmp_path, capsys):
     code = main(["train", "--config", str(REPO / "configs" / "mnist.py:smoke"), "--out", str(tmp_path / "x"), "--set", "learning_rate=0.1"])
     assert code == 2

@@ -28,6 +28,31 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
 
 
+# Keys ``eval`` and ``viz`` may override in a checkpoint's config: the data it is evaluated
+# on, never the model (whose weights the checkpoint fixes).
+DATA_KEYS = ("dataset", "dataset_kwargs", "eval_batch_size")
+
+
+def _data_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help=f"evaluate on other data: override {', '.join(DATA_KEYS)} (e.g. --set dataset=mnist_expanded)",
+    )
+
+
+def _checkpoint_model(args):
+    """The model and config of ``args.checkpoint``, with ``--set`` data overrides applied."""
+    from .train import TrainConfig
+    from .train.config import apply_overrides
+    from .train.loop import load_model
+
+    model, cfg, _ = load_model(args.checkpoint, device=args.device)
+    for item in args.overrides:
+        if item.partition("=")[0].split(".")[0] not in DATA_KEYS:
+            raise ValueError(f"--set {item!r}: {args.command} may only override {', '.join(DATA_KEYS)}; the model is fixed by the checkpoint")
+    return model, TrainConfig.from_dict(apply_overrides(cfg.to_dict(), args.overrides))
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="capsnet", description="Capsule networks: train, evaluate, draw.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -45,12 +70,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--out", help="write the result as JSON here")
+    _data_overrides(p)
     _common(p)
 
     p = sub.add_parser("viz", help="draw reconstructions, pose perturbations, routing and curves from a checkpoint")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", help="figure directory (default: <checkpoint dir>/figures)")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    _data_overrides(p)
     _common(p)
 
     sub.add_parser("models", help="list registered models")
@@ -58,9 +85,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load_data(cfg, args):
-    from .data import load_dataset
+    from .train.loop import load_data
 
-    return load_dataset(cfg.dataset, _data_root(args.data), download=args.download, seed=cfg.seed, **cfg.dataset_kwargs)
+    return load_data(cfg, _data_root(args.data), args.download)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,12 +154,11 @@ def _train(args) -> int:
 
 def _eval(args) -> int:
     from .train import create_objective, evaluate
-    from .train.loop import load_model
 
-    model, cfg, _ = load_model(args.checkpoint, device=args.device)
+    model, cfg = _checkpoint_model(args)
     data = _load_data(cfg, args)
     result = evaluate(model, data, args.split, create_objective(cfg.objective, **cfg.objective_kwargs), batch_size=cfg.eval_batch_size, device=args.device)
-    result.update(checkpoint=str(args.checkpoint), split=args.split, error=1 - result["accuracy"])
+    result.update(checkpoint=str(args.checkpoint), dataset=cfg.dataset, split=args.split, error=1 - result["accuracy"])
     text = json.dumps(result, indent=2)
     if args.out:
         Path(args.out).write_text(text + "\n")
@@ -141,10 +167,9 @@ def _eval(args) -> int:
 
 
 def _viz(args) -> int:
-    from .train.loop import load_model
     from .viz import write_figures
 
-    model, cfg, _ = load_model(args.checkpoint, device=args.device)
+    model, cfg = _checkpoint_model(args)
     ckpt_dir = Path(args.checkpoint).parent
     out = Path(args.out) if args.out else ckpt_dir / "figures"
     written = write_figures(model, _load_data(cfg, args), out, split=args.split, metrics_csv=ckpt_dir / "metrics.csv", device=args.device)

@@ -112,7 +112,6 @@ def load_config(spec: str, overrides: tuple[str, ...] = ()) -> TrainConfig:
     Override keys may reach into dicts with dots: ``model_kwargs.routing_iterations=1``;
     values are Python literals (``1``, ``0.5``, ``None``, ``'text'``) or bare strings.
     """
-    import ast
     import importlib.util
     from pathlib import Path
 
@@ -125,10 +124,20 @@ def load_config(spec: str, overrides: tuple[str, ...] = ()) -> TrainConfig:
     module_spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ValueError(f"config file {path} defines no get_config(variant) function")
-    values = module.get_config(variant or "default")
+    return TrainConfig.from_dict(apply_overrides(module.get_config(variant or "default"), overrides))
+
+
+def apply_overrides(values: dict[str, Any], overrides: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """Apply ``key=value`` overrides to a config dict in place and return it.
+
+    Keys may reach into dicts with dots (``dataset_kwargs.shift=0``); values are Python
+    literals (``1``, ``0.5``, ``None``, ``'text'``) or bare strings.
+    """
+    import ast
+
     for item in overrides:
         key, sep, text = item.partition("=")
-        if not sep:
+        if not sep or not key:
             raise ValueError(f"override {item!r} must look like key=value")
         try:
             value = ast.literal_eval(text)
@@ -141,4 +150,4 @@ def load_config(spec: str, overrides: tuple[str, ...] = ()) -> TrainConfig:
             if not isinstance(target, dict):
                 raise ValueError(f"override {item!r}: {p!r} is not a dict in the config")
         target[leaf] = value
-    return TrainConfig.from_dict(values)
+    return values

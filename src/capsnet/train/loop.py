@@ -73,7 +73,8 @@ def build_model(cfg: TrainConfig, data: ExperimentData) -> torch.nn.Module:
     return model
 
 
-def _load_data(cfg: TrainConfig, data_root: str | Path, download: bool) -> ExperimentData:
+def load_data(cfg: TrainConfig, data_root: str | Path, download: bool) -> ExperimentData:
+    """The dataset of ``cfg``; a misspelt ``dataset_kwargs`` key is a ValueError naming it."""
     try:
         return load_dataset(cfg.dataset, data_root, download=download, seed=cfg.seed, **cfg.dataset_kwargs)
     except TypeError as exc:  # an unknown or misspelt key; the message names it
@@ -159,7 +160,7 @@ def train(
     torch.manual_seed(cfg.seed)
     if download and not dist.is_main:
         dist.barrier()  # rank 0 downloads first; the others then find complete, verified files
-    data = _load_data(cfg, data_root, download)
+    data = load_data(cfg, data_root, download)
     if download and dist.is_main:
         dist.barrier()
     model = build_model(cfg, data).to(device)
