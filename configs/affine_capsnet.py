@@ -3,7 +3,7 @@
 Reproduce:
     capsnet train --config configs/affine_capsnet.py            # test: our seeded affine MNIST set
     capsnet train --config configs/affine_capsnet.py:affnist    # test: the official affNIST file
-    capsnet train --config configs/affine_capsnet.py:short    # CPU budget: 400 steps at batch 32 (docs/results.md)
+    capsnet train --config configs/affine_capsnet.py:short    # CPU budget: 200 steps at batch 32 (docs/results.md)
     capsnet train --config configs/affine_capsnet.py:smoke      # seconds, synthetic digits (tests)
 
 Training data: each MNIST digit placed at random on a 40x40 black background (official
@@ -35,9 +35,9 @@ def get_config(variant: str = "default") -> dict:
     if variant == "affnist":
         return dict(config, dataset="affnist")
     if variant == "short":
-        # A short CPU budget for docs/results.md: 400 steps of batch 32 (12,800 training
+        # A short CPU budget for docs/results.md: 200 steps of batch 32 (6,400 training
         # samples), validated once at the end, so its number is a floor, not the paper's.
-        return dict(config, batch_size=32, max_steps=400, eval_every=400, checkpoint_every=100)
+        return dict(config, batch_size=32, max_steps=200, eval_every=200, checkpoint_every=100)
     if variant == "smoke":
         return dict(
             config,

@@ -3,7 +3,7 @@
 Reproduce:
     capsnet train --config configs/affine_cnn.py            # test: our seeded affine MNIST set
     capsnet train --config configs/affine_cnn.py:affnist    # test: the official affNIST file
-    capsnet train --config configs/affine_cnn.py:short    # CPU budget: 400 steps at batch 32 (docs/results.md)
+    capsnet train --config configs/affine_cnn.py:short    # CPU budget: 200 steps at batch 32 (docs/results.md)
     capsnet train --config configs/affine_cnn.py:smoke      # seconds, synthetic digits (tests)
 
 Model: cnn_affine, the MNIST baseline's layers (conv 256, 256, 128 5x5 SAME; FC 328, 192,
@@ -32,9 +32,9 @@ def get_config(variant: str = "default") -> dict:
     if variant == "affnist":
         return dict(config, dataset="affnist")
     if variant == "short":
-        # A short CPU budget for docs/results.md: 400 steps of batch 32 (12,800 training
+        # A short CPU budget for docs/results.md: 200 steps of batch 32 (6,400 training
         # samples), validated once at the end, so its number is a floor, not the paper's.
-        return dict(config, batch_size=32, max_steps=400, eval_every=400, checkpoint_every=100)
+        return dict(config, batch_size=32, max_steps=200, eval_every=200, checkpoint_every=100)
     if variant == "smoke":
         return dict(
             config,

@@ -2,7 +2,7 @@
 
 Reproduce:
     capsnet train --config configs/multimnist_capsnet.py          # paper recipe
-    capsnet train --config configs/multimnist_capsnet.py:short    # CPU budget: 400 steps at batch 32 (docs/results.md)
+    capsnet train --config configs/multimnist_capsnet.py:short    # CPU budget: 200 steps at batch 32 (docs/results.md)
     capsnet train --config configs/multimnist_capsnet.py:smoke    # seconds, synthetic digits (tests)
 
 Recipe: the MNIST CapsNet on 36x36 input (11,361,808 parameters), 3 routing iterations,
@@ -35,9 +35,9 @@ def get_config(variant: str = "default") -> dict:
     if variant == "default":
         return config
     if variant == "short":
-        # A short CPU budget for docs/results.md: 400 steps of batch 32 (12,800 training
+        # A short CPU budget for docs/results.md: 200 steps of batch 32 (6,400 training
         # samples), validated once at the end, so its number is a floor, not the paper's.
-        return dict(config, batch_size=32, max_steps=400, eval_every=400, checkpoint_every=100)
+        return dict(config, batch_size=32, max_steps=200, eval_every=200, checkpoint_every=100)
     if variant == "smoke":
         return dict(
             config,
