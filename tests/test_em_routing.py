@@ -386,3 +386,25 @@ def test_em_routing_is_exported_at_the_top_level():
     assert capsnet.em_routing is capsnet.routing.em_routing is em_routing
     assert capsnet.EMRoutingResult is capsnet.routing.EMRoutingResult
     assert {"em_routing", "EMRoutingResult"} <= set(capsnet.__all__) & set(capsnet.routing.__all__)
+
+
+def test_grouped_factored_votes_equal_multiplied_out_votes_values_and_gradients():
+    """Several children per bmm group (the class layer's shared transforms), with offsets."""
+    gen = torch.Generator().manual_seed(17)
+    groups, per_group, batch, types, dim, p = 2, 3, 2, 3, 4, 5
+    slots = groups * per_group
+    poses = torch.randn(groups, per_group * batch, p, generator=gen, dtype=F64, requires_grad=True)
+    transforms = torch.randn(groups, p, types * dim, generator=gen, dtype=F64, requires_grad=True)
+    offsets = torch.randn(slots, dim, generator=gen, dtype=F64)
+    act = torch.rand(batch, 1, slots, generator=gen, dtype=F64)
+    beta_a, beta_v = torch.randn(types, generator=gen, dtype=F64), torch.randn(types, generator=gen, dtype=F64)
+    fast = em_routing(FactoredVotes(poses, transforms, offsets), act, beta_a, beta_v)
+    (fast.poses.sum() + fast.activations.sum()).backward()
+    poses2, transforms2 = poses.detach().clone().requires_grad_(), transforms.detach().clone().requires_grad_()
+    votes = torch.bmm(poses2, transforms2).view(slots, batch, 1, types, dim) + offsets[:, None, None, None, :]
+    plain = em_routing(votes.permute(1, 2, 0, 3, 4), act, beta_a, beta_v)
+    (plain.poses.sum() + plain.activations.sum()).backward()
+    for a, b in zip(fast, plain):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    torch.testing.assert_close(poses.grad, poses2.grad, rtol=0, atol=1e-10)
+    torch.testing.assert_close(transforms.grad, transforms2.grad, rtol=0, atol=1e-10)

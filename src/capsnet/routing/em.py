@@ -16,14 +16,16 @@ scattered back to child positions with ``F.fold`` (col2im) and gathered into
 patch layout again with ``F.unfold``: no Python loop over positions.
 
 Speed and memory. The votes are by far the largest tensor (``B L I J D``: 85 MB for
-ConvCaps1 of em_small at batch 32, 680 MB for em_full). They are read, never copied, per
-step: the M-step needs ``sum_i R a (V - c)`` and ``sum_i R a (V - c)^2`` and the E-step's
-log-likelihood, expanded as ``(V - mu)^2 = X^2 - 2 X (mu - c) + (mu - c)^2`` with
-``X = V - c``, needs ``sum_h X u1 + X^2 u2``: both are chunked reads (:class:`_VoteReader`)
-and no ``(B, L, I, J, D)`` temporary is built per iteration. A custom autograd function
-replays the cheap part of the loop in the backward pass, one iteration at a time, and sums
-the votes' gradient in one pass; with :class:`FactoredVotes` (what the layers pass) the votes
-are multiplied out again in the backward pass instead of being kept.
+ConvCaps1 of em_small at batch 32, 680 MB for em_full). The M-step needs ``sum_i R a (V - c)``
+and ``sum_i R a (V - c)^2`` and the E-step's log-likelihood, expanded as
+``(V - mu)^2 = X^2 - 2 X (mu - c) + (mu - c)^2`` with ``X = V - c``, needs
+``sum_h X u1 + X^2 u2``: both are chunked reads (:class:`_VoteReader`), so no
+``(B, L, I, J, D)`` temporary is built per iteration. With :class:`FactoredVotes` (what the
+layers pass) the votes never exist whole: every chunk is multiplied out again in cache when it
+is read, which on CPU is cheaper than writing a fresh vote-sized tensor (its pages are faulted
+in one by one). A custom autograd function replays the cheap part of the loop in the backward
+pass, one iteration at a time, and hands each chunk of the votes' gradient straight to the
+factors. See docs/performance.md, "EM routing".
 
 Axis letters: ``B`` batch, ``L`` patches (output positions), ``I`` child slots per
 patch, ``J`` parent types, ``D`` pose elements (16), ``T`` child types, ``H W``
@@ -90,10 +92,11 @@ class EMRoutingResult(NamedTuple):
 class FactoredVotes(NamedTuple):
     """Votes given by their factors, ``V = poses @ transforms`` (+ offsets), never kept whole.
 
-    ``em_routing`` multiplies them out once in the forward pass and once more in the backward
-    pass, so no vote-sized tensor lives between the two (the layers' memory saving: with plain
-    votes the centred copy is kept for backward). The product's memory order must be routing's
-    ``(I, B, L, J, D)``: ``G R = I B L`` with the bmm batch ``G`` outermost.
+    ``em_routing`` multiplies out a chunk of children each time it reads them (in cache, the
+    unweighted mean vote subtracted by the same product), so no vote-sized tensor exists at
+    all (with plain votes a centred copy is made and kept for backward). The product's memory
+    order must be routing's ``(I, B, L, J, D)``: ``G R = I B L`` with the bmm batch ``G``
+    outermost (``I / G`` children per group).
 
     poses: ``(G, R, P)``; transforms: ``(G, P, J D)``, no batch axis;
     offsets: ``(I, D)`` constants added to every vote of child slot ``i`` (coordinate addition), or None.
@@ -328,31 +331,57 @@ class _VoteReader:
     (``c`` is a constant per parent and pose element, the unweighted mean vote):
 
     * ``moments(r) = (sum_i r_i X_i, sum_i r_i X_i^2)``: the M-step sums, ``(I, N) -> 2 x (N, D)``;
-    * ``quadratic(u1, u2) = sum_d X u1 + X^2 u2``: the expanded E-step, ``2 x (N, D) -> (I, N)``.
+    * ``quadratic(u1, u2, u0) = u0 + sum_d X u1 + X^2 u2``: the expanded E-step, ``2 x (N, D), (N,) -> (I, N)``.
 
     Each is the adjoint of the other, so their backward passes are the same two reads; the
-    gradient with respect to the votes is a sum of outer products, accumulated in one pass by
-    :meth:`votes_grad`. ``X^2`` is never stored: each chunk of it is rebuilt in cache. ``N``
+    gradient with respect to the votes is a sum of outer products, built chunk by chunk by
+    :meth:`grad_chunks`. ``X^2`` is never stored: each chunk of it is rebuilt in cache. ``N``
     flattens the parent axes ``(B, L, J)``.
+
+    The votes are either a stored ``X`` ``(I, N, D)`` or :class:`FactoredVotes` with the centre
+    ``c``: then every chunk of ``X`` is multiplied out again in cache when it is read. That costs
+    a small matrix product per chunk but no vote-sized tensor ever exists, and writing a fresh
+    one (hundreds of MB, every page faulted in) took longer than the products it saved.
     """
 
-    def __init__(self, centred: Tensor):
-        self.x = centred  # (I, N, D)
-        slots, n, d = centred.shape
-        self.step = max(1, _CHUNK_ELEMENTS // (n * d))
+    def __init__(self, shape, *, centred: Optional[Tensor] = None, factors=None, centre: Optional[Tensor] = None):
+        slots, batch, num_patches, types, dim = shape
+        self.x, self.factors, self.centre = centred, factors, centre  # X (I, N, D); c (N, D)
+        self.shape = (slots, batch * num_patches * types, dim)
+        step = max(1, _CHUNK_ELEMENTS // (batch * num_patches * types * dim))
+        # A chunk of factored votes is whole bmm groups (G groups of I / G children each).
+        self.per_group = 1 if factors is None else slots // factors[0].shape[0]
+        self.step = -(-step // self.per_group) * self.per_group
         self.terms: list[tuple[Tensor, Tensor, Tensor]] = []  # (left, right1, right2) outer products
+        if factors is not None:  # -c for every row (child block, b, l) of a bmm group: the product adds it
+            rows, cols = batch * num_patches, types * dim
+            self.neg_centre = (-centre).view(1, rows, cols).expand(self.per_group, rows, cols).reshape(-1, cols)
 
     def _chunks(self):
-        buffer = self.x.new_empty((min(self.step, self.x.shape[0]), *self.x.shape[1:]))
-        for start in range(0, self.x.shape[0], self.step):
-            part = slice(start, start + self.step)
-            x = self.x[part]
-            yield part, x, buffer[: x.shape[0]]
+        """``(children, X chunk, scratch)``: the X chunk is a view of ``X`` or multiplied out in cache."""
+        slots, n, d = self.shape
+        size = min(self.step, slots)
+        buffer = self.centre.new_empty((size, n, d)) if self.x is None else self.x.new_empty((size, n, d))
+        votes = buffer.new_empty((size, n, d)) if self.x is None else None
+        for start in range(0, slots, self.step):
+            part = slice(start, min(start + self.step, slots))
+            count = part.stop - part.start
+            if self.x is not None:
+                x = self.x[part]
+            else:
+                poses, transforms, offsets = self.factors
+                groups = slice(part.start // self.per_group, part.stop // self.per_group)
+                x = votes[:count]
+                product = x.view(groups.stop - groups.start, poses.shape[1], -1)
+                torch.baddbmm(self.neg_centre, poses[groups], transforms[groups], out=product)  # V - c
+                if offsets is not None:
+                    x += offsets[part].unsqueeze(1)
+            yield part, x, buffer[:count]
 
     def moments(self, r: Tensor) -> tuple[Tensor, Tensor]:
         """``sum_i r_i X_i`` and ``sum_i r_i X_i^2`` for ``r`` of shape ``(I, N)``."""
-        m1 = self.x.new_zeros(self.x.shape[1:])
-        m2 = self.x.new_zeros(self.x.shape[1:])
+        m1 = self.centre.new_zeros(self.shape[1:]) if self.x is None else self.x.new_zeros(self.shape[1:])
+        m2 = torch.zeros_like(m1)
         for part, x, buf in self._chunks():
             w = r[part].unsqueeze(-1)  # (c, N, 1)
             x2 = torch.square(x, out=buf)
@@ -364,35 +393,33 @@ class _VoteReader:
                 m2 += (w * x2).sum(0)
         return m1, m2
 
-    def quadratic(self, u1: Tensor, u2: Tensor) -> Tensor:
-        """``sum_d X u1 + X^2 u2`` for ``u1, u2`` of shape ``(N, D)``; returns ``(I, N)``."""
-        out = self.x.new_empty(self.x.shape[:2])
-        ones = self.x.new_ones(self.x.shape[-1])
+    def quadratic(self, u1: Tensor, u2: Tensor, u0: Tensor) -> Tensor:
+        """``u0 + sum_d X u1 + X^2 u2`` for ``u1, u2`` of shape ``(N, D)`` and ``u0`` ``(N,)``; returns ``(I, N)``."""
+        out = u1.new_empty(self.shape[:2])
+        ones = u1.new_ones(self.shape[-1])
         for part, x, buf in self._chunks():
             t = torch.addcmul(u1, x, u2, out=buf).mul_(x)  # X u1 + X^2 u2
-            torch.mv(t.view(-1, t.shape[-1]), ones, out=out[part].view(-1))  # summed over D (mv beats sum(-1))
+            # Summed over D (mv beats sum(-1)), u0 added by the same call.
+            torch.addmv(u0.expand(x.shape[0], -1).reshape(-1), t.view(-1, t.shape[-1]), ones, out=out[part].view(-1))
         return out
 
-    def votes_grad(self, *, overwrite: bool = False) -> Tensor:
-        """``d/dV`` of ``sum_k <left_k (x) right1_k, X> + <left_k (x) right2_k, X^2>`` over :attr:`terms`.
-
-        ``overwrite=True`` writes the gradient over ``X`` itself (when the caller owns ``X`` and
-        needs it no more): one vote-sized tensor less.
-        """
-        grad = self.x if overwrite else torch.empty_like(self.x)
-        (l0, a0, b0), *rest = self.terms
-        spare = torch.empty_like(self.x[: self.step]) if overwrite else None
+    def grad_chunks(self):
+        """``(children, d/dV chunk)`` of ``sum_k <left_k (x) right1_k, X> + <left_k (x) right2_k, X^2>``
+        over :attr:`terms`, chunk by chunk (each chunk is scratch, valid until the next)."""
+        slots, n, d = self.shape
+        lefts = [t[0].reshape(slots, n) for t in self.terms]
+        (a0, b0), rest = self.terms[0][1:], [(t[1], t[2]) for t in self.terms[1:]]
+        first = None
         for part, x, buf in self._chunks():
-            g1 = torch.mul(l0[part].unsqueeze(-1), a0, out=spare[: x.shape[0]] if overwrite else grad[part])
-            g2 = torch.mul(l0[part].unsqueeze(-1), b0, out=buf)
-            for left, right1, right2 in rest:
+            if first is None:
+                first = torch.empty_like(buf)
+            g1 = torch.mul(lefts[0][part].unsqueeze(-1), a0, out=first[: x.shape[0]])
+            g2 = torch.mul(lefts[0][part].unsqueeze(-1), b0, out=buf)
+            for left, (right1, right2) in zip(lefts[1:], rest):
                 w = left[part].unsqueeze(-1)
                 g1.addcmul_(w, right1)
                 g2.addcmul_(w, right2)
-            g1.addcmul_(x, g2, value=2.0)  # dX^2/dV = 2 X; c is a constant
-            if overwrite:
-                grad[part] = g1
-        return grad
+            yield part, g1.addcmul_(x, g2, value=2.0)  # dX^2/dV = 2 X; c is a constant
 
 
 class _ReplayMoments(torch.autograd.Function):
@@ -414,7 +441,7 @@ class _ReplayMoments(torch.autograd.Function):
         # Detached: a term holding r's graph would close a cycle (graph -> ctx -> reader -> r)
         # through C++ autograd nodes that the garbage collector cannot break.
         ctx.reader.terms.append((r.detach(), g1, g2))
-        grad_r = ctx.reader.quadratic(g1, g2) if ctx.needs_input_grad[0] else None
+        grad_r = ctx.reader.quadratic(g1, g2, g1.new_zeros(g1.shape[0])) if ctx.needs_input_grad[0] else None
         return grad_r, torch.zeros((), dtype=r.dtype, device=r.device), None, None, None
 
 
@@ -422,7 +449,7 @@ class _ReplayQuadratic(torch.autograd.Function):
     """Stands in for :meth:`_VoteReader.quadratic` while the backward pass replays the loop."""
 
     @staticmethod
-    def forward(ctx, u1, u2, anchor, reader, q):
+    def forward(ctx, u1, u2, u0, anchor, reader, q):
         ctx.reader = reader
         ctx.save_for_backward(u1, u2)
         return q.clone()
@@ -432,7 +459,7 @@ class _ReplayQuadratic(torch.autograd.Function):
         u1, u2 = ctx.saved_tensors
         ctx.reader.terms.append((gq, u1.detach(), u2.detach()))  # detached: see _ReplayMoments
         g1, g2 = ctx.reader.moments(gq)
-        return g1, g2, torch.zeros((), dtype=u1.dtype, device=u1.device), None, None, None
+        return g1, g2, gq.sum(0), torch.zeros((), dtype=u1.dtype, device=u1.device), None, None
 
 
 class _Config(NamedTuple):
@@ -471,14 +498,18 @@ def _e_step(quadratic, it: int, mu_c: Tensor, var: Tensor, log_var: Tensor, logi
     # ln p_ij = -sum_h (V - mu)^2 / (2 sigma^2) - sum_h ln(2 pi sigma^2) / 2, expanded in X = V - c:
     # (V - mu)^2 = X^2 - 2 X (mu - c) + (mu - c)^2, so one read of the votes gives every child's term.
     inv2var = 0.5 / var  # (B, L, J, D)
-    quad = quadratic((2.0 * mu_c * inv2var).reshape(-1, dim), (-inv2var).reshape(-1, dim), it)  # (I, N)
-    const = -(mu_c.square() * inv2var).sum(-1) - 0.5 * (log_var + _LOG_2PI).sum(-1)  # (B, L, J)
-    # ln(a_j p_ij); logsigmoid is the exact ln a_j, finite even where a_j underflows to 0.
-    log_ap = quad.view(slots, batch, num_patches, types) + (const + F.logsigmoid(logit))
-    per_slot = torch.logsumexp(log_ap, dim=-1)  # (I, B, L): ln sum_j a_j p_ij within one patch
+    # The per-parent terms, plus ln a_j: logsigmoid is the exact ln a_j, finite even where a_j underflows to 0.
+    const = -(mu_c.square() * inv2var).sum(-1) - 0.5 * (log_var + _LOG_2PI).sum(-1) + F.logsigmoid(logit)  # (B, L, J)
+    u1, u2 = (2.0 * mu_c * inv2var).reshape(-1, dim), (-inv2var).reshape(-1, dim)
+    log_ap = quadratic(u1, u2, const.reshape(-1), it).view(slots, batch, num_patches, types)  # ln(a_j p_ij)
+    # ln sum_j a_j p_ij within one patch, shifted by the (constant) largest term of each slot; the
+    # shifted exponentials are reused for R, so the (I, B, L, J) tensor sees one exp, not two.
+    shift = log_ap.detach().amax(dim=-1, keepdim=True)  # (I, B, L, 1)
+    e = torch.exp(log_ap - shift)  # (I, B, L, J), at most 1
+    per_slot = torch.log(e.sum(-1)) + shift.squeeze(-1)  # (I, B, L); the sum is >= 1
     # ln sum_k a_k p_ik over every parent k of child i: all types in all patches that hold it.
     log_norm = log_child_normaliser(per_slot.permute(1, 2, 0), cfg.geometry).permute(2, 0, 1)
-    r = torch.exp(log_ap - log_norm.unsqueeze(-1))  # R_ij, (I, B, L, J)
+    r = e * torch.exp(shift.squeeze(-1) - log_norm).unsqueeze(-1)  # R_ij = a_j p_ij / sum_k a_k p_ik, (I, B, L, J)
     return r.detach() if cfg.detach_intermediate else r
 
 
@@ -509,11 +540,20 @@ def _outputs(r: Tensor, gaussians, centre: Tensor, cfg: _Config):
     return mu_c + centre, torch.sigmoid(logit), r.expand(cfg.shape[:4])
 
 
-def _vote_product(poses: Tensor, transforms: Tensor, offsets: Optional[Tensor], shape) -> Tensor:
-    """``poses @ transforms (+ offsets)`` as routing's ``(I, N, D)``, a fresh tensor routing may overwrite."""
+def _factored_centre(poses: Tensor, transforms: Tensor, offsets: Optional[Tensor], shape) -> Tensor:
+    """The unweighted mean vote per parent, ``c (N, D)``, of factored votes, without multiplying them out.
+
+    ``sum_i V_i`` is one matrix product that contracts children and pose inputs together:
+    ``(rows, I P) @ (I P, J D)`` (per bmm group, the group's children summed first).
+    """
     slots, dim = shape[0], shape[-1]
-    flat = torch.bmm(poses, transforms).view(slots, -1, dim)
-    return flat if offsets is None else flat.add_(offsets.unsqueeze(1))
+    groups, rows, p = poses.shape
+    per_group = slots // groups
+    # Child i = (group g, k-th block of R / per_group rows): the group's children summed first.
+    pooled = rearrange(poses, "g (k n) p -> k n (g p)", k=per_group).sum(0)  # (B L, G P)
+    total = pooled @ transforms.reshape(groups * p, -1)  # (N / J, J D): sum over children of V
+    centre = total.view(-1, dim) / slots
+    return centre if offsets is None else centre + offsets.mean(0)
 
 
 class _EMRoutingFunction(torch.autograd.Function):
@@ -533,20 +573,23 @@ class _EMRoutingFunction(torch.autograd.Function):
     def forward(ctx, votes, transforms, offsets, a_in, beta_a, beta_v, cfg):
         slots, batch, num_patches, types, dim = cfg.shape
         factored = transforms is not None
-        # (I, N, D): children outermost, N = (B, L, J). A product is our own tensor, centred in place.
-        flat = _vote_product(votes, transforms, offsets, cfg.shape) if factored else votes.view(slots, -1, dim)
         # c: unweighted mean vote per parent; routing's outputs do not depend on it (it only
         # keeps the expanded moments free of float cancellation), so it carries no gradient.
-        centre = flat.mean(0)
-        reader = _VoteReader(flat.sub_(centre) if factored else flat - centre)
+        if factored:
+            centre = _factored_centre(votes, transforms, offsets, cfg.shape)
+            reader = _VoteReader(cfg.shape, factors=(votes, transforms, offsets), centre=centre)
+        else:
+            flat = votes.view(slots, -1, dim)  # (I, N, D): children outermost, N = (B, L, J)
+            centre = flat.mean(0)
+            reader = _VoteReader(cfg.shape, centred=flat - centre)
         recorded_m, recorded_q = [], []
 
         def moments(r, it):
             recorded_m.append(reader.moments(r))
             return recorded_m[-1]
 
-        def quadratic(u1, u2, it):
-            recorded_q.append(reader.quadratic(u1, u2))
+        def quadratic(u1, u2, u0, it):
+            recorded_q.append(reader.quadratic(u1, u2, u0))
             return recorded_q[-1]
 
         centre_view = centre.view(batch, num_patches, types, dim)
@@ -574,12 +617,13 @@ class _EMRoutingFunction(torch.autograd.Function):
             centred = saved.pop(0)
         a_in, beta_a, beta_v, centre, *rest = saved
         if ctx.factored:
-            centred = _vote_product(poses, transforms, offsets, cfg.shape).sub_(centre)  # multiplied out again
+            reader = _VoteReader(cfg.shape, factors=(poses, transforms, offsets), centre=centre)
+        else:
+            reader = _VoteReader(cfg.shape, centred=centred)
         history = [tuple(rest[4 * k : 4 * k + 4]) for k in range(iters)]
         rest = rest[4 * iters :]
         recorded_m = [tuple(rest[2 * k : 2 * k + 2]) for k in range(iters)]
         recorded_q = rest[2 * iters :]
-        reader = _VoteReader(centred)
         centre_view = centre.view(batch, num_patches, types, dim)
         params = [x.detach().requires_grad_(need) for x, need in zip((a_in, beta_a, beta_v), ctx.needs_input_grad[3:6])]
         grad_params = [torch.zeros_like(x) if x.requires_grad else None for x in params]
@@ -589,14 +633,14 @@ class _EMRoutingFunction(torch.autograd.Function):
                 break  # detach_intermediate: earlier iterations do not reach the outputs
             # A leaf every replayed read depends on, so autograd runs each read's backward even
             # when no other input needs a gradient.
-            anchor = centred.new_zeros((), requires_grad=True)
+            anchor = centre.new_zeros((), requires_grad=True)
             prev = None if it == 0 else tuple(t.detach().requires_grad_() for t in history[it - 1])
 
             def moments(r, k, anchor=anchor):
                 return _ReplayMoments.apply(r, anchor, reader, *recorded_m[k])
 
-            def quadratic(u1, u2, k, anchor=anchor):
-                return _ReplayQuadratic.apply(u1, u2, anchor, reader, recorded_q[k])
+            def quadratic(u1, u2, u0, k, anchor=anchor):
+                return _ReplayQuadratic.apply(u1, u2, u0, anchor, reader, recorded_q[k])
 
             with torch.enable_grad():
                 r, gaussians = _iteration(moments, quadratic, it, prev, *params, centre_view, cfg)
@@ -613,14 +657,23 @@ class _EMRoutingFunction(torch.autograd.Function):
                     if g is not None:
                         grad_params[k] += g
         grad_votes = grad_transforms = None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            grad = reader.votes_grad(overwrite=ctx.factored)  # (I, N, D); over our own recomputed votes
+        if (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]) and reader.terms:
             if not ctx.factored:
-                grad_votes = grad.view(cfg.shape)
+                grad_votes = torch.empty_like(centred)  # (I, N, D)
+                for part, g in reader.grad_chunks():
+                    grad_votes[part] = g
+                grad_votes = grad_votes.view(cfg.shape)
             else:
-                grad = grad.view(poses.shape[0], poses.shape[1], -1)  # (G, R, J D)
-                grad_votes = torch.bmm(grad, transforms.transpose(1, 2)) if ctx.needs_input_grad[0] else None
-                grad_transforms = torch.bmm(poses.transpose(1, 2), grad) if ctx.needs_input_grad[1] else None
+                # Each chunk's gradient goes straight to the factors: no vote-sized gradient either.
+                grad_votes = torch.empty_like(poses) if ctx.needs_input_grad[0] else None
+                grad_transforms = torch.empty_like(transforms) if ctx.needs_input_grad[1] else None
+                for part, g in reader.grad_chunks():
+                    groups = slice(part.start // reader.per_group, part.stop // reader.per_group)
+                    g = g.view(groups.stop - groups.start, poses.shape[1], -1)  # (g, R, J D)
+                    if grad_votes is not None:
+                        torch.bmm(g, transforms[groups].transpose(1, 2), out=grad_votes[groups])
+                    if grad_transforms is not None:
+                        torch.bmm(poses[groups].transpose(1, 2), g, out=grad_transforms[groups])
         return (grad_votes, grad_transforms, None, *grad_params, None)
 
 
