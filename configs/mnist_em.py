@@ -3,6 +3,7 @@
 Reproduce:
     capsnet train --config configs/mnist_em.py            # MNIST, paper recipe
     capsnet train --config configs/mnist_em.py:fashion    # Fashion-MNIST, same recipe (no paper number)
+    capsnet train --config configs/mnist_em.py:short      # CPU budget: 300 steps at batch 32 (docs/results.md)
     capsnet train --config configs/mnist_em.py:smoke      # seconds, synthetic data (tests)
 
 Model: em_mnist, the em_small network (A=64, B=8, C=D=16) on 28x28 one-channel input, 10 class
@@ -34,6 +35,11 @@ def get_config(variant: str = "default") -> dict:
         return config
     if variant == "fashion":
         return dict(config, dataset="fashion_mnist")
+    if variant == "short":
+        # A short CPU budget for docs/results.md (9,600 training digits): the margin schedule
+        # compressed into the run, validated once at the end.
+        return dict(config, batch_size=32, max_steps=300, eval_every=300, checkpoint_every=100,
+                    objective_kwargs=dict(schedule="linear", start=0.2, end=0.9, steps=300))
     if variant == "smoke":
         return dict(
             config,
@@ -48,4 +54,4 @@ def get_config(variant: str = "default") -> dict:
             checkpoint_every=2,
             log_every=1,
         )
-    raise ValueError(f"unknown variant {variant!r} of configs/mnist_em.py; expected default, fashion or smoke")
+    raise ValueError(f"unknown variant {variant!r} of configs/mnist_em.py; expected default, fashion, short or smoke")
