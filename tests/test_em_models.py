@@ -252,3 +252,9 @@ def test_smallnorb_is_registered_by_importing_capsnet_data():
 
     code = "import capsnet.data as d, sys; sys.exit(0 if 'smallnorb' in d.list_datasets() else 1)"
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+def test_em_model_refuses_images_of_another_dtype_by_name():
+    model = create_model("em_tiny")
+    with pytest.raises(ValueError, match="float64"):
+        model(torch.rand(1, 1, 32, 32, dtype=torch.float64))

@@ -379,6 +379,34 @@ def test_factored_votes_of_the_wrong_shape_raise_value_error():
                    geometry=geometry)  # fmt: skip
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 100])
+def test_factored_votes_read_in_small_chunks_match_one_chunk(monkeypatch, chunk):
+    # Real layers read their votes in many chunks; the test problems fit in one by default.
+    import capsnet.routing.em as em
+
+    geometry, factored, act, beta_a, beta_v = _factored_problem()
+
+    def run():
+        poses, transforms = (t.clone().requires_grad_() for t in factored[:2])
+        out = em_routing(FactoredVotes(poses, transforms, factored.offsets), act, beta_a, beta_v, geometry=geometry)
+        (out.poses.sum() + out.activations.sum()).backward()
+        return (*out, poses.grad, transforms.grad)
+
+    whole = run()
+    monkeypatch.setattr(em, "_CHUNK_ELEMENTS", chunk)
+    for a, b in zip(run(), whole):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+def test_factored_groups_must_hold_whole_children():
+    geometry, factored, act, beta_a, beta_v = _factored_problem()
+    slots, rows, p = factored.poses.shape
+    poses = factored.poses.reshape(slots * 2, rows // 2, p)  # G = 2 I groups: more groups than children
+    transforms = factored.transforms.repeat_interleave(2, dim=0)
+    with pytest.raises(ValueError, match="whole children"):
+        em_routing(FactoredVotes(poses, transforms), act, beta_a, beta_v, geometry=geometry)
+
+
 def test_em_routing_is_exported_at_the_top_level():
     import capsnet
     import capsnet.routing

@@ -256,3 +256,15 @@ def test_spread_loss_rejects_activations_that_are_not_2d():
 def test_spread_loss_rejects_labels_whose_batch_differs():
     with pytest.raises(ValueError):
         spread_loss(torch.rand(2, 5), torch.zeros(1, dtype=torch.long), margin=0.2)
+
+
+def test_squash_and_safe_norm_of_zero_are_finite_in_float16():
+    # eps = 1e-8 is 0 in float16: the norm's guard must be raised to a representable value.
+    s = torch.zeros(3, 4, dtype=torch.float16, requires_grad=True)
+    v = squash(s)
+    v.sum().backward()
+    assert torch.isfinite(v).all() and (v == 0).all() and torch.isfinite(s.grad).all()
+    s.grad = None
+    n = safe_norm(s)
+    n.sum().backward()
+    assert torch.isfinite(n).all() and torch.isfinite(s.grad).all()

@@ -183,3 +183,15 @@ def test_routing_rejects_votes_that_are_not_4d(shape):
 def test_routing_rejects_fewer_than_one_iteration(iterations):
     with pytest.raises(ValueError, match="iterations"):
         dynamic_routing(torch.randn(2, 9, 5, 4), iterations)
+
+
+def test_iterations_accept_integer_like_values():
+    import numpy as np
+
+    votes = torch.randn(2, 5, 3, 4)
+    expected = dynamic_routing(votes, iterations=2).poses
+    for iterations in (np.int64(2), torch.tensor(2)):
+        torch.testing.assert_close(dynamic_routing(votes, iterations=iterations).poses, expected)
+    for bad in (True, 2.0, "2", torch.tensor(2.0)):
+        with pytest.raises(ValueError, match="iterations"):
+            dynamic_routing(votes, iterations=bad)

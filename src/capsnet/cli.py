@@ -46,10 +46,10 @@ def _checkpoint_model(args):
     from .train.config import apply_overrides
     from .train.loop import load_model
 
-    model, cfg, _ = load_model(args.checkpoint, device=args.device)
     for item in args.overrides:
         if item.partition("=")[0].split(".")[0] not in DATA_KEYS:
             raise ValueError(f"--set {item!r}: {args.command} may only override {', '.join(DATA_KEYS)}; the model is fixed by the checkpoint")
+    model, cfg, _ = load_model(args.checkpoint, device=args.device)
     return model, TrainConfig.from_dict(apply_overrides(cfg.to_dict(), args.overrides))
 
 

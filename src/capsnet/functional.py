@@ -33,6 +33,11 @@ def _overflow_scale(x: Tensor, dim: int) -> Tensor:
     return x.detach().abs().amax(dim=dim, keepdim=True).clamp_min(1.0)
 
 
+def _representable(eps: float, x: Tensor) -> float:
+    """``eps`` raised to the smallest normal number of ``x``'s dtype: 1e-8 is 0 in float16."""
+    return max(eps, torch.finfo(x.dtype).tiny) if x.dtype.is_floating_point else eps
+
+
 def safe_norm(x: Tensor, dim: int = -1, keepdim: bool = False, *, eps: float = NORM_EPS) -> Tensor:
     """Euclidean norm ``sqrt(sum(x**2) + eps)``, finite with a finite gradient at zero.
 
@@ -44,6 +49,7 @@ def safe_norm(x: Tensor, dim: int = -1, keepdim: bool = False, *, eps: float = N
         x: ``(..., D, ...)``; returns ``x`` without ``dim`` (or with size 1 there if ``keepdim``).
     """
     m = _overflow_scale(x, dim)
+    eps = _representable(eps, x)
     norm = m * torch.sqrt((x / m).pow(2).sum(dim=dim, keepdim=True) + eps * m.reciprocal().square())
     return norm if keepdim else norm.squeeze(dim)
 
@@ -61,6 +67,7 @@ def squash(s: Tensor, dim: int = -1, *, eps: float = NORM_EPS) -> Tensor:
     # Eq. 1 in t = s / m, m = max(1, max |s|): with |s|^2 = m^2 |t|^2 the m^2 cancels,
     # v = |t|^2 / ((m^-2 + |t|^2) sqrt(|t|^2 + eps m^-2)) t. Unscaled, |s|^3 overflows
     # from |s| > 7e12 in float32 and the capsule came out 0 (inf / inf = NaN from 1.8e19).
+    eps = _representable(eps, s)
     m = _overflow_scale(s, dim)
     t = s / m
     sq = t.pow(2).sum(dim=dim, keepdim=True)

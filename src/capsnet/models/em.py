@@ -116,7 +116,7 @@ class MatrixCapsNet(nn.Module):
                                     **routing)  # fmt: skip
 
     def forward(self, x: Tensor, y: Optional[Tensor] = None) -> MatrixCapsOutput:
-        check_images(x, self.in_channels, (self.image_size, self.image_size))
+        check_images(x, self.in_channels, (self.image_size, self.image_size), dtype=self.conv1.weight.dtype)
         if y is not None:
             check_labels(y, x.shape[0], self.num_classes)
         primary = self.primary(torch.relu(self.conv1(x)))  # poses (B, 14, 14, B_types, 4, 4)

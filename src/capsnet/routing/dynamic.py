@@ -17,6 +17,8 @@ Two implementations of one function:
 
 from __future__ import annotations
 
+import operator
+
 from typing import NamedTuple, Optional
 
 import torch
@@ -97,7 +99,11 @@ def _check_routing_args(votes: Tensor, iterations: int) -> None:
         )
     if not votes.dtype.is_floating_point:
         raise ValueError(f"votes must be a floating tensor, got dtype {votes.dtype}; convert them with votes.float()")
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+    try:
+        count = operator.index(iterations)  # int, numpy integer, 0-d integer tensor
+    except TypeError:
+        count = None
+    if isinstance(iterations, bool) or count is None or count < 1:
         raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
 
 

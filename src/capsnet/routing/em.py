@@ -688,10 +688,11 @@ def _factored_shape(votes: FactoredVotes, activations: Tensor, beta_a: Tensor) -
         raise ValueError(
             f"factored votes need poses (G, R, P) and transforms (G, P, J D), got {tuple(poses.shape)} and {tuple(transforms.shape)}"
         )
-    if types < 1 or transforms.shape[2] % types or poses.shape[0] * poses.shape[1] != slots * batch * num_patches:
+    if types < 1 or transforms.shape[2] % types or slots % poses.shape[0] or poses.shape[0] * poses.shape[1] != slots * batch * num_patches:
         raise ValueError(
             f"factored votes {tuple(poses.shape)} @ {tuple(transforms.shape)} do not make (I, B, L, J, D) votes for "
-            f"activations (B, L, I) = {tuple(activations.shape)} and J = {types} parent types"
+            f"activations (B, L, I) = {tuple(activations.shape)} and J = {types} parent types "
+            "(G groups must each hold I / G whole children)"
         )
     dim = transforms.shape[2] // types
     if offsets is not None and offsets.shape != (slots, dim):
