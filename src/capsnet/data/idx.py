@@ -19,12 +19,12 @@ __all__ = ["read_idx", "write_idx"]
 _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 
 
-def _read_bytes(path: Path) -> bytes:
+def read_maybe_gzipped(path: Path, missing_hint: str = "") -> bytes:
+    """The bytes of ``path``, gunzipped when they start with the gzip magic; DataError if missing or truncated."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = Path(path).read_bytes()
     except FileNotFoundError:
-        raise DataError(f"{path} is missing") from None
+        raise DataError(f"{path} is missing{'. ' + missing_hint if missing_hint else ''}") from None
     if raw[:2] != b"\x1f\x8b":
         return raw
     try:
@@ -40,7 +40,7 @@ def read_idx(path: str | Path, *, expected_ndim: int | None = None) -> np.ndarra
     of dimensions or a payload that is shorter or longer than the header says.
     """
     path = Path(path)
-    data = _read_bytes(path)
+    data = read_maybe_gzipped(path)
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _DTYPES:
         raise DataError(
             f"{path} is not an IDX file: magic bytes {data[:4].hex() or '(empty)'}, expected 0000 08 <ndim> "

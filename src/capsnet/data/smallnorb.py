@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import gzip
-import zlib
 from pathlib import Path
 from typing import Optional
 
@@ -28,6 +27,7 @@ from torch import Tensor
 from .base import ExperimentData, Split
 from .download import DATA_HINT, download_file, md5sum, verify_md5
 from .errors import DataError
+from .idx import read_maybe_gzipped
 from .registry import register_dataset
 from .transforms import to_float, train_val_split
 
@@ -65,19 +65,6 @@ VIEWPOINTS = ("azimuth", "elevation")
 PREPROCESSING = ("paper", "google")
 
 
-def _read_bytes(path: Path) -> bytes:
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path} is missing. {DATA_HINT}") from None
-    if raw[:2] != b"\x1f\x8b":
-        return raw
-    try:
-        return gzip.decompress(raw)
-    except (EOFError, OSError, zlib.error) as exc:
-        raise DataError(f"{path} is not a complete gzip file ({exc}); it is truncated or corrupt: delete it and fetch it again") from None
-
-
 def read_norb(path: str | Path, *, expected_dtype=None, expected_shape: Optional[tuple] = None) -> np.ndarray:
     """Read one NORB binary matrix (gzip or raw) into a NumPy array with the file's dimensions.
 
@@ -89,7 +76,7 @@ def read_norb(path: str | Path, *, expected_dtype=None, expected_shape: Optional
         returns the array the header describes, e.g. ``(N, 2, 96, 96)`` uint8 for ``dat``.
     """
     path = Path(path)
-    data = _read_bytes(path)
+    data = read_maybe_gzipped(path, DATA_HINT)
     if len(data) < 8:
         raise DataError(f"{path} is truncated: {len(data)} bytes, a NORB header needs at least 20")
     magic, ndim = (int(x) for x in np.frombuffer(data, dtype="<i4", count=2))
