@@ -13,6 +13,16 @@ def _deterministic():
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for the test: EM routing is many small ops, and on a shared 2-core
+    machine OpenMP barriers stall them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def data_root() -> Path:
     """The real dataset files: $CAPSNET_DATA (CI points it at ../shared/data)."""
     root = os.environ.get("CAPSNET_DATA")

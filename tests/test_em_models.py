@@ -13,13 +13,7 @@ from capsnet.models.em import MatrixCapsNet, MatrixCapsOutput
 EM_MODELS = ["em_small", "em_full", "em_mnist", "em_tiny"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Routing is many small ops: on a shared 2-core machine OpenMP barriers stall them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _count(model: torch.nn.Module) -> int:

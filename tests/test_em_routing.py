@@ -24,13 +24,7 @@ from capsnet.routing.em import (
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Routing is many small ops: on a shared 2-core machine OpenMP barriers stall them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _problem(geometry: ConvGeometry | None, *, batch=2, types=3, dim=4, seed=0, beta_shape=None, dtype=F64,
