@@ -227,6 +227,21 @@ def test_learning_rate_decays_continuously(tmp_path):
     assert factor(10**9) == pytest.approx(1e-6 / 1e-3), "floored at lr_min"
 
 
+def test_cosine_schedule_with_warmup():
+    from capsnet.train.loop import lr_factor
+
+    factor = lr_factor(TrainConfig(lr=2e-3, lr_min=2e-6, lr_schedule="cosine", lr_decay_steps=100, lr_warmup_steps=10))
+    assert [factor(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0]), "linear warm-up over 10 steps"
+    assert factor(10) == pytest.approx(1.0) and factor(60) == pytest.approx(0.5 + 0.5e-3), "half way down the cosine"
+    assert factor(110) == pytest.approx(1e-3) and factor(10**6) == pytest.approx(1e-3), "held at lr_min after the end"
+    warm = lr_factor(TrainConfig(lr_warmup_steps=4))  # exponential: the decay starts after the warm-up
+    assert [warm(s) for s in (0, 3, 2004)] == pytest.approx([0.25, 1.0, 0.96])
+    with pytest.raises(ValueError, match="'lr_schedule' must be one of"):
+        TrainConfig(lr_schedule="step")
+    with pytest.raises(ValueError, match="'lr_warmup_steps' must be >= 0"):
+        TrainConfig(lr_warmup_steps=-1)
+
+
 def test_model_and_data_shapes_must_agree(tmp_path):
     cfg = TrainConfig(**dict(TINY, dataset_kwargs=dict(image_size=32)))
     with pytest.raises(ValueError, match="expects 1x28x28 images but dataset 'synthetic' gives 1x32x32"):

@@ -1,7 +1,8 @@
 """Reusable capsule layers; assembled models live in :mod:`capsnet.models`."""
 
+from .conv import Conv2d
 from .decoder import CapsuleDecoder, mask_poses
 from .dense import DenseCaps
 from .primary import PrimaryCaps
 
-__all__ = ["CapsuleDecoder", "DenseCaps", "PrimaryCaps", "mask_poses"]
+__all__ = ["CapsuleDecoder", "Conv2d", "DenseCaps", "PrimaryCaps", "mask_poses"]

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from ..functional import squash
 from ..validation import check_dtype
+from .conv import Conv2d
 
 __all__ = ["PrimaryCaps"]
 
@@ -22,7 +23,16 @@ class PrimaryCaps(nn.Module):
         x: ``(B, C, H, W)``; returns ``(B, I, D)`` with ``I = types * H' * W'``.
     """
 
-    def __init__(self, in_channels: int, *, types: int = 32, dim: int = 8, kernel_size: int = 9, stride: int = 2):
+    def __init__(
+        self,
+        in_channels: int,
+        *,
+        types: int = 32,
+        dim: int = 8,
+        kernel_size: int = 9,
+        stride: int = 2,
+        weight_grad: str = "auto",
+    ):
         super().__init__()
         if min(in_channels, types, dim, kernel_size, stride) < 1:
             raise ValueError(
@@ -30,7 +40,7 @@ class PrimaryCaps(nn.Module):
                 f"kernel_size={kernel_size} stride={stride}"
             )
         self.types, self.dim = types, dim
-        self.conv = nn.Conv2d(in_channels, types * dim, kernel_size, stride=stride)
+        self.conv = Conv2d(in_channels, types * dim, kernel_size, stride=stride, weight_grad=weight_grad)
 
     def output_size(self, size: int) -> int:
         """Spatial side of the capsule grid for an input of side ``size``."""

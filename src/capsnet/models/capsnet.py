@@ -7,7 +7,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
-from ..layers import CapsuleDecoder, DenseCaps, PrimaryCaps
+from ..layers import CapsuleDecoder, Conv2d, DenseCaps, PrimaryCaps
 from ..routing import RoutingResult
 from .registry import register_model
 from .validation import check_images, check_labels
@@ -35,7 +35,10 @@ class CapsNetOutput(NamedTuple):
 class CapsNet(nn.Module):
     """Conv1 -> PrimaryCaps -> DigitCaps (routing) -> masked reconstruction decoder.
 
-    Keyword-only hyper-parameters default to the paper's MNIST model.
+    Keyword-only hyper-parameters default to the paper's MNIST model. ``conv_weight_grad``
+    chooses how Conv1 and PrimaryCaps compute their CPU weight gradients
+    (:class:`~capsnet.layers.Conv2d`; ``"native"`` is PyTorch's own backward). It changes
+    speed, not results.
 
     Shape:
         x: ``(B, in_channels, image_size, image_size)`` floats; y: ``(B,)`` labels or None.
@@ -60,6 +63,7 @@ class CapsNet(nn.Module):
         class_bias: bool = False,
         decoder: bool = True,
         decoder_hidden: tuple[int, ...] = (512, 1024),
+        conv_weight_grad: str = "auto",
     ):
         super().__init__()
         sizes = dict(
@@ -73,9 +77,14 @@ class CapsNet(nn.Module):
         if bad:  # before any layer: nn.Conv2d / nn.Linear would crash or build a model that cannot run
             raise ValueError(f"CapsNet sizes must be positive (>= 1), got {', '.join(bad)}; fix these keyword arguments")
         self.in_channels, self.image_size, self.num_classes = in_channels, image_size, num_classes
-        self.conv1 = nn.Conv2d(in_channels, conv_channels, conv_kernel)
+        self.conv1 = Conv2d(in_channels, conv_channels, conv_kernel, weight_grad=conv_weight_grad)
         self.primary = PrimaryCaps(
-            conv_channels, types=primary_types, dim=primary_dim, kernel_size=primary_kernel, stride=primary_stride
+            conv_channels,
+            types=primary_types,
+            dim=primary_dim,
+            kernel_size=primary_kernel,
+            stride=primary_stride,
+            weight_grad=conv_weight_grad,
         )
         grid = self.primary.output_size(image_size - conv_kernel + 1)
         if grid < 1:
@@ -105,7 +114,9 @@ class CapsNet(nn.Module):
 
     def encode(self, x: Tensor) -> tuple[Tensor, RoutingResult, Tensor]:
         """Primary capsules ``u`` (B, I, in_dim), the routing result and the lengths ``|v_j|`` (B, J)."""
-        u = self.primary(torch.relu(self.conv1(x)))  # (B, I, 8)
+        # In place: the convolution keeps its input, not its output, for the backward, and a
+        # fresh (B, 256, 20, 20) tensor costs 8x the ReLU itself in page faults (docs/performance.md).
+        u = self.primary(torch.relu_(self.conv1(x)))  # (B, I, 8)
         routed = self.digits(u)  # poses (B, J, 16)
         # Exact |v_j|: safe_norm's eps would floor the tiny lengths of an untrained model at
         # 1e-4 and damp the margin loss's gradient; vector_norm's gradient at 0 is 0, not NaN.

@@ -13,6 +13,8 @@ __all__ = ["TrainConfig", "load_config"]
 
 #: ``epoch_order`` (train/loop.py) seeds the data order with ``seed * EPOCH_SEED_STRIDE + epoch``, an int64.
 EPOCH_SEED_STRIDE = 1_000_003
+#: ``"exponential"``: the official code's continuous decay; ``"cosine"``: half a cosine to ``lr_min``.
+LR_SCHEDULES = ("exponential", "cosine")
 #: Seeds lie in ``[0, SEED_LIMIT)``, so that the epoch-order seed above fits in int64.
 SEED_LIMIT = 2**63 // EPOCH_SEED_STRIDE
 
@@ -23,6 +25,9 @@ class TrainConfig:
 
     Adam at lr 1e-3 decayed by 0.96 every 2,000 steps (continuous, floored at 1e-6, as in
     the official code), batch 128, margin loss plus 0.0005 x reconstruction loss.
+    ``lr_schedule="cosine"`` instead follows half a cosine from ``lr`` to ``lr_min`` over
+    ``lr_decay_steps`` steps (for short, fixed-length runs); ``lr_warmup_steps`` ramps the
+    learning rate linearly up from ``lr / lr_warmup_steps`` first, under either schedule.
     """
 
     model: str = "capsnet_mnist"
@@ -37,6 +42,8 @@ class TrainConfig:
     lr_decay_rate: float = 0.96
     lr_decay_steps: int = 2000
     lr_min: float = 1e-6
+    lr_schedule: str = "exponential"
+    lr_warmup_steps: int = 0
     weight_decay: float = 0.0
     epochs: int = 1
     max_steps: Optional[int] = None
@@ -68,6 +75,10 @@ class TrainConfig:
                 raise ValueError(f"config key {name!r} must be finite, got {value}")
         if not self.lr > 0:
             raise ValueError(f"config key 'lr' must be > 0, got {self.lr}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"config key 'lr_schedule' must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.lr_warmup_steps < 0:
+            raise ValueError(f"config key 'lr_warmup_steps' must be >= 0, got {self.lr_warmup_steps}")
         if not 0 < self.lr_decay_rate <= 1:
             raise ValueError(f"config key 'lr_decay_rate' must lie in (0, 1], got {self.lr_decay_rate}")
         if self.lr_min < 0 or self.weight_decay < 0:

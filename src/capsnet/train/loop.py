@@ -47,11 +47,26 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 def lr_factor(cfg: TrainConfig):
-    """Continuous exponential decay ``rate^(step / steps)`` floored at ``lr_min`` (official CapsNet code)."""
+    """The learning rate at a step, as a multiple of ``cfg.lr`` (floored at ``lr_min``).
+
+    ``"exponential"``: the official CapsNet code's continuous decay ``rate^(step / steps)``.
+    ``"cosine"``: ``(1 + cos(pi t)) / 2`` with ``t = step / lr_decay_steps`` (held at 1 past the end),
+    from ``lr`` down to ``lr_min``. With ``lr_warmup_steps = w`` the factor is first multiplied by
+    ``(step + 1) / w`` for ``step < w``, and the decay starts after the warm-up.
+    """
     floor = cfg.lr_min / cfg.lr
+    warmup = cfg.lr_warmup_steps
 
     def factor(step: int) -> float:
-        return max(cfg.lr_decay_rate ** (step / cfg.lr_decay_steps), floor)
+        decay_step = max(0, step - warmup)
+        if cfg.lr_schedule == "cosine":
+            t = min(1.0, decay_step / cfg.lr_decay_steps)
+            value = floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+        else:
+            value = cfg.lr_decay_rate ** (decay_step / cfg.lr_decay_steps)
+        if step < warmup:
+            value *= (step + 1) / warmup
+        return max(value, floor)
 
     return factor
 
