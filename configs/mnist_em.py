@@ -4,6 +4,7 @@ Reproduce:
     capsnet train --config configs/mnist_em.py            # MNIST, paper recipe
     capsnet train --config configs/mnist_em.py:fashion    # Fashion-MNIST, same recipe (no paper number)
     capsnet train --config configs/mnist_em.py:short      # CPU budget: 300 steps at batch 32 (docs/results.md)
+    capsnet train --config configs/mnist_em.py:epoch1     # CPU budget: one epoch at batch 32 (docs/results.md)
     capsnet train --config configs/mnist_em.py:smoke      # seconds, synthetic data (tests)
 
 Model: em_mnist, the em_small network (A=64, B=8, C=D=16) on 28x28 one-channel input, 10 class
@@ -40,6 +41,10 @@ def get_config(variant: str = "default") -> dict:
         # compressed into the run, validated once at the end.
         return dict(config, batch_size=32, max_steps=300, eval_every=300, checkpoint_every=100,
                     objective_kwargs=dict(schedule="linear", start=0.2, end=0.9, steps=300))
+    if variant == "epoch1":
+        # One epoch (1,719 steps of batch 32, 55,000 digits), the margin schedule over the epoch.
+        return dict(config, batch_size=32, epochs=1, eval_every=430, checkpoint_every=200,
+                    objective_kwargs=dict(schedule="linear", start=0.2, end=0.9, steps=1719))
     if variant == "smoke":
         return dict(
             config,
@@ -54,4 +59,4 @@ def get_config(variant: str = "default") -> dict:
             checkpoint_every=2,
             log_every=1,
         )
-    raise ValueError(f"unknown variant {variant!r} of configs/mnist_em.py; expected default, fashion, short or smoke")
+    raise ValueError(f"unknown variant {variant!r} of configs/mnist_em.py; expected default, fashion, short, epoch1 or smoke")

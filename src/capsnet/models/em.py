@@ -18,6 +18,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from ..layers.conv import Conv2d
 from ..layers.matrix import ClassMatCaps, ConvMatCaps, PrimaryMatCaps, _trunc_normal_
 from ..routing.em import MASS_EPS, VAR_FLOOR
 from .registry import register_model
@@ -103,7 +104,7 @@ class MatrixCapsNet(nn.Module):
             )
         routing = dict(iterations=iterations, schedule=schedule, final_lambda=final_lambda, beta=beta,
                        var_floor=var_floor, eps=eps, detach_intermediate=detach_intermediate)  # fmt: skip
-        self.conv1 = nn.Conv2d(in_channels, conv_channels, conv_kernel, stride=conv_stride)
+        self.conv1 = Conv2d(in_channels, conv_channels, conv_kernel, stride=conv_stride)  # faster CPU backward
         _trunc_normal_(self.conv1.weight.data, 0.05)
         nn.init.constant_(self.conv1.bias, 0.1)
         self.primary = PrimaryMatCaps(conv_channels, primary_types)
@@ -119,7 +120,7 @@ class MatrixCapsNet(nn.Module):
         check_images(x, self.in_channels, (self.image_size, self.image_size), dtype=self.conv1.weight.dtype)
         if y is not None:
             check_labels(y, x.shape[0], self.num_classes)
-        primary = self.primary(torch.relu(self.conv1(x)))  # poses (B, 14, 14, B_types, 4, 4)
+        primary = self.primary(torch.relu_(self.conv1(x)))  # poses (B, 14, 14, B_types, 4, 4)
         caps1 = self.caps1(primary.poses, primary.activations)  # (B, 6, 6, C, 4, 4)
         caps2 = self.caps2(caps1.poses, caps1.activations)  # (B, 4, 4, D, 4, 4)
         out = self.classes(caps2.poses, caps2.activations)  # (B, J, 4, 4)
