@@ -47,6 +47,8 @@ def test_eval_on_other_data_overrides_only_data_keys(tmp_path, capsys):
     assert "may only override dataset" in capsys.readouterr().err
     assert main(["eval", *ckpt, "--set", "dataset_kwargs.no_such_key=1"]) == 2
     assert "bad dataset_kwargs" in capsys.readouterr().err
+    assert main(["eval", *ckpt, "--set", "dataset_kwargs.image_size=32"]) == 2
+    assert "expects 1x28x28 images but dataset 'synthetic' gives 1x32x32" in capsys.readouterr().err
 
 
 def test_bad_config_key_fails_before_training(tmp_path, capsys):

@@ -246,3 +246,17 @@ def test_model_and_data_shapes_must_agree(tmp_path):
     cfg = TrainConfig(**dict(TINY, dataset_kwargs=dict(image_size=32)))
     with pytest.raises(ValueError, match="expects 1x28x28 images but dataset 'synthetic' gives 1x32x32"):
         train(cfg, data_root=tmp_path, out_dir=tmp_path, progress=False)
+
+
+def test_only_unknown_keys_are_reported_as_bad_keys(tmp_path):
+    """A misspelt kwarg names its key; any other TypeError from the builder stays a TypeError (not blamed on a key)."""
+    cfg = TrainConfig(**dict(TINY, model_kwargs=dict(routing_iteratons=2)))
+    with pytest.raises(ValueError, match="bad model_kwargs.*routing_iteratons"):
+        train(cfg, data_root=tmp_path, out_dir=tmp_path / "a", progress=False)
+    cfg = TrainConfig(**dict(TINY, model_kwargs=dict(conv_channels="16")))
+    with pytest.raises(TypeError) as info:
+        train(cfg, data_root=tmp_path, out_dir=tmp_path / "b", progress=False)
+    assert "bad model_kwargs" not in str(info.value)
+    cfg = TrainConfig(**dict(TINY, dataset_kwargs=dict(trian_size=8)))
+    with pytest.raises(ValueError, match="bad dataset_kwargs.*trian_size"):
+        train(cfg, data_root=tmp_path, out_dir=tmp_path / "c", progress=False)

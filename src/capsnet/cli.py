@@ -90,6 +90,15 @@ def _load_data(cfg, args):
     return load_data(cfg, _data_root(args.data), args.download)
 
 
+def _checked_data(model, cfg, args):
+    """The data of ``eval`` / ``viz``, refused before any pass when its images do not fit the checkpoint's model."""
+    from .train.loop import check_model_fits_data
+
+    data = _load_data(cfg, args)
+    check_model_fits_data(model, cfg, data)
+    return data
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -156,7 +165,7 @@ def _eval(args) -> int:
     from .train import create_objective, evaluate
 
     model, cfg = _checkpoint_model(args)
-    data = _load_data(cfg, args)
+    data = _checked_data(model, cfg, args)
     result = evaluate(model, data, args.split, create_objective(cfg.objective, **cfg.objective_kwargs), batch_size=cfg.eval_batch_size, device=args.device)
     result.update(checkpoint=str(args.checkpoint), dataset=cfg.dataset, split=args.split, error=1 - result["accuracy"])
     text = json.dumps(result, indent=2)
@@ -172,7 +181,7 @@ def _viz(args) -> int:
     model, cfg = _checkpoint_model(args)
     ckpt_dir = Path(args.checkpoint).parent
     out = Path(args.out) if args.out else ckpt_dir / "figures"
-    written = write_figures(model, _load_data(cfg, args), out, split=args.split, metrics_csv=ckpt_dir / "metrics.csv", device=args.device)
+    written = write_figures(model, _checked_data(model, cfg, args), out, split=args.split, metrics_csv=ckpt_dir / "metrics.csv", device=args.device)
     for p in written:
         print(f"figure: {p}")
     return 0

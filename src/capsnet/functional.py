@@ -12,6 +12,8 @@ import math
 import torch
 from torch import Tensor
 
+from .validation import assert_on_device, check_labels
+
 __all__ = ["safe_norm", "squash", "margin_loss", "reconstruction_loss", "spread_loss"]
 
 #: Added under the square root of every norm: keeps ``d|s|/ds`` finite at s = 0
@@ -84,14 +86,18 @@ def _targets_as_float(targets: Tensor, num_classes: int, like: Tensor) -> Tensor
             raise ValueError(f"integer class labels expected for targets of shape (B,), got dtype {targets.dtype}")
         if targets.shape[0] != like.shape[0]:
             raise ValueError(f"labels must have shape ({like.shape[0]},) to match the batch, got {tuple(targets.shape)}")
-        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
-            raise ValueError(
-                f"labels must lie in [0, {num_classes - 1}], got min {int(targets.min())} max {int(targets.max())}"
-            )
-        return torch.nn.functional.one_hot(targets.long(), num_classes).to(like.dtype)
+        check_labels(targets, like.shape[0], num_classes)
+        # A comparison, not one_hot: one_hot re-checks the range with a host-device sync.
+        return (targets.unsqueeze(1) == torch.arange(num_classes, device=targets.device)).to(like.dtype)
     if targets.shape != like.shape:
         raise ValueError(f"targets must be (B,) labels or (B, J) = {tuple(like.shape)} multi-hot, got {tuple(targets.shape)}")
-    if targets.dtype != torch.bool and targets.numel() and not bool(((targets == 0) | (targets == 1)).all()):
+    if targets.dtype == torch.bool or not targets.numel():
+        return targets.to(like.dtype)
+    binary = ((targets == 0) | (targets == 1)).all()
+    if targets.device.type != "cpu":  # no host-device sync inside a training step
+        assert_on_device(binary, "multi-hot targets must hold only 0 and 1")
+        return targets.to(like.dtype)
+    if not bool(binary):
         bad = targets[(targets != 0) & (targets != 1)]
         raise ValueError(
             f"multi-hot targets must hold only 0 and 1, got {bad.numel()} other value(s), e.g. {bad[0].item()}; "

@@ -54,7 +54,17 @@ def check_labels(y: Tensor, batch: int, num_classes: int, *, name: str = "labels
         raise ValueError(f"{name} must have shape ({batch},) to match the batch, got {tuple(y.shape)}")
     if y.dtype.is_floating_point or y.dtype == torch.bool:
         raise ValueError(f"{name} must be integer class indices, got dtype {y.dtype}")
-    if y.numel():
-        low, high = torch.stack(torch.aminmax(y)).tolist()  # both bounds in one device sync
-        if low < 0 or high >= num_classes:
-            raise ValueError(f"{name} must lie in [0, {num_classes - 1}], got min {low} max {high}")
+    if not y.numel():
+        return
+    if y.device.type != "cpu":  # no host-device sync inside a training step: checked on the device
+        assert_on_device(((y >= 0) & (y < num_classes)).all(), f"{name} must lie in [0, {num_classes - 1}]")
+        return
+    low, high = torch.stack(torch.aminmax(y)).tolist()
+    if low < 0 or high >= num_classes:
+        raise ValueError(f"{name} must lie in [0, {num_classes - 1}], got min {low} max {high}")
+
+
+def assert_on_device(condition: Tensor, message: str) -> None:
+    """Check a 0-d boolean tensor without waiting for it: on an accelerator the failure is raised
+    (with ``message``) by the next operation that synchronises; on CPU at once, as a RuntimeError."""
+    torch._assert_async(condition, message)

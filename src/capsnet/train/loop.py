@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import platform
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,13 +72,25 @@ def lr_factor(cfg: TrainConfig):
     return factor
 
 
+def _unknown_key(exc: TypeError, kwargs: dict) -> Optional[str]:
+    """The key of ``kwargs`` that ``exc`` ("... got an unexpected keyword argument 'k'") refuses, if any."""
+    found = re.search(r"unexpected keyword argument '([^']+)'", str(exc))
+    return found.group(1) if found and found.group(1) in kwargs else None
+
+
 def build_model(cfg: TrainConfig, data: ExperimentData) -> torch.nn.Module:
     try:
         model = create_model(cfg.model, **cfg.model_kwargs)
-    except TypeError as exc:  # an unknown or misspelt key; the message names it
-        if not cfg.model_kwargs:
+    except TypeError as exc:
+        if _unknown_key(exc, cfg.model_kwargs) is None:  # a TypeError from inside the builder: not the config's
             raise
         raise ValueError(f"bad model_kwargs for model {cfg.model!r}: {exc}; fix that key in the config") from exc
+    check_model_fits_data(model, cfg, data)
+    return model
+
+
+def check_model_fits_data(model: torch.nn.Module, cfg: TrainConfig, data: ExperimentData) -> None:
+    """A ValueError naming both when the model's ``in_channels`` / ``image_size`` differ from the data's images."""
     expected = (getattr(model, "in_channels", None), getattr(model, "image_size", None))
     c, h, w = data.image_shape
     if expected[0] is not None and (expected[0] != c or expected[1] not in (h, (h, w))):
@@ -85,15 +98,14 @@ def build_model(cfg: TrainConfig, data: ExperimentData) -> torch.nn.Module:
             f"model {cfg.model!r} expects {expected[0]}x{expected[1]}x{expected[1]} images but dataset "
             f"{cfg.dataset!r} gives {c}x{h}x{w}; adjust model_kwargs or dataset_kwargs in the config"
         )
-    return model
 
 
 def load_data(cfg: TrainConfig, data_root: str | Path, download: bool) -> ExperimentData:
     """The dataset of ``cfg``; a misspelt ``dataset_kwargs`` key is a ValueError naming it."""
     try:
         return load_dataset(cfg.dataset, data_root, download=download, seed=cfg.seed, **cfg.dataset_kwargs)
-    except TypeError as exc:  # an unknown or misspelt key; the message names it
-        if not cfg.dataset_kwargs:
+    except TypeError as exc:
+        if _unknown_key(exc, cfg.dataset_kwargs) is None:  # a TypeError from inside the loader: not the config's
             raise
         raise ValueError(f"bad dataset_kwargs for dataset {cfg.dataset!r}: {exc}; fix that key in the config") from exc
 
