@@ -149,6 +149,8 @@ def reconstruction_loss(reconstruction: Tensor, images: Tensor, *, weight: float
         raise ValueError(
             f"reconstruction {tuple(reconstruction.shape)} and images {tuple(images.shape)} must hold the same pixels per sample"
         )
+    if reconstruction.dtype in (torch.float16, torch.bfloat16):  # a decoder under autocast: sum in float32
+        reconstruction = reconstruction.float()
     diff = reconstruction.reshape(batch, pixels) - images.reshape(batch, pixels)
     # Sum over pixels, mean over the batch; an empty batch (a torchrun shard) gives 0, not 0/0.
     return weight * diff.pow(2).sum() / max(batch, 1)

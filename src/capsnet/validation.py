@@ -1,7 +1,9 @@
 """Boundary checks shared by the layers' and models' ``forward``: clear errors instead of deep crashes.
 
 Shape and dtype checks are O(1); only the finiteness of images and the range of labels
-read the values (one reduction each, once per forward).
+read the values (one reduction each, once per forward). On CPU a bad value raises a
+ValueError at once; on an accelerator the check runs on the device (``torch._assert_async``)
+so that a training step never waits for the host, and fails at the next synchronisation.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["check_dtype", "check_images", "check_labels"]
+__all__ = ["assert_on_device", "check_dtype", "check_images", "check_labels"]
 
 
 def check_dtype(x: Tensor, dtype: torch.dtype, *, name: str) -> None:
@@ -41,7 +43,12 @@ def check_images(x: Tensor, channels: int, size: tuple[int, int], *, dtype: torc
         raise ValueError(f"{name} must be a floating tensor (e.g. uint8 images / 255), got dtype {x.dtype}")
     if dtype is not None:
         check_dtype(x, dtype, name=name)
-    if x.numel() and not bool(torch.isfinite(x).all()):
+    if not x.numel():
+        return
+    if x.device.type != "cpu":  # no host-device sync inside a training step: checked on the device
+        assert_on_device(torch.isfinite(x).all(), f"{name} holds NaN or infinite values; clean the data before the model sees it")
+        return
+    if not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{name} holds {bad} NaN or infinite value(s); clean the data before the model sees it")
 

@@ -20,8 +20,8 @@ CPU (torch 2.13, oneDNN), at batch 128 and 1-2 threads:
 
 ``benchmarks/run.py`` measures the effect on whole models; ``tests/test_conv.py`` holds
 values and gradients (first and second order) to ``F.conv2d`` in float64. Off CPU, for
-groups, dilation, non-zero padding modes and under ``torch.func`` transforms the layer is
-a plain ``nn.Conv2d``.
+groups, dilation, non-zero padding modes, under ``torch.func`` transforms and under
+``torch.autocast`` the layer is a plain ``nn.Conv2d``.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ _SLAB_ELEMENTS = 1 << 22
 
 
 class Conv2d(nn.Conv2d):
-    """A drop-in ``nn.Conv2d`` (same parameters, state dict and results) with a faster CPU backward.
+    """A drop-in ``nn.Conv2d`` (same parameters and state dict, results equal to rounding) with a faster CPU backward.
 
     Args:
         weight_grad: one of :data:`WEIGHT_GRADIENTS`; ``"native"`` makes this exactly
@@ -71,6 +71,7 @@ class Conv2d(nn.Conv2d):
             and self.padding_mode == "zeros"
             and not isinstance(self.padding, str)
             and not torch._C._are_functorch_transforms_active()
+            and not torch.is_autocast_enabled(x.device.type)  # autocast's casts and kernels: nn.Conv2d's
         )
 
     def forward(self, x: Tensor) -> Tensor:

@@ -19,6 +19,7 @@ from ..routing.dynamic import (
     _routing_vjp,
     _Step,
 )
+from ..precision import float32_under_autocast
 from ..validation import check_dtype
 
 __all__ = ["DenseCaps"]
@@ -99,6 +100,7 @@ class DenseCaps(nn.Module):
             u_hat = u_hat + self.bias
         return u_hat
 
+    @float32_under_autocast
     def forward(self, u: Tensor) -> RoutingResult:
         self._check_input(u)
         routing = dict(detach_intermediate=self.detach_intermediate, leaky=self.leaky, eps=NORM_EPS)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from ..precision import float32_under_autocast
 from ..routing.em import LAMBDA_SCHEDULES, MASS_EPS, VAR_FLOOR, ConvGeometry, FactoredVotes, em_routing, to_patches
 
 __all__ = ["ClassMatCaps", "ConvMatCaps", "MatrixCaps", "PrimaryMatCaps", "coordinate_offsets"]
@@ -251,6 +252,7 @@ class ConvMatCaps(_EMRouted):
         patches = rearrange(cols, "b (t d k) l -> (k t) (b l) d", t=self.in_types, d=POSE * POSE)
         return FactoredVotes(patches, _block_weight(self.weight))
 
+    @float32_under_autocast  # votes and routing in float32 (see capsnet.precision)
     def forward(self, poses: Tensor, activations: Tensor) -> MatrixCaps:
         _check_grid(poses, activations, self.in_types, self.in_size, "ConvMatCaps")
         geometry = self.geometry(tuple(poses.shape[1:3]))
@@ -354,6 +356,7 @@ class ClassMatCaps(_EMRouted):
         offsets = None if self.offsets is None else self.offsets.to(poses.dtype)
         return FactoredVotes(flat, _block_weight(self.weight), offsets)
 
+    @float32_under_autocast  # votes and routing in float32 (see capsnet.precision)
     def forward(self, poses: Tensor, activations: Tensor) -> MatrixCaps:
         _check_grid(poses, activations, self.in_types, self.in_size, "ClassMatCaps")
         a_in = rearrange(activations, "b h w t -> b 1 (t h w)")  # same child order as the votes

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from ..functional import NORM_EPS, squash
+from ..precision import float32_under_autocast
 
 __all__ = ["RoutingResult", "dynamic_routing"]
 
@@ -43,6 +44,7 @@ class RoutingResult(NamedTuple):
     logits: Tensor
 
 
+@float32_under_autocast
 def dynamic_routing(
     votes: Tensor,
     iterations: int = 3,

@@ -43,6 +43,8 @@ from einops import rearrange
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ..precision import float32_under_autocast
+
 __all__ = [
     "ConvGeometry",
     "EMRoutingResult",
@@ -700,6 +702,7 @@ def _factored_shape(votes: FactoredVotes, activations: Tensor, beta_a: Tensor) -
     return batch, num_patches, slots, types, dim
 
 
+@float32_under_autocast
 def em_routing(
     votes: Union[Tensor, FactoredVotes],
     activations: Tensor,

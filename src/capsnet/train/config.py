@@ -15,6 +15,9 @@ __all__ = ["TrainConfig", "load_config"]
 EPOCH_SEED_STRIDE = 1_000_003
 #: ``"exponential"``: the official code's continuous decay; ``"cosine"``: half a cosine to ``lr_min``.
 LR_SCHEDULES = ("exponential", "cosine")
+#: Mixed precision (``amp``): None (float32), ``"bf16"`` or ``"fp16"`` (with loss scaling) under
+#: ``torch.autocast`` for the forward pass and the loss; routing stays float32 (:mod:`capsnet.precision`).
+AMP_DTYPES = {None: None, "bf16": "bfloat16", "fp16": "float16"}
 #: Seeds lie in ``[0, SEED_LIMIT)``, so that the epoch-order seed above fits in int64.
 SEED_LIMIT = 2**63 // EPOCH_SEED_STRIDE
 
@@ -28,6 +31,7 @@ class TrainConfig:
     ``lr_schedule="cosine"`` instead follows half a cosine from ``lr`` to ``lr_min`` over
     ``lr_decay_steps`` steps (for short, fixed-length runs); ``lr_warmup_steps`` ramps the
     learning rate linearly up from ``lr / lr_warmup_steps`` first, under either schedule.
+    ``amp``: mixed precision, see :data:`AMP_DTYPES`.
     """
 
     model: str = "capsnet_mnist"
@@ -54,6 +58,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     figures: bool = True
+    amp: Optional[str] = None
 
     def __post_init__(self):
         hints = typing.get_type_hints(type(self))
@@ -77,6 +82,8 @@ class TrainConfig:
             raise ValueError(f"config key 'lr' must be > 0, got {self.lr}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"config key 'lr_schedule' must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.amp not in AMP_DTYPES:
+            raise ValueError(f"config key 'amp' must be one of {tuple(AMP_DTYPES)}, got {self.amp!r}")
         if self.lr_warmup_steps < 0:
             raise ValueError(f"config key 'lr_warmup_steps' must be >= 0, got {self.lr_warmup_steps}")
         if not 0 < self.lr_decay_rate <= 1:

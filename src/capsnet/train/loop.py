@@ -18,7 +18,7 @@ from tqdm import tqdm
 from ..data import ExperimentData, load_dataset
 from ..models import create_model
 from .checkpoint import load_checkpoint, load_latest, rotate_and_save, save_checkpoint
-from .config import EPOCH_SEED_STRIDE, TrainConfig
+from .config import AMP_DTYPES, EPOCH_SEED_STRIDE, TrainConfig
 from .distributed import Dist
 from .metrics import MetricsLogger
 from .objectives import Objective, create_objective
@@ -200,6 +200,10 @@ def train(
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in model.parameters())
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
+    device_type = torch.device(device).type
+    amp_dtype = getattr(torch, AMP_DTYPES[cfg.amp]) if cfg.amp else None
+    # Loss scaling only for float16 (bfloat16 has float32's range); a no-op when disabled.
+    scaler = torch.amp.GradScaler(device_type, enabled=cfg.amp == "fp16")
     generator = torch.Generator().manual_seed(cfg.seed)
     state = Progress()
 
@@ -212,6 +216,8 @@ def train(
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
         _set_rng_state(ckpt["rng"], generator)
         state = Progress(**ckpt["progress"])
         log.info("resumed from %s at step %d (epoch %d)", path, state.step, state.epoch)
@@ -235,6 +241,7 @@ def train(
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
                 "rng": _rng_state(generator),
                 "progress": vars(state).copy(),
             }
@@ -279,11 +286,13 @@ def train(
                 images, labels = data.train_batch(index, generator)  # the global batch, same on every rank
                 local = dist.shard(torch.arange(len(index)))
                 images, labels = images[local].to(device), labels[local].to(device)
-                output = trained(images, objective.teacher(labels))
-                loss = objective.loss(output, images, labels, state.step)
+                with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    output = trained(images, objective.teacher(labels))
+                    loss = objective.loss(output, images, labels, state.step)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 scheduler.step()
                 state.step += 1
                 state.batch_in_epoch += 1
