@@ -40,6 +40,7 @@ def test_values_and_gradients_equal_conv2d(shape, strategy, bias):
     layer = _layer(shape, strategy, bias)
     x = _input(shape)
     out = layer(x)
+    assert type(out.grad_fn).__name__ == "_Conv2dBackward", "the fast path, not nn.Conv2d's"
     ref = F.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding)
     torch.testing.assert_close(out, ref, **TOL)
     upstream = torch.randn_like(ref)
@@ -115,3 +116,33 @@ def test_capsnet_gradients_do_not_depend_on_strategy():
     assert grads["native"].keys() == grads["auto"].keys()
     for name in grads["native"]:
         torch.testing.assert_close(grads["auto"][name], grads["native"][name], **TOL, msg=name)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_several_slabs_channels_last_and_empty_batches(monkeypatch, strategy):
+    """Slabs of channels smaller than C (as PrimaryCaps at batch 128), channels-last input, batch 0."""
+    monkeypatch.setattr("capsnet.layers.conv._SLAB_ELEMENTS", 500)  # 2 channels per slab here
+    shape = SHAPES[4]
+    layer = _layer(shape, strategy)
+    for x in (_input(shape), _input(shape).detach().to(memory_format=torch.channels_last).requires_grad_()):
+        out = layer(x)
+        ref = F.conv2d(x, layer.weight, layer.bias, layer.stride)
+        torch.testing.assert_close(out, ref, **TOL)
+        got = torch.autograd.grad(out.square().sum(), [x, layer.weight])
+        expected = torch.autograd.grad(ref.square().sum(), [x, layer.weight])
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, **TOL)
+    empty = torch.zeros(0, shape[0], 20, 20, dtype=torch.float64, requires_grad=True)
+    assert layer(empty).shape == (0, shape[1], 6, 6)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_autocast_uses_pytorchs_convolution(strategy):
+    """Under CPU autocast the layer is nn.Conv2d: bfloat16 output, float32 gradients."""
+    layer = Conv2d(4, 6, 3, stride=2, weight_grad=strategy)
+    x = torch.randn(2, 4, 9, 9, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert x.grad.dtype == layer.weight.grad.dtype == torch.float32

@@ -94,7 +94,7 @@ def _targets_as_float(targets: Tensor, num_classes: int, like: Tensor) -> Tensor
     if targets.dtype == torch.bool or not targets.numel():
         return targets.to(like.dtype)
     binary = ((targets == 0) | (targets == 1)).all()
-    if targets.device.type != "cpu":  # no host-device sync inside a training step
+    if targets.device.type == "cuda":  # no host-device sync inside a training step
         assert_on_device(binary, "multi-hot targets must hold only 0 and 1")
         return targets.to(like.dtype)
     if not bool(binary):

@@ -1,9 +1,9 @@
 """Boundary checks shared by the layers' and models' ``forward``: clear errors instead of deep crashes.
 
 Shape and dtype checks are O(1); only the finiteness of images and the range of labels
-read the values (one reduction each, once per forward). On CPU a bad value raises a
-ValueError at once; on an accelerator the check runs on the device (``torch._assert_async``)
-so that a training step never waits for the host, and fails at the next synchronisation.
+read the values (one reduction each, once per forward). A bad value raises a ValueError at
+once, except on CUDA, where the check runs on the device (``torch._assert_async``) so that a
+training step never waits for the host, and fails at the next synchronisation.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def check_images(x: Tensor, channels: int, size: tuple[int, int], *, dtype: torc
         check_dtype(x, dtype, name=name)
     if not x.numel():
         return
-    if x.device.type != "cpu":  # no host-device sync inside a training step: checked on the device
+    if x.device.type == "cuda":  # no host-device sync inside a training step: checked on the device
         assert_on_device(torch.isfinite(x).all(), f"{name} holds NaN or infinite values; clean the data before the model sees it")
         return
     if not bool(torch.isfinite(x).all()):
@@ -63,7 +63,7 @@ def check_labels(y: Tensor, batch: int, num_classes: int, *, name: str = "labels
         raise ValueError(f"{name} must be integer class indices, got dtype {y.dtype}")
     if not y.numel():
         return
-    if y.device.type != "cpu":  # no host-device sync inside a training step: checked on the device
+    if y.device.type == "cuda":  # no host-device sync inside a training step: checked on the device
         assert_on_device(((y >= 0) & (y < num_classes)).all(), f"{name} must lie in [0, {num_classes - 1}]")
         return
     low, high = torch.stack(torch.aminmax(y)).tolist()
@@ -72,6 +72,10 @@ def check_labels(y: Tensor, batch: int, num_classes: int, *, name: str = "labels
 
 
 def assert_on_device(condition: Tensor, message: str) -> None:
-    """Check a 0-d boolean tensor without waiting for it: on an accelerator the failure is raised
-    (with ``message``) by the next operation that synchronises; on CPU at once, as a RuntimeError."""
+    """Check a 0-d boolean CUDA tensor without waiting for it (``torch._assert_async``).
+
+    A failure is a device-side assert raised by the next operation that synchronises; it
+    leaves the process's CUDA context unusable, so only the hot path uses it, for inputs the
+    data pipeline has already validated. Other devices keep the synchronous ValueError.
+    """
     torch._assert_async(condition, message)

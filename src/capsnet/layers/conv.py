@@ -122,7 +122,7 @@ def _weight_grad_conv(x: Tensor, grad_out: Tensor, weight_shape, stride, padding
     rows = stride[0] * (grad_out.shape[2] - 1) + kh
     cols = stride[1] * (grad_out.shape[3] - 1) + kw
     x_t = x[:, :, :rows, :cols].transpose(0, 1)  # (C, N, rows, cols)
-    kernel = grad_out.transpose(0, 1)  # (O, N, H', W')
+    kernel = grad_out.transpose(0, 1).contiguous()  # (O, N, H', W'), once for every slab
     grad = x.new_empty(weight_shape)
     size = max(1, _SLAB_ELEMENTS // (x.shape[0] * rows * cols))
     for start in range(0, x_t.shape[0], size):
@@ -143,7 +143,8 @@ class _Conv2d(torch.autograd.Function):
         ctx.stride, ctx.padding, ctx.weight_grad, ctx.has_bias = stride, padding, weight_grad, bias is not None
         if weight_grad == "im2col":
             out, cols = _im2col_forward(x, weight, bias, stride, padding)
-            ctx.save_for_backward(x, weight, cols)
+            # The columns only serve the weight gradient (and are recomputed for create_graph=True).
+            ctx.save_for_backward(x, weight, *([cols] if ctx.needs_input_grad[1] else []))
         else:
             out = F.conv2d(x, weight, bias, stride, padding)
             ctx.save_for_backward(x, weight)

@@ -29,7 +29,8 @@ class TrainConfig:
     Adam at lr 1e-3 decayed by 0.96 every 2,000 steps (continuous, floored at 1e-6, as in
     the official code), batch 128, margin loss plus 0.0005 x reconstruction loss.
     ``lr_schedule="cosine"`` instead follows half a cosine from ``lr`` to ``lr_min`` over
-    ``lr_decay_steps`` steps (for short, fixed-length runs); ``lr_warmup_steps`` ramps the
+    ``lr_decay_steps`` steps (for short, fixed-length runs; None: the run's length after the
+    warm-up, from ``epochs`` or ``max_steps``); ``lr_warmup_steps`` ramps the
     learning rate linearly up from ``lr / lr_warmup_steps`` first, under either schedule.
     ``amp``: mixed precision, see :data:`AMP_DTYPES`.
     """
@@ -44,7 +45,7 @@ class TrainConfig:
     eval_batch_size: int = 256
     lr: float = 1e-3
     lr_decay_rate: float = 0.96
-    lr_decay_steps: int = 2000
+    lr_decay_steps: Optional[int] = 2000
     lr_min: float = 1e-6
     lr_schedule: str = "exponential"
     lr_warmup_steps: int = 0
@@ -64,11 +65,11 @@ class TrainConfig:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             _check_type(f.name, getattr(self, f.name), hints[f.name])
-        positive = ["batch_size", "eval_batch_size", "lr_decay_steps", "epochs", "checkpoint_every", "keep_checkpoints", "log_every"]
+        positive = ["batch_size", "eval_batch_size", "epochs", "checkpoint_every", "keep_checkpoints", "log_every"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"config key {name!r} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "eval_every"):
+        for name in ("max_steps", "eval_every", "lr_decay_steps"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"config key {name!r} must be >= 1 or None, got {value}")
@@ -88,6 +89,8 @@ class TrainConfig:
             raise ValueError(f"config key 'lr_warmup_steps' must be >= 0, got {self.lr_warmup_steps}")
         if not 0 < self.lr_decay_rate <= 1:
             raise ValueError(f"config key 'lr_decay_rate' must lie in (0, 1], got {self.lr_decay_rate}")
+        if self.lr_min > self.lr:
+            raise ValueError(f"config key 'lr_min' ({self.lr_min}) must not exceed 'lr' ({self.lr})")
         if self.lr_min < 0 or self.weight_decay < 0:
             raise ValueError(f"config keys 'lr_min' and 'weight_decay' must be >= 0, got {self.lr_min}, {self.weight_decay}")
         if not 0 <= self.seed < SEED_LIMIT:

@@ -47,24 +47,29 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * EPOCH_SEED_STRIDE + epoch))
 
 
-def lr_factor(cfg: TrainConfig):
+def lr_factor(cfg: TrainConfig, total_steps: Optional[int] = None):
     """The learning rate at a step, as a multiple of ``cfg.lr`` (floored at ``lr_min``).
 
-    ``"exponential"``: the official CapsNet code's continuous decay ``rate^(step / steps)``.
-    ``"cosine"``: ``(1 + cos(pi t)) / 2`` with ``t = step / lr_decay_steps`` (held at 1 past the end),
-    from ``lr`` down to ``lr_min``. With ``lr_warmup_steps = w`` the factor is first multiplied by
-    ``(step + 1) / w`` for ``step < w``, and the decay starts after the warm-up.
+    After ``w = lr_warmup_steps`` steps of linear warm-up (factor ``(step + 1) / w``), the decay
+    runs over ``lr_decay_steps`` steps (None: ``total_steps - w``, the rest of the run):
+    ``"exponential"``, the official CapsNet code's continuous ``rate^(step / steps)``; or
+    ``"cosine"``, ``(1 + cos(pi t)) / 2`` from ``lr`` down to ``lr_min`` at ``t = 1``, held after.
     """
     floor = cfg.lr_min / cfg.lr
     warmup = cfg.lr_warmup_steps
+    length = cfg.lr_decay_steps
+    if length is None:  # the rest of the run
+        if total_steps is None:
+            raise ValueError("lr_decay_steps=None needs the run's total steps")
+        length = max(1, total_steps - warmup)
 
     def factor(step: int) -> float:
         decay_step = max(0, step - warmup)
         if cfg.lr_schedule == "cosine":
-            t = min(1.0, decay_step / cfg.lr_decay_steps)
+            t = min(1.0, decay_step / length)
             value = floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
         else:
-            value = cfg.lr_decay_rate ** (decay_step / cfg.lr_decay_steps)
+            value = cfg.lr_decay_rate ** (decay_step / length)
         if step < warmup:
             value *= (step + 1) / warmup
         return max(value, floor)
@@ -72,19 +77,36 @@ def lr_factor(cfg: TrainConfig):
     return factor
 
 
-def _unknown_key(exc: TypeError, kwargs: dict) -> Optional[str]:
-    """The key of ``kwargs`` that ``exc`` ("... got an unexpected keyword argument 'k'") refuses, if any."""
-    found = re.search(r"unexpected keyword argument '([^']+)'", str(exc))
-    return found.group(1) if found and found.group(1) in kwargs else None
+def _kwargs_error(exc: TypeError, kwargs: dict, what: str, name: str) -> Optional[ValueError]:
+    """A ValueError for a ``TypeError`` that ``kwargs`` caused, or None when it did not (empty kwargs).
+
+    An unknown key ("unexpected keyword argument 'k'") or one the trainer sets itself
+    ("multiple values for ... argument 'k'") is named; any other TypeError with kwargs present
+    is reported as a value of the wrong type.
+    """
+    if not kwargs:
+        return None
+    text = str(exc)
+    unknown = re.search(r"unexpected keyword argument '([^']+)'", text)
+    if unknown and unknown.group(1) in kwargs:
+        return ValueError(f"bad {what} for {name}: {text}; fix that key in the config")
+    reserved = re.search(r"multiple values for (?:keyword )?argument '([^']+)'", text)
+    if reserved and reserved.group(1) in kwargs:
+        return ValueError(
+            f"bad {what} for {name}: {reserved.group(1)!r} is set by the trainer; remove it from {what} "
+            "(use the top-level config key, e.g. seed)"
+        )
+    return ValueError(f"{name} refused {what} {kwargs}: {type(exc).__name__}: {text}; check the types of these values")
 
 
 def build_model(cfg: TrainConfig, data: ExperimentData) -> torch.nn.Module:
     try:
         model = create_model(cfg.model, **cfg.model_kwargs)
     except TypeError as exc:
-        if _unknown_key(exc, cfg.model_kwargs) is None:  # a TypeError from inside the builder: not the config's
+        error = _kwargs_error(exc, cfg.model_kwargs, "model_kwargs", f"model {cfg.model!r}")
+        if error is None:
             raise
-        raise ValueError(f"bad model_kwargs for model {cfg.model!r}: {exc}; fix that key in the config") from exc
+        raise error from exc
     check_model_fits_data(model, cfg, data)
     return model
 
@@ -105,9 +127,10 @@ def load_data(cfg: TrainConfig, data_root: str | Path, download: bool) -> Experi
     try:
         return load_dataset(cfg.dataset, data_root, download=download, seed=cfg.seed, **cfg.dataset_kwargs)
     except TypeError as exc:
-        if _unknown_key(exc, cfg.dataset_kwargs) is None:  # a TypeError from inside the loader: not the config's
+        error = _kwargs_error(exc, cfg.dataset_kwargs, "dataset_kwargs", f"dataset {cfg.dataset!r}")
+        if error is None:
             raise
-        raise ValueError(f"bad dataset_kwargs for dataset {cfg.dataset!r}: {exc}; fix that key in the config") from exc
+        raise error from exc
 
 
 @torch.no_grad()
@@ -199,7 +222,12 @@ def train(
     # formula; on CPU the step of capsnet_mnist fell from ~70 to ~11 ms, docs/performance.md).
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in model.parameters())
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
+    n = data.size("train")
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, total_steps))
     device_type = torch.device(device).type
     amp_dtype = getattr(torch, AMP_DTYPES[cfg.amp]) if cfg.amp else None
     # Loss scaling only for float16 (bfloat16 has float32's range); a no-op when disabled.
@@ -258,11 +286,6 @@ def train(
             log.info("step %d: validation accuracy %.4f (best %.4f at step %d)", state.step, result["accuracy"], state.best_val_accuracy, state.best_step)
 
     logger = MetricsLogger(out, resume_step=state.step if resume else None) if dist.is_main else None
-    n = data.size("train")
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps)
     trained.train()
     bar = tqdm(total=total_steps, initial=state.step, disable=not (progress and dist.is_main), unit="step", dynamic_ncols=True)
     started = time.perf_counter()
