@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -78,6 +79,8 @@ def test_every_config_has_a_command_and_a_smoke_variant(config):
     assert "capsnet train --config configs/" + config in text, "docstring holds the command"
     load_config(str(REPO / "configs" / config))
     load_config(str(REPO / "configs" / config) + ":smoke")
+    for variant in set(re.findall(r"configs/" + re.escape(config) + r":(\w+)", text)):  # every documented variant
+        load_config(str(REPO / "configs" / config) + ":" + variant)
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.py")))
