@@ -6,6 +6,18 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
+#: A training config that runs in about a second: capsnet_tiny on synthetic data, 3 steps per epoch.
+TINY = dict(
+    model="capsnet_tiny",
+    dataset="synthetic",
+    dataset_kwargs=dict(train_size=48, val_size=16, test_size=16),
+    batch_size=16,
+    epochs=3,
+    checkpoint_every=1,
+    log_every=1,
+    figures=False,
+)
+
 
 @pytest.fixture(autouse=True)
 def _deterministic():

@@ -16,16 +16,9 @@ from capsnet.models import create_model
 from capsnet.train import TrainConfig, train
 from capsnet.train.checkpoint import load_checkpoint
 
+from conftest import TINY
+
 LOW = [torch.bfloat16, torch.float16]
-TINY = dict(
-    model="capsnet_tiny",
-    dataset="synthetic",
-    dataset_kwargs=dict(train_size=48, val_size=16, test_size=16),
-    batch_size=16,
-    epochs=3,
-    checkpoint_every=1,
-    figures=False,
-)
 
 
 @pytest.mark.parametrize("dtype", LOW)

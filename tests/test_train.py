@@ -10,18 +10,8 @@ from capsnet.train import CheckpointError, TrainConfig, load_checkpoint, load_co
 from capsnet.train.checkpoint import MAGIC, load_latest, rotate_and_save
 from capsnet.train.metrics import read_events, read_metrics_csv
 
-from conftest import REPO
+from conftest import REPO, TINY
 
-TINY = dict(
-    model="capsnet_tiny",
-    dataset="synthetic",
-    dataset_kwargs=dict(train_size=48, val_size=16, test_size=16),
-    batch_size=16,
-    epochs=3,
-    checkpoint_every=1,
-    log_every=1,
-    figures=False,
-)
 
 
 def _weights(path):

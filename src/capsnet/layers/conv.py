@@ -48,6 +48,10 @@ class Conv2d(nn.Conv2d):
     Args:
         weight_grad: one of :data:`WEIGHT_GRADIENTS`; ``"native"`` makes this exactly
             ``nn.Conv2d``. Everything else as ``nn.Conv2d``.
+
+    Shape:
+        x: ``(B, in_channels, H, W)``; returns ``(B, out_channels, H', W')`` as ``nn.Conv2d``
+        (input of another shape, or channel count, gets ``nn.Conv2d``'s own error).
     """
 
     def __init__(self, *args, weight_grad: str = "auto", **kwargs):
