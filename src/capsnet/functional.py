@@ -84,9 +84,7 @@ def _targets_as_float(targets: Tensor, num_classes: int, like: Tensor) -> Tensor
     if targets.dim() == 1:
         if targets.dtype.is_floating_point or targets.dtype == torch.bool:
             raise ValueError(f"integer class labels expected for targets of shape (B,), got dtype {targets.dtype}")
-        if targets.shape[0] != like.shape[0]:
-            raise ValueError(f"labels must have shape ({like.shape[0]},) to match the batch, got {tuple(targets.shape)}")
-        check_labels(targets, like.shape[0], num_classes)
+        check_labels(targets, like.shape[0], num_classes)  # the batch size and the range
         # A comparison, not one_hot: one_hot re-checks the range with a host-device sync.
         return (targets.unsqueeze(1) == torch.arange(num_classes, device=targets.device)).to(like.dtype)
     if targets.shape != like.shape:
