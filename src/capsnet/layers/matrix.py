@@ -242,7 +242,7 @@ class ConvMatCaps(_EMRouted):
             poses: ``(B, H, W, T, 4, 4)``; returns ``(B, L, I, J, 16)``, a view of an
             ``(I, B, L, J, 16)`` contiguous tensor (the layout :func:`em_routing` reads fastest).
         """
-        patches, block, _ = self._factors(poses)
+        patches, block, _, _ = self._factors(poses)
         votes = torch.bmm(patches, block)  # (I, B L, J 16)
         return rearrange(votes, "i (b l) (j d) -> b l i j d", b=poses.shape[0], j=self.out_types)
 
@@ -250,7 +250,7 @@ class ConvMatCaps(_EMRouted):
         """The votes as ``patches (I, B L, 16) @ block transforms (I, 16, J 16)``."""
         cols = F.unfold(rearrange(poses, "b h w t p q -> b (t p q) h w"), self.kernel_size, stride=self.stride)
         patches = rearrange(cols, "b (t d k) l -> (k t) (b l) d", t=self.in_types, d=POSE * POSE)
-        return FactoredVotes(patches, _block_weight(self.weight))
+        return FactoredVotes(patches, _block_weight(self.weight), matrices=self.weight)
 
     @float32_under_autocast  # votes and routing in float32 (see capsnet.precision)
     def forward(self, poses: Tensor, activations: Tensor) -> MatrixCaps:
@@ -343,7 +343,7 @@ class ClassMatCaps(_EMRouted):
             poses: ``(B, H, W, T, 4, 4)``; returns ``(B, 1, I, J, 16)`` with ``I = T H W`` ordered
             ``(t, h, w)``: a view of an ``(I, B, 1, J, 16)`` contiguous tensor.
         """
-        flat, block, offsets = self._factors(poses)
+        flat, block, offsets, _ = self._factors(poses)
         votes = torch.bmm(flat, block)  # (T, H W B, J 16)
         votes = rearrange(votes, "t (n b) (j d) -> (t n) b 1 j d", b=poses.shape[0], j=self.num_classes)
         if offsets is not None:
@@ -354,7 +354,7 @@ class ClassMatCaps(_EMRouted):
         """The votes as ``poses (T, H W B, 16) @ block transforms (T, 16, J 16) + coordinates``."""
         flat = rearrange(poses, "b h w t p q -> t (h w b) (p q)")
         offsets = None if self.offsets is None else self.offsets.to(poses.dtype)
-        return FactoredVotes(flat, _block_weight(self.weight), offsets)
+        return FactoredVotes(flat, _block_weight(self.weight), offsets, self.weight)
 
     @float32_under_autocast  # votes and routing in float32 (see capsnet.precision)
     def forward(self, poses: Tensor, activations: Tensor) -> MatrixCaps:

@@ -43,6 +43,7 @@ from einops import rearrange
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .. import kernels
 from ..precision import float32_under_autocast
 
 __all__ = [
@@ -101,12 +102,16 @@ class FactoredVotes(NamedTuple):
     outermost (``I / G`` children per group).
 
     poses: ``(G, R, P)``; transforms: ``(G, P, J D)``, no batch axis;
-    offsets: ``(I, D)`` constants added to every vote of child slot ``i`` (coordinate addition), or None.
+    offsets: ``(I, D)`` constants added to every vote of child slot ``i`` (coordinate addition), or None;
+    matrices: for 4x4 poses (``P = D = 16``), the ``(G, J, 4, 4)`` transforms ``W`` with ``V = M W``
+    that ``transforms`` is the block form of, or None. Only the compiled reads use them (4
+    multiply-adds per vote element instead of 16); gradients flow through ``transforms``.
     """
 
     poses: Tensor
     transforms: Tensor
     offsets: Optional[Tensor] = None
+    matrices: Optional[Tensor] = None
 
 
 class ConvGeometry(NamedTuple):
@@ -355,6 +360,10 @@ class _VoteReader:
         self.per_group = 1 if factors is None else slots // factors[0].shape[0]
         self.step = -(-step // self.per_group) * self.per_group
         self.terms: list[tuple[Tensor, Tensor, Tensor]] = []  # (left, right1, right2) outer products
+        # The compiled one-pass reads (capsnet.kernels) where they apply, else None: eager chunks.
+        self.compiled = None if factors is None else kernels.em_votes(*factors, centre, shape)
+        factors = None if factors is None else factors[:3]
+        self.factors = factors
         if factors is not None:  # -c for every row (child block, b, l) of a bmm group: the product adds it
             rows, cols = batch * num_patches, types * dim
             self.neg_centre = (-centre).view(1, rows, cols).expand(self.per_group, rows, cols).reshape(-1, cols)
@@ -382,6 +391,8 @@ class _VoteReader:
 
     def moments(self, r: Tensor) -> tuple[Tensor, Tensor]:
         """``sum_i r_i X_i`` and ``sum_i r_i X_i^2`` for ``r`` of shape ``(I, N)``."""
+        if self.compiled is not None:
+            return self.compiled.moments(r)
         m1 = self.centre.new_zeros(self.shape[1:]) if self.x is None else self.x.new_zeros(self.shape[1:])
         m2 = torch.zeros_like(m1)
         for part, x, buf in self._chunks():
@@ -397,6 +408,8 @@ class _VoteReader:
 
     def quadratic(self, u1: Tensor, u2: Tensor, u0: Tensor) -> Tensor:
         """``u0 + sum_d X u1 + X^2 u2`` for ``u1, u2`` of shape ``(N, D)`` and ``u0`` ``(N,)``; returns ``(I, N)``."""
+        if self.compiled is not None:
+            return self.compiled.quadratic(u1, u2, u0)
         out = u1.new_empty(self.shape[:2])
         ones = u1.new_ones(self.shape[-1])
         for part, x, buf in self._chunks():
@@ -409,6 +422,9 @@ class _VoteReader:
         """``(children, d/dV chunk)`` of ``sum_k <left_k (x) right1_k, X> + <left_k (x) right2_k, X^2>``
         over :attr:`terms`, chunk by chunk (each chunk is scratch, valid until the next)."""
         slots, n, d = self.shape
+        if self.compiled is not None:
+            yield from self._compiled_grad_chunks()
+            return
         lefts = [t[0].reshape(slots, n) for t in self.terms]
         (a0, b0), rest = self.terms[0][1:], [(t[1], t[2]) for t in self.terms[1:]]
         first = None
@@ -422,6 +438,16 @@ class _VoteReader:
                 g1.addcmul_(w, right1)
                 g2.addcmul_(w, right2)
             yield part, g1.addcmul_(x, g2, value=2.0)  # dX^2/dV = 2 X; c is a constant
+
+
+    def _compiled_grad_chunks(self):
+        """:meth:`grad_chunks` by the compiled kernel, same chunks."""
+        slots, n, d = self.shape
+        terms = [(t[0].reshape(slots, n).contiguous(), t[1].contiguous(), t[2].contiguous()) for t in self.terms]
+        out = terms[0][1].new_empty((min(self.step, slots), n, d))
+        for start in range(0, slots, self.step):
+            stop = min(start + self.step, slots)
+            yield slice(start, stop), self.compiled.gradient(terms, start, stop, out[: stop - start])
 
 
 class _ReplayMoments(torch.autograd.Function):
@@ -572,14 +598,14 @@ class _EMRoutingFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, votes, transforms, offsets, a_in, beta_a, beta_v, cfg):
+    def forward(ctx, votes, transforms, offsets, matrices, a_in, beta_a, beta_v, cfg):
         slots, batch, num_patches, types, dim = cfg.shape
         factored = transforms is not None
         # c: unweighted mean vote per parent; routing's outputs do not depend on it (it only
         # keeps the expanded moments free of float cancellation), so it carries no gradient.
         if factored:
             centre = _factored_centre(votes, transforms, offsets, cfg.shape)
-            reader = _VoteReader(cfg.shape, factors=(votes, transforms, offsets), centre=centre)
+            reader = _VoteReader(cfg.shape, factors=(votes, transforms, offsets, matrices), centre=centre)
         else:
             flat = votes.view(slots, -1, dim)  # (I, N, D): children outermost, N = (B, L, J)
             centre = flat.mean(0)
@@ -599,9 +625,11 @@ class _EMRoutingFunction(torch.autograd.Function):
         for it in range(len(cfg.lambdas)):
             r, gaussians = _iteration(moments, quadratic, it, gaussians, a_in, beta_a, beta_v, centre_view, cfg)
             history.extend(gaussians)
-        ctx.cfg, ctx.factored, ctx.has_offsets = cfg, factored, offsets is not None
+        ctx.cfg, ctx.factored = cfg, factored
+        ctx.has_offsets, ctx.has_matrices = offsets is not None, matrices is not None
         saved_m = [t for pair in recorded_m for t in pair]
-        sources = (votes, transforms, *(() if offsets is None else (offsets,))) if factored else (reader.x,)
+        optional = tuple(t for t in (offsets, matrices) if t is not None)
+        sources = (votes, transforms, *optional) if factored else (reader.x,)
         ctx.save_for_backward(*sources, a_in, beta_a, beta_v, centre, *history, *saved_m, *recorded_q)
         return _outputs(r, gaussians, centre_view, cfg)
 
@@ -615,11 +643,12 @@ class _EMRoutingFunction(torch.autograd.Function):
         if ctx.factored:
             poses, transforms = saved.pop(0), saved.pop(0)
             offsets = saved.pop(0) if ctx.has_offsets else None
+            matrices = saved.pop(0) if ctx.has_matrices else None
         else:
             centred = saved.pop(0)
         a_in, beta_a, beta_v, centre, *rest = saved
         if ctx.factored:
-            reader = _VoteReader(cfg.shape, factors=(poses, transforms, offsets), centre=centre)
+            reader = _VoteReader(cfg.shape, factors=(poses, transforms, offsets, matrices), centre=centre)
         else:
             reader = _VoteReader(cfg.shape, centred=centred)
         history = [tuple(rest[4 * k : 4 * k + 4]) for k in range(iters)]
@@ -627,7 +656,7 @@ class _EMRoutingFunction(torch.autograd.Function):
         recorded_m = [tuple(rest[2 * k : 2 * k + 2]) for k in range(iters)]
         recorded_q = rest[2 * iters :]
         centre_view = centre.view(batch, num_patches, types, dim)
-        params = [x.detach().requires_grad_(need) for x, need in zip((a_in, beta_a, beta_v), ctx.needs_input_grad[3:6])]
+        params = [x.detach().requires_grad_(need) for x, need in zip((a_in, beta_a, beta_v), ctx.needs_input_grad[4:7])]
         grad_params = [torch.zeros_like(x) if x.requires_grad else None for x in params]
         outputs_grad = [g_mu, g_a, g_r]
         for it in reversed(range(iters)):
@@ -676,12 +705,12 @@ class _EMRoutingFunction(torch.autograd.Function):
                         torch.bmm(g, transforms[groups].transpose(1, 2), out=grad_votes[groups])
                     if grad_transforms is not None:
                         torch.bmm(poses[groups].transpose(1, 2), g, out=grad_transforms[groups])
-        return (grad_votes, grad_transforms, None, *grad_params, None)
+        return (grad_votes, grad_transforms, None, None, *grad_params, None)
 
 
 def _factored_shape(votes: FactoredVotes, activations: Tensor, beta_a: Tensor) -> tuple[int, int, int, int, int]:
     """``(B, L, I, J, D)`` of factored votes, checked against the activations ``(B, L, I)`` and beta."""
-    poses, transforms, offsets = votes
+    poses, transforms, offsets, matrices = votes
     if activations.dim() != 3:
         raise ValueError(f"activations must be (B, L, I), got shape {tuple(activations.shape)}")
     batch, num_patches, slots = activations.shape
@@ -699,6 +728,11 @@ def _factored_shape(votes: FactoredVotes, activations: Tensor, beta_a: Tensor) -
     dim = transforms.shape[2] // types
     if offsets is not None and offsets.shape != (slots, dim):
         raise ValueError(f"offsets must be (I, D) = {(slots, dim)}, got {tuple(offsets.shape)}")
+    if matrices is not None and (dim != 16 or poses.shape[2] != 16 or matrices.shape != (poses.shape[0], types, 4, 4)):
+        raise ValueError(
+            f"matrices must be (G, J, 4, 4) = {(poses.shape[0], types, 4, 4)} for 4x4 poses (P = D = 16), "
+            f"got {tuple(matrices.shape)} with P = {poses.shape[2]}, D = {dim}"
+        )
     return batch, num_patches, slots, types, dim
 
 
@@ -790,5 +824,5 @@ def em_routing(
         mu, a_out, r = _EMRoutingFunction.apply(*votes, a_in, beta_a, beta_v, cfg)
     else:
         v = votes.permute(2, 0, 1, 3, 4).contiguous()  # (I, B, L, J, D): children outermost
-        mu, a_out, r = _EMRoutingFunction.apply(v, None, None, a_in, beta_a, beta_v, cfg)
+        mu, a_out, r = _EMRoutingFunction.apply(v, None, None, None, a_in, beta_a, beta_v, cfg)
     return EMRoutingResult(poses=mu, activations=a_out, assignments=rearrange(r, "i b l j -> b l i j"))

@@ -1,0 +1,190 @@
+/* Fused reads of factored EM votes (capsnet.routing.em, FactoredVotes), float32, CPU.
+ *
+ * EM routing touches the votes only through three maps of the centred votes
+ *     X[i, b, j d] = sum_p poses[g, k B + b, p] * transforms[g, p, j d] - centre[b, j d] + offsets[i, d]
+ * (child i = g per_group + k, b the bmm row ("B L" in routing's names), j the parent type, d the
+ * pose element; N = rows J parents):
+ *     moments:   m1[n, d] = sum_i r[i, n] X[i, n, d],  m2[n, d] = sum_i r[i, n] X[i, n, d]^2
+ *     quadratic: q[i, n] = u0[n] + sum_d X[i, n, d] (u1[n, d] + X[i, n, d] u2[n, d])
+ *     gradient:  G[i, n, d] = sum_k L_k[i, n] R1_k[n, d] + 2 X[i, n, d] sum_k L_k[i, n] R2_k[n, d]
+ * Each kernel multiplies a vote row out into a small buffer and uses it at once, so the votes
+ * never exist in memory and each read is one pass. The eager version of every map is
+ * capsnet.routing.em._VoteReader; the tests hold the two together.
+ *
+ * The rows are split between `threads` OpenMP threads. Built with -fopenmp, this library links
+ * libgomp.so.1 by its soname, so inside PyTorch it shares the runtime (and the threads) that
+ * PyTorch loaded: no second pool spins against PyTorch's. All arrays are C-contiguous float32.
+ */
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef struct {
+    const float *poses;      /* (G, per_group rows, P) */
+    const float *transforms; /* (G, P, J D) */
+    const float *centre;     /* (rows, J D) */
+    const float *offsets;    /* (I, D) or NULL */
+    const float *matrices;   /* (G, J, 4, 4) the 4x4 transforms behind `transforms`, or NULL */
+    int64_t slots;           /* I */
+    int64_t rows;            /* B L */
+    int64_t types;           /* J */
+    int64_t dim;             /* D */
+    int64_t inner;           /* P */
+    int64_t per_group;       /* I / G */
+} capsnet_votes;
+
+/* Rows handled together: their accumulators and the transforms of one child stay in cache. */
+#define ROW_BLOCK 16
+/* Longest vote row J D a kernel buffers on the stack (64 parent types of 4x4 poses). */
+#define MAX_ROW 1024
+
+int capsnet_max_row(void) { return MAX_ROW; }
+
+typedef float v4 __attribute__((vector_size(16)));
+
+static inline v4 load4(const float *p) {
+    v4 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void store4(float *p, v4 v) { memcpy(p, &v, sizeof v); }
+
+/* x[0 : J 16] = X[i, b, :] for 4x4 poses: V_ij = M_i W_ij row by row, 4 multiply-adds per element
+ * (the (16, J 16) block transforms are three quarters zeros). */
+static inline void vote_row_4x4(const capsnet_votes *v, int64_t i, int64_t b, float *restrict x) {
+    const int64_t g = i / v->per_group, k = i % v->per_group;
+    const float *restrict p = v->poses + ((g * v->per_group + k) * v->rows + b) * 16;
+    const float *restrict w = v->matrices + g * v->types * 16;
+    const float *restrict c = v->centre + b * v->types * 16;
+    v4 off[4] = {{0}};
+    if (v->offsets)
+        for (int r = 0; r < 4; ++r) off[r] = load4(v->offsets + i * 16 + 4 * r);
+    for (int64_t j = 0; j < v->types; ++j, w += 16, c += 16, x += 16) {
+        const v4 w0 = load4(w), w1 = load4(w + 4), w2 = load4(w + 8), w3 = load4(w + 12);
+        for (int r = 0; r < 4; ++r) {
+            const float *pr = p + 4 * r;
+            v4 acc = off[r] - load4(c + 4 * r);
+            acc += pr[0] * w0 + pr[1] * w1 + pr[2] * w2 + pr[3] * w3;
+            store4(x + 4 * r, acc);
+        }
+    }
+}
+
+/* x[0 : J D] = X[i, b, :] */
+static inline void vote_row(const capsnet_votes *v, int64_t i, int64_t b, float *restrict x) {
+    if (v->matrices) {
+        vote_row_4x4(v, i, b, x);
+        return;
+    }
+    const int64_t jd = v->types * v->dim, g = i / v->per_group, k = i % v->per_group;
+    const float *restrict p = v->poses + ((g * v->per_group + k) * v->rows + b) * v->inner;
+    const float *restrict w = v->transforms + g * v->inner * jd;
+    const float *restrict c = v->centre + b * jd;
+#pragma omp simd
+    for (int64_t e = 0; e < jd; ++e) x[e] = -c[e];
+    for (int64_t q = 0; q < v->inner; ++q) {
+        const float s = p[q];
+        const float *restrict wq = w + q * jd;
+#pragma omp simd
+        for (int64_t e = 0; e < jd; ++e) x[e] += s * wq[e];
+    }
+    if (v->offsets) {
+        const float *restrict o = v->offsets + i * v->dim;
+        for (int64_t j = 0; j < v->types; ++j) {
+#pragma omp simd
+            for (int64_t d = 0; d < v->dim; ++d) x[j * v->dim + d] += o[d];
+        }
+    }
+}
+
+/* m1, m2: (rows J, D); r: (I, rows J). */
+void capsnet_moments(const capsnet_votes *v, const float *r, float *m1, float *m2, int threads) {
+    const int64_t jd = v->types * v->dim, n = v->rows * v->types;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b0 = 0; b0 < v->rows; b0 += ROW_BLOCK) {
+        const int64_t b1 = b0 + ROW_BLOCK < v->rows ? b0 + ROW_BLOCK : v->rows;
+        float x[MAX_ROW];
+        memset(m1 + b0 * jd, 0, (size_t)((b1 - b0) * jd) * sizeof(float));
+        memset(m2 + b0 * jd, 0, (size_t)((b1 - b0) * jd) * sizeof(float));
+        for (int64_t i = 0; i < v->slots; ++i) {
+            for (int64_t b = b0; b < b1; ++b) {
+                vote_row(v, i, b, x);
+                const float *ri = r + i * n + b * v->types;
+                float *restrict a1 = m1 + b * jd, *restrict a2 = m2 + b * jd;
+                for (int64_t j = 0; j < v->types; ++j) {
+                    const float w = ri[j];
+                    const float *restrict xj = x + j * v->dim;
+                    float *restrict s1 = a1 + j * v->dim, *restrict s2 = a2 + j * v->dim;
+#pragma omp simd
+                    for (int64_t d = 0; d < v->dim; ++d) {
+                        const float wx = w * xj[d];
+                        s1[d] += wx;
+                        s2[d] += wx * xj[d];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* q: (I, rows J); u1, u2: (rows J, D); u0: (rows J). */
+void capsnet_quadratic(const capsnet_votes *v, const float *u1, const float *u2, const float *u0, float *q,
+                       int threads) {
+    const int64_t jd = v->types * v->dim, n = v->rows * v->types;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b0 = 0; b0 < v->rows; b0 += ROW_BLOCK) {
+        const int64_t b1 = b0 + ROW_BLOCK < v->rows ? b0 + ROW_BLOCK : v->rows;
+        float x[MAX_ROW];
+        for (int64_t i = 0; i < v->slots; ++i) {
+            for (int64_t b = b0; b < b1; ++b) {
+                vote_row(v, i, b, x);
+                const float *restrict c1 = u1 + b * jd, *restrict c2 = u2 + b * jd;
+                float *qi = q + i * n + b * v->types;
+                for (int64_t j = 0; j < v->types; ++j) {
+                    const int64_t o = j * v->dim;
+                    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+                    for (int64_t d = 0; d < v->dim; ++d) s += x[o + d] * (c1[o + d] + x[o + d] * c2[o + d]);
+                    qi[j] = u0[b * v->types + j] + s;
+                }
+            }
+        }
+    }
+}
+
+/* out: (i1 - i0, rows J, D), the gradient of children [i0, i1).
+ * left[k]: (I, rows J); right1[k], right2[k]: (rows J, D); k < terms. */
+void capsnet_gradient(const capsnet_votes *v, int64_t terms, const float *const *left, const float *const *right1,
+                      const float *const *right2, int64_t i0, int64_t i1, float *out, int threads) {
+    const int64_t jd = v->types * v->dim, n = v->rows * v->types;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < v->rows; ++b) {
+        float x[MAX_ROW], g2[MAX_ROW];
+        for (int64_t i = i0; i < i1; ++i) {
+            vote_row(v, i, b, x);
+            float *restrict g1 = out + ((i - i0) * v->rows + b) * jd;
+            for (int64_t j = 0; j < v->types; ++j) {
+                const int64_t o = j * v->dim, col = i * n + b * v->types + j;
+                const float w = left[0][col];
+                const float *restrict a = right1[0] + b * jd + o, *restrict c = right2[0] + b * jd + o;
+#pragma omp simd
+                for (int64_t d = 0; d < v->dim; ++d) {
+                    g1[o + d] = w * a[d];
+                    g2[o + d] = w * c[d];
+                }
+                for (int64_t k = 1; k < terms; ++k) {
+                    const float wk = left[k][col];
+                    const float *restrict ak = right1[k] + b * jd + o, *restrict ck = right2[k] + b * jd + o;
+#pragma omp simd
+                    for (int64_t d = 0; d < v->dim; ++d) {
+                        g1[o + d] += wk * ak[d];
+                        g2[o + d] += wk * ck[d];
+                    }
+                }
+            }
+#pragma omp simd
+            for (int64_t e = 0; e < jd; ++e) g1[e] += 2.0f * x[e] * g2[e];
+        }
+    }
+}

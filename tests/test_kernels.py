@@ -1,0 +1,206 @@
+"""The compiled EM vote reads (capsnet.kernels) against the eager reads they replace.
+
+Every map is checked against :class:`capsnet.routing.em._VoteReader` in float64 on the same
+factors, for dense factors, grouped children with offsets (the class layer) and 4x4 matrices
+(the convolutional layers); then whole routing and a whole model, compiled against eager; then
+every fallback (kernels off, float64, a compiler that fails).
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+import capsnet.kernels as kernels
+import capsnet.routing.em as em
+from capsnet import create_model
+from capsnet.functional import spread_loss
+from capsnet.layers.matrix import _block_weight
+from capsnet.routing.em import ConvGeometry, FactoredVotes, em_routing, to_patches
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler: the kernels cannot be built")
+
+F32, F64 = torch.float32, torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _follow_environment():
+    kernels.set_enabled(None)
+    yield
+    kernels.set_enabled(None)
+
+
+def test_kernels_build_here():
+    assert kernels.enabled()
+    assert kernels._load() is not None, kernels._failed
+
+
+def _factors(kind: str, seed: int = 0):
+    """``(poses, transforms, offsets, matrices, shape)`` in float64."""
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "dense":  # P = 5, D = 4: no 4x4 structure
+        slots, batch, patches, types, dim, p, groups = 6, 2, 3, 3, 4, 5, 6
+        matrices = None
+    else:  # 4x4 poses, per child slot ("conv") or shared by 4 children with offsets ("class")
+        slots, batch, patches, types, dim, p = 8, 3, (5 if kind == "conv" else 1), 3, 16, 16
+        groups = slots if kind == "conv" else 2
+        matrices = torch.randn(groups, types, 4, 4, generator=gen, dtype=F64)
+    per_group = slots // groups
+    poses = torch.randn(groups, per_group * batch * patches, p, generator=gen, dtype=F64)
+    transforms = torch.randn(groups, p, types * dim, generator=gen, dtype=F64) if matrices is None else _block_weight(matrices)
+    offsets = torch.randn(slots, dim, generator=gen, dtype=F64) if kind == "class" else None
+    return poses, transforms, offsets, matrices, (slots, batch, patches, types, dim)
+
+
+def _readers(kind: str):
+    poses, transforms, offsets, matrices, shape = _factors(kind)
+    centre = em._factored_centre(poses, transforms, offsets, shape)
+    eager = em._VoteReader(shape, factors=(poses, transforms, offsets, None), centre=centre)
+    assert eager.compiled is None  # float64: the eager path
+    f32 = [None if t is None else t.float() for t in (poses, transforms, offsets, matrices, centre)]
+    compiled = kernels.em_votes(*f32, shape)
+    assert compiled is not None
+    assert (compiled.votes.matrices is not None) == (matrices is not None)
+    return eager, compiled, shape
+
+
+@pytest.mark.parametrize("kind", ["dense", "conv", "class"])
+def test_moments_and_quadratic_match_the_eager_reads(kind):
+    eager, compiled, (slots, batch, patches, types, dim) = _readers(kind)
+    gen = torch.Generator().manual_seed(1)
+    n = batch * patches * types
+    r = torch.rand(slots, n, generator=gen, dtype=F64)
+    u1, u2, u0 = torch.randn(n, dim, generator=gen, dtype=F64), -torch.rand(n, dim, generator=gen, dtype=F64), torch.randn(n, generator=gen, dtype=F64)
+    for got, want in zip(compiled.moments(r.float()), eager.moments(r)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(compiled.quadratic(u1.float(), u2.float(), u0.float()).double(), eager.quadratic(u1, u2, u0),
+                               rtol=1e-5, atol=1e-3)  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["dense", "conv", "class"])
+def test_gradient_chunks_match_the_eager_chunks(kind):
+    eager, compiled, (slots, batch, patches, types, dim) = _readers(kind)
+    gen = torch.Generator().manual_seed(2)
+    n = batch * patches * types
+    eager.terms = [(torch.randn(slots, n, generator=gen, dtype=F64), torch.randn(n, dim, generator=gen, dtype=F64),
+                    torch.randn(n, dim, generator=gen, dtype=F64)) for _ in range(3)]  # fmt: skip
+    want = torch.cat([g.clone() for _, g in eager.grad_chunks()])
+    terms = [tuple(t.float().contiguous() for t in term) for term in eager.terms]
+    got = torch.empty(slots, n, dim)
+    for start in range(0, slots, 3):  # several children per call, and a short last call
+        stop = min(start + 3, slots)
+        compiled.gradient(terms, start, stop, got[start:stop])
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-3)
+
+
+def _conv_problem(dtype=F32, seed=3):
+    """A ConvMatCaps-like routing problem: 4x4 poses, one transform per child slot."""
+    geometry = ConvGeometry((5, 5), (3, 3), (2, 2), 2)
+    gen = torch.Generator().manual_seed(seed)
+    batch, types = 2, 3
+    slots, patches = geometry.slots, geometry.num_patches
+    poses = torch.randn(slots, batch * patches, 16, generator=gen, dtype=dtype)
+    matrices = torch.randn(slots, types, 4, 4, generator=gen, dtype=dtype)
+    act = to_patches(torch.rand(batch, 2, 5, 5, generator=gen, dtype=dtype), geometry)
+    beta_a, beta_v = torch.randn(types, generator=gen, dtype=dtype), torch.randn(types, generator=gen, dtype=dtype)
+    return geometry, poses, matrices, act, beta_a, beta_v
+
+
+def _route(flag, poses, matrices, act, beta_a, beta_v, geometry):
+    kernels.set_enabled(flag)
+    p, m = poses.clone().requires_grad_(), matrices.clone().requires_grad_()
+    out = em_routing(FactoredVotes(p, _block_weight(m), None, m), act, beta_a, beta_v, geometry=geometry)
+    (out.poses.square().sum() + out.activations.sum()).backward()
+    return (*out, p.grad, m.grad)
+
+
+def test_compiled_routing_matches_eager_routing_values_and_gradients():
+    geometry, poses, matrices, act, beta_a, beta_v = _conv_problem()
+    reference = _route(False, *(t.double() for t in (poses, matrices, act, beta_a, beta_v)), geometry)
+    eager = _route(False, poses, matrices, act, beta_a, beta_v, geometry)
+    compiled = _route(True, poses, matrices, act, beta_a, beta_v, geometry)
+    for name, c, e, ref in zip(("poses", "activations", "assignments", "d poses", "d matrices"), compiled, eager, reference):
+        # The compiled float32 routing is as close to the float64 routing as the eager float32 one.
+        err_c, err_e = (c.double() - ref).abs().max().item(), (e.double() - ref).abs().max().item()
+        assert err_c <= 4 * err_e + 1e-5 * ref.abs().max().item(), (name, err_c, err_e)
+
+
+def test_compiled_routing_gives_the_same_bits_with_one_or_two_threads():
+    geometry, poses, matrices, act, beta_a, beta_v = _conv_problem(seed=4)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _route(True, poses, matrices, act, beta_a, beta_v, geometry)
+        torch.set_num_threads(2)
+        two = _route(True, poses, matrices, act, beta_a, beta_v, geometry)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["em_tiny", "em_small"])
+def test_model_trains_the_same_with_and_without_the_kernels(name):
+    torch.manual_seed(0)
+    model = create_model(name)
+    x = torch.rand(4, model.in_channels, model.image_size, model.image_size)
+    y = torch.tensor([0, 1, 2, 3]) % model.num_classes
+    results = []
+    for flag in (False, True):
+        kernels.set_enabled(flag)
+        model.zero_grad()
+        out = model(x, y)
+        spread_loss(out.activations, y, margin=0.2).backward()
+        results.append((out.activations.detach(), [p.grad.clone() for p in model.parameters()]))
+    (a_eager, g_eager), (a_compiled, g_compiled) = results
+    torch.testing.assert_close(a_compiled, a_eager, rtol=1e-4, atol=1e-5)
+    for ge, gc in zip(g_eager, g_compiled):
+        torch.testing.assert_close(gc, ge, rtol=1e-3, atol=1e-3 * ge.abs().max().item() + 1e-7)
+
+
+def test_readers_fall_back_to_eager_where_the_kernels_do_not_apply(monkeypatch):
+    poses, transforms, offsets, matrices, shape = _factors("conv")
+    centre = em._factored_centre(poses, transforms, offsets, shape)
+    f32 = [None if t is None else t.float() for t in (poses, transforms, offsets, matrices, centre)]
+    assert kernels.em_votes(*f32, shape) is not None
+    assert kernels.em_votes(poses, transforms, offsets, matrices, centre, shape) is None  # float64
+    kernels.set_enabled(False)
+    assert kernels.em_votes(*f32, shape) is None
+    kernels.set_enabled(None)
+    monkeypatch.setenv("CAPSNET_KERNELS", "0")
+    assert not kernels.enabled() and kernels.em_votes(*f32, shape) is None
+    monkeypatch.setenv("CAPSNET_KERNELS", "auto")
+    assert kernels.enabled()
+
+
+def test_a_compiler_that_fails_warns_once_and_routing_still_runs(monkeypatch, tmp_path):
+    monkeypatch.setattr(kernels, "_library", None)
+    monkeypatch.setattr(kernels, "_failed", None)
+    monkeypatch.setenv("CAPSNET_CACHE", str(tmp_path))  # nothing built there yet
+    monkeypatch.setenv("CC", "false")  # exits 1
+    monkeypatch.setenv("CAPSNET_KERNELS", "auto")
+    geometry, poses, matrices, act, beta_a, beta_v = _conv_problem()
+    with pytest.warns(RuntimeWarning, match="falls back to eager"):
+        out = _route(None, poses, matrices, act, beta_a, beta_v, geometry)
+    assert all(torch.isfinite(t).all() for t in out)
+    assert kernels._library is None and "false failed" in kernels._failed
+    assert not list(tmp_path.rglob("*.so"))  # no partial library left behind
+
+
+def test_a_compiler_that_fails_is_an_error_when_the_kernels_are_required(monkeypatch, tmp_path):
+    monkeypatch.setattr(kernels, "_library", None)
+    monkeypatch.setattr(kernels, "_failed", None)
+    monkeypatch.setenv("CAPSNET_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "no-such-compiler-capsnet")
+    monkeypatch.setenv("CAPSNET_KERNELS", "1")
+    with pytest.raises(RuntimeError, match="CAPSNET_KERNELS=1.*no C compiler"):
+        kernels._load()
+
+
+def test_matrices_of_the_wrong_shape_raise_value_error():
+    geometry, poses, matrices, act, beta_a, beta_v = _conv_problem()
+    with pytest.raises(ValueError, match="matrices must be"):
+        em_routing(FactoredVotes(poses, _block_weight(matrices), None, matrices[:, :2]), act, beta_a, beta_v,
+                   geometry=geometry)  # fmt: skip
