@@ -105,7 +105,8 @@ def _build() -> ctypes.CDLL:
     lib.capsnet_quadratic.argtypes = [votes_p, f_p, f_p, f_p, f_p, i32]
     ptrs = ctypes.POINTER(ctypes.c_void_p)
     lib.capsnet_gradient.argtypes = [votes_p, i64, ptrs, ptrs, ptrs, i64, i64, f_p, i32]
-    for fn in (lib.capsnet_moments, lib.capsnet_quadratic, lib.capsnet_gradient):
+    lib.capsnet_gradient_4x4.argtypes = [votes_p, i64, ptrs, ptrs, ptrs, f_p, f_p, f_p, i32]
+    for fn in (lib.capsnet_moments, lib.capsnet_quadratic, lib.capsnet_gradient, lib.capsnet_gradient_4x4):
         fn.restype = None
     return lib
 
@@ -187,9 +188,32 @@ class EMVotes:
         """Children ``[start, stop)`` of ``sum_k <L_k (x) R1_k, X> + <L_k (x) R2_k, X^2>``'s gradient
         into ``out`` ``(stop - start, N, D)``; ``terms`` are ``(L (I, N), R1 (N, D), R2 (N, D))``
         with contiguous float32 tensors."""
-        arrays = [(ctypes.c_void_p * len(terms))(*(_ptr(t[k]) for t in terms)) for k in range(3)]
+        arrays = _term_arrays(terms)
         self.lib.capsnet_gradient(self.ref, len(terms), *arrays, start, stop, _ptr(out), torch.get_num_threads())
         return out
+
+    @property
+    def has_matrices(self) -> bool:
+        """Whether the votes are 4x4 products :meth:`factor_gradients` can differentiate directly."""
+        return self.keep[4] is not None
+
+    def factor_gradients(self, terms, poses: bool, matrices: bool):
+        """The same gradient taken straight to the factors of 4x4 votes ``V = M W``, one pass
+        over all children: ``(d poses (G, R, 16) or None, d matrices (G, J, 4, 4) or None)``."""
+        threads = torch.get_num_threads()
+        p, m = self.keep[0], self.keep[4]
+        grad_p = torch.empty_like(p) if poses else None
+        partial = m.new_zeros((threads, *m.shape)) if matrices else None
+        transposed = m.transpose(-1, -2).contiguous()
+        self.lib.capsnet_gradient_4x4(self.ref, len(terms), *_term_arrays(terms), _ptr(transposed),
+                                      None if grad_p is None else _ptr(grad_p),
+                                      None if partial is None else _ptr(partial), threads)  # fmt: skip
+        return grad_p, None if partial is None else partial.sum(0)
+
+
+def _term_arrays(terms):
+    """Three C arrays of pointers: every term's left, right1 and right2."""
+    return [(ctypes.c_void_p * len(terms))(*(_ptr(t[k]) for t in terms)) for k in range(3)]
 
 
 def em_votes(poses, transforms, offsets, matrices, centre, shape) -> Optional[EMVotes]:

@@ -18,6 +18,9 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 typedef struct {
     const float *poses;      /* (G, per_group rows, P) */
@@ -185,6 +188,75 @@ void capsnet_gradient(const capsnet_votes *v, int64_t terms, const float *const 
             }
 #pragma omp simd
             for (int64_t e = 0; e < jd; ++e) g1[e] += 2.0f * x[e] * g2[e];
+        }
+    }
+}
+
+/* The gradient for 4x4 poses, straight to the factors: no vote-sized tensor, the terms of a row
+ * read once for all children. With G the gradient of X (as in capsnet_gradient), V = M W:
+ *     grad_poses[g, k rows + b] = sum_j G[i, b, j] W_ij^T           (4x4 each)
+ *     grad_matrices[g, j]      += sum over children k of group g, rows b: M_i(b)^T G[i, b, j]
+ * grad_poses: (G, per_group rows, 16) or NULL; partial: (threads, G, J, 16) zeros, one slab per
+ * thread (the caller sums them), or NULL; transposed: (G, J, 4, 4) the W^T. */
+void capsnet_gradient_4x4(const capsnet_votes *v, int64_t terms, const float *const *left, const float *const *right1,
+                          const float *const *right2, const float *transposed, float *grad_poses, float *partial,
+                          int threads) {
+    const int64_t jd = v->types * 16, n = v->rows * v->types, groups = v->slots / v->per_group;
+#pragma omp parallel num_threads(threads)
+    {
+#ifdef _OPENMP
+        const int tid = omp_get_thread_num();
+#else
+        const int tid = 0;
+#endif
+        float *mine = partial ? partial + (int64_t)tid * groups * jd : NULL;
+        float x[MAX_ROW], g[MAX_ROW];
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < v->rows; ++b) {
+            for (int64_t i = 0; i < v->slots; ++i) {
+                const int64_t grp = i / v->per_group, k = i % v->per_group;
+                vote_row_4x4(v, i, b, x);
+                /* g = sum_k L_k R1_k + 2 x sum_k L_k R2_k for this (child, row) */
+                for (int64_t j = 0; j < v->types; ++j) {
+                    const int64_t o = j * 16, col = i * n + b * v->types + j;
+                    v4 a[4] = {{0}}, c[4] = {{0}};
+                    for (int64_t t = 0; t < terms; ++t) {
+                        const float w = left[t][col];
+                        const float *r1 = right1[t] + b * jd + o, *r2 = right2[t] + b * jd + o;
+                        for (int q = 0; q < 4; ++q) {
+                            a[q] += w * load4(r1 + 4 * q);
+                            c[q] += w * load4(r2 + 4 * q);
+                        }
+                    }
+                    for (int q = 0; q < 4; ++q) store4(g + o + 4 * q, a[q] + 2.0f * load4(x + o + 4 * q) * c[q]);
+                }
+                const float *p = v->poses + ((grp * v->per_group + k) * v->rows + b) * 16;
+                if (grad_poses) {
+                    v4 dp[4] = {{0}};
+                    const float *wt = transposed + grp * jd;
+                    for (int64_t j = 0; j < v->types; ++j) {
+                        const v4 t0 = load4(wt + j * 16), t1 = load4(wt + j * 16 + 4), t2 = load4(wt + j * 16 + 8),
+                                 t3 = load4(wt + j * 16 + 12);
+                        for (int r = 0; r < 4; ++r) {
+                            const float *gr = g + j * 16 + 4 * r;
+                            dp[r] += gr[0] * t0 + gr[1] * t1 + gr[2] * t2 + gr[3] * t3;
+                        }
+                    }
+                    float *out = grad_poses + ((grp * v->per_group + k) * v->rows + b) * 16;
+                    for (int r = 0; r < 4; ++r) store4(out + 4 * r, dp[r]);
+                }
+                if (mine) {
+                    float *dw = mine + grp * jd;
+                    for (int64_t j = 0; j < v->types; ++j) {
+                        const v4 g0 = load4(g + j * 16), g1 = load4(g + j * 16 + 4), g2 = load4(g + j * 16 + 8),
+                                 g3 = load4(g + j * 16 + 12);
+                        for (int m = 0; m < 4; ++m) {
+                            float *d = dw + j * 16 + 4 * m;
+                            store4(d, load4(d) + p[m] * g0 + p[4 + m] * g1 + p[8 + m] * g2 + p[12 + m] * g3);
+                        }
+                    }
+                }
+            }
         }
     }
 }

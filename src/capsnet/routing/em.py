@@ -440,10 +440,14 @@ class _VoteReader:
             yield part, g1.addcmul_(x, g2, value=2.0)  # dX^2/dV = 2 X; c is a constant
 
 
+    def _compiled_terms(self):
+        slots, n, _ = self.shape
+        return [(t[0].reshape(slots, n).contiguous(), t[1].contiguous(), t[2].contiguous()) for t in self.terms]
+
     def _compiled_grad_chunks(self):
         """:meth:`grad_chunks` by the compiled kernel, same chunks."""
         slots, n, d = self.shape
-        terms = [(t[0].reshape(slots, n).contiguous(), t[1].contiguous(), t[2].contiguous()) for t in self.terms]
+        terms = self._compiled_terms()
         out = terms[0][1].new_empty((min(self.step, slots), n, d))
         for start in range(0, slots, self.step):
             stop = min(start + self.step, slots)
@@ -687,8 +691,15 @@ class _EMRoutingFunction(torch.autograd.Function):
                     g = grads.pop(0)
                     if g is not None:
                         grad_params[k] += g
-        grad_votes = grad_transforms = None
-        if (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]) and reader.terms:
+        grad_votes = grad_transforms = grad_matrices = None
+        direct = reader.compiled is not None and reader.compiled.has_matrices
+        if direct and (ctx.needs_input_grad[0] or ctx.needs_input_grad[3]) and reader.terms:
+            # Compiled, 4x4 votes: one pass to the poses and the 4x4 matrices (the block
+            # transforms are built from the matrices, so their gradient is the matrices').
+            grad_votes, grad_matrices = reader.compiled.factor_gradients(
+                reader._compiled_terms(), ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+            )
+        elif (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]) and reader.terms:
             if not ctx.factored:
                 grad_votes = torch.empty_like(centred)  # (I, N, D)
                 for part, g in reader.grad_chunks():
@@ -705,7 +716,7 @@ class _EMRoutingFunction(torch.autograd.Function):
                         torch.bmm(g, transforms[groups].transpose(1, 2), out=grad_votes[groups])
                     if grad_transforms is not None:
                         torch.bmm(poses[groups].transpose(1, 2), g, out=grad_transforms[groups])
-        return (grad_votes, grad_transforms, None, None, *grad_params, None)
+        return (grad_votes, grad_transforms, None, grad_matrices, *grad_params, None)
 
 
 def _factored_shape(votes: FactoredVotes, activations: Tensor, beta_a: Tensor) -> tuple[int, int, int, int, int]:
