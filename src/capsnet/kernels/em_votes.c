@@ -53,24 +53,39 @@ static inline v4 load4(const float *p) {
 
 static inline void store4(float *p, v4 v) { memcpy(p, &v, sizeof v); }
 
-/* x[0 : J 16] = X[i, b, :] for 4x4 poses: V_ij = M_i W_ij row by row, 4 multiply-adds per element
- * (the (16, J 16) block transforms are three quarters zeros). */
-static inline void vote_row_4x4(const capsnet_votes *v, int64_t i, int64_t b, float *restrict x) {
+/* One child's 4x4 vote for one parent, centred, as four rows: V = M W row by row, 4 multiply-adds
+ * per element (the (16, J 16) block transforms are three quarters zeros). */
+static inline void vote_4x4(const float *restrict p, const float *restrict w, const float *restrict c, const v4 *off,
+                            v4 x[4]) {
+    const v4 w0 = load4(w), w1 = load4(w + 4), w2 = load4(w + 8), w3 = load4(w + 12);
+    for (int r = 0; r < 4; ++r) {
+        const float *pr = p + 4 * r;
+        x[r] = off[r] - load4(c + 4 * r) + pr[0] * w0 + pr[1] * w1 + pr[2] * w2 + pr[3] * w3;
+    }
+}
+
+/* What vote_4x4 needs for child i on row b: its pose, its transforms and offsets, the row's centre. */
+typedef struct {
+    const float *p, *w, *c;
+    v4 off[4];
+} child_row;
+
+static inline void child_row_at(const capsnet_votes *v, int64_t i, int64_t b, child_row *cr) {
     const int64_t g = i / v->per_group, k = i % v->per_group;
-    const float *restrict p = v->poses + ((g * v->per_group + k) * v->rows + b) * 16;
-    const float *restrict w = v->matrices + g * v->types * 16;
-    const float *restrict c = v->centre + b * v->types * 16;
-    v4 off[4] = {{0}};
-    if (v->offsets)
-        for (int r = 0; r < 4; ++r) off[r] = load4(v->offsets + i * 16 + 4 * r);
-    for (int64_t j = 0; j < v->types; ++j, w += 16, c += 16, x += 16) {
-        const v4 w0 = load4(w), w1 = load4(w + 4), w2 = load4(w + 8), w3 = load4(w + 12);
-        for (int r = 0; r < 4; ++r) {
-            const float *pr = p + 4 * r;
-            v4 acc = off[r] - load4(c + 4 * r);
-            acc += pr[0] * w0 + pr[1] * w1 + pr[2] * w2 + pr[3] * w3;
-            store4(x + 4 * r, acc);
-        }
+    cr->p = v->poses + ((g * v->per_group + k) * v->rows + b) * 16;
+    cr->w = v->matrices + g * v->types * 16;
+    cr->c = v->centre + b * v->types * 16;
+    for (int r = 0; r < 4; ++r) cr->off[r] = v->offsets ? load4(v->offsets + i * 16 + 4 * r) : (v4){0, 0, 0, 0};
+}
+
+/* x[0 : J 16] = X[i, b, :] for 4x4 poses. */
+static inline void vote_row_4x4(const capsnet_votes *v, int64_t i, int64_t b, float *restrict x) {
+    child_row cr;
+    child_row_at(v, i, b, &cr);
+    for (int64_t j = 0; j < v->types; ++j) {
+        v4 row[4];
+        vote_4x4(cr.p, cr.w + 16 * j, cr.c + 16 * j, cr.off, row);
+        for (int r = 0; r < 4; ++r) store4(x + 16 * j + 4 * r, row[r]);
     }
 }
 
@@ -112,8 +127,24 @@ void capsnet_moments(const capsnet_votes *v, const float *r, float *m1, float *m
         memset(m2 + b0 * jd, 0, (size_t)((b1 - b0) * jd) * sizeof(float));
         for (int64_t i = 0; i < v->slots; ++i) {
             for (int64_t b = b0; b < b1; ++b) {
-                vote_row(v, i, b, x);
                 const float *ri = r + i * n + b * v->types;
+                if (v->matrices) { /* votes in registers, no row buffer */
+                    child_row cr;
+                    child_row_at(v, i, b, &cr);
+                    float *a1 = m1 + b * jd, *a2 = m2 + b * jd;
+                    for (int64_t j = 0; j < v->types; ++j) {
+                        v4 xr[4];
+                        vote_4x4(cr.p, cr.w + 16 * j, cr.c + 16 * j, cr.off, xr);
+                        for (int q = 0; q < 4; ++q) {
+                            const v4 wx = ri[j] * xr[q];
+                            float *s1 = a1 + 16 * j + 4 * q, *s2 = a2 + 16 * j + 4 * q;
+                            store4(s1, load4(s1) + wx);
+                            store4(s2, load4(s2) + wx * xr[q]);
+                        }
+                    }
+                    continue;
+                }
+                vote_row(v, i, b, x);
                 float *restrict a1 = m1 + b * jd, *restrict a2 = m2 + b * jd;
                 for (int64_t j = 0; j < v->types; ++j) {
                     const float w = ri[j];
@@ -141,9 +172,21 @@ void capsnet_quadratic(const capsnet_votes *v, const float *u1, const float *u2,
         float x[MAX_ROW];
         for (int64_t i = 0; i < v->slots; ++i) {
             for (int64_t b = b0; b < b1; ++b) {
-                vote_row(v, i, b, x);
                 const float *restrict c1 = u1 + b * jd, *restrict c2 = u2 + b * jd;
                 float *qi = q + i * n + b * v->types;
+                if (v->matrices) { /* votes in registers, no row buffer */
+                    child_row cr;
+                    child_row_at(v, i, b, &cr);
+                    for (int64_t j = 0; j < v->types; ++j) {
+                        v4 xr[4], acc = {0, 0, 0, 0};
+                        vote_4x4(cr.p, cr.w + 16 * j, cr.c + 16 * j, cr.off, xr);
+                        for (int r = 0; r < 4; ++r)
+                            acc += xr[r] * (load4(c1 + 16 * j + 4 * r) + xr[r] * load4(c2 + 16 * j + 4 * r));
+                        qi[j] = u0[b * v->types + j] + ((acc[0] + acc[1]) + (acc[2] + acc[3]));
+                    }
+                    continue;
+                }
+                vote_row(v, i, b, x);
                 for (int64_t j = 0; j < v->types; ++j) {
                     const int64_t o = j * v->dim;
                     float s = 0.0f;
