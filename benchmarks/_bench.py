@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import capsnet
+import capsnet.allocator
 from capsnet.data import random_shift, to_float
 
 #: Shortest timed sample; fast steps are grouped into blocks of at least this length.
@@ -242,6 +243,8 @@ MEASUREMENTS = {"model": measure_model, "bound": measure_conv_bound, "gemm": mea
 
 def worker_main(spec_json: str) -> None:
     spec = json.loads(spec_json)
+    if spec.get("malloc") == "kept":  # what the CLI does; the bound runs under the same allocator
+        capsnet.allocator.keep_freed_memory()
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     result = MEASUREMENTS[spec["kind"]](spec)

@@ -3,7 +3,7 @@
 Run:
     python benchmarks/bench_em.py                        # prints JSON, ~5 minutes on 2 CPU cores
     python benchmarks/bench_em.py --threads 1 --out bench_em.json
-    python benchmarks/bench_em.py --malloc-tuned         # glibc keeps freed memory mapped (see below)
+    python benchmarks/bench_em.py --system-malloc        # glibc's malloc defaults (see below)
     python benchmarks/bench_em.py --omp-passive          # OpenMP threads sleep instead of spinning (see below)
 
 Every measurement runs in a fresh subprocess: speed is training images per second (forward,
@@ -13,10 +13,9 @@ timed steps after ``--warmup`` untimed ones; memory is the peak resident set siz
 steps (em_small at batch 128, em_full at batch 32). Targets (issue 5): em_small at least as
 fast as capsnet_mnist, em_full at least a quarter as fast; peak RSS <= 1.5 GB and <= 3 GB.
 
-``--malloc-tuned`` sets ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` for the
-workers: glibc then serves tensors above 32 MB from a heap it keeps instead of fresh ``mmap``
-pages, which every step would otherwise fault in again (EM votes are 85-680 MB per layer at
-batch 32; the CapsNet's tensors are mostly below 32 MB and are reused either way).
+The workers call :func:`capsnet.allocator.keep_freed_memory` first, as ``capsnet train`` does:
+glibc then reuses freed heap memory instead of mapping (and faulting in) fresh pages for every
+large tensor of every step. ``--system-malloc`` keeps glibc's defaults.
 
 ``--omp-passive`` sets ``OMP_WAIT_POLICY=PASSIVE`` for the workers. On a machine whose cores
 other processes also use, spinning OpenMP threads wait for a descheduled partner at every
@@ -40,8 +39,13 @@ SPEED = [("capsnet_mnist", 32), ("em_small", 32), ("em_full", 32)]
 MEMORY = [("em_small", 128), ("em_full", 32)]
 
 
-def _worker(model_name: str, batch: int, steps: int, warmup: int, threads: int | None) -> dict:
+def _worker(model_name: str, batch: int, steps: int, warmup: int, threads: int | None, malloc: str) -> dict:
     import torch
+
+    from capsnet.allocator import keep_freed_memory
+
+    if malloc == "kept":
+        keep_freed_memory()
 
     from capsnet import create_model
     from capsnet.functional import margin_loss, spread_loss
@@ -84,15 +88,17 @@ def _worker(model_name: str, batch: int, steps: int, warmup: int, threads: int |
 
 def _spawn(args: argparse.Namespace, model_name: str, batch: int, steps: int, warmup: int) -> dict:
     env = dict(os.environ)
-    if args.malloc_tuned:
-        env.update(MALLOC_MMAP_THRESHOLD_=str(1 << 34), MALLOC_TRIM_THRESHOLD_=str(1 << 34))
     if args.omp_passive:
         env.update(OMP_WAIT_POLICY="PASSIVE")
-    cmd = [sys.executable, __file__, "--worker", model_name, str(batch), str(steps), str(warmup)]
+    cmd = [sys.executable, __file__, "--worker", model_name, str(batch), str(steps), str(warmup), _malloc(args)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _malloc(args: argparse.Namespace) -> str:
+    return "system" if args.system_malloc else "kept"
 
 
 def main() -> None:
@@ -100,14 +106,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed training steps per model")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--threads", type=int, help="torch intra-op threads in the workers (default: torch's choice)")
-    parser.add_argument("--malloc-tuned", action="store_true", help="keep freed heap memory mapped (glibc)")
+    parser.add_argument("--system-malloc", action="store_true", help="glibc's malloc defaults (default: keep freed memory, as the CLI)")
     parser.add_argument("--omp-passive", action="store_true", help="OMP_WAIT_POLICY=PASSIVE in the workers")
     parser.add_argument("--out", help="also write the JSON here")
-    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        name, batch, steps, warmup = args.worker
-        print(json.dumps(_worker(name, int(batch), int(steps), int(warmup), args.threads)))
+        name, batch, steps, warmup, malloc = args.worker
+        print(json.dumps(_worker(name, int(batch), int(steps), int(warmup), args.threads, malloc)))
         return
     speed = {name: _spawn(args, name, batch, args.steps, args.warmup) for name, batch in SPEED}
     memory = {f"{name}@{batch}": _spawn(args, name, batch, 2, 0)["peak_rss_mb"] for name, batch in MEMORY}
@@ -115,7 +121,7 @@ def main() -> None:
     result = {
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "load_avg_1m": os.getloadavg()[0]},
-        "malloc_tuned": args.malloc_tuned,
+        "malloc": _malloc(args),
         "omp_passive": args.omp_passive,
         "speed": speed,
         "speed_ratio_vs_capsnet_mnist": {n: speed[n]["images_per_s_median"] / base for n in ("em_small", "em_full")},

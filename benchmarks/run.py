@@ -53,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5, --quick 3)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in every worker")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="keep glibc's malloc defaults (default: capsnet.allocator.keep_freed_memory, as the CLI does)")
     p.add_argument("--reference-routing", action="store_true", help="also time DenseCaps models with the unfused routing")
     p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--doc", type=Path, default=ROOT / "docs" / "performance.md")
@@ -143,7 +145,8 @@ def machine(args) -> dict:
 
 
 def run(args) -> dict:
-    common = dict(device=args.device, warmup=args.warmup, repeats=args.repeats, threads=args.threads)
+    common = dict(device=args.device, warmup=args.warmup, repeats=args.repeats, threads=args.threads,
+                  malloc="system" if args.system_malloc else "kept")  # fmt: skip
     report = {"machine": machine(args), "settings": {**common, "batches": args.batch_list}, "bounds": [], "models": [], "data": []}
     print(f"capsnet benchmark on {report['machine']['cpu']}, torch {torch.__version__}, {report['machine']['threads']} threads")
     report["gemm"] = run_worker({"kind": "gemm", **common}, args.timeout)
@@ -206,6 +209,7 @@ def markdown(report: dict) -> str:
         f"| device | {m['device']} |",
         f"| load average (1 min) at start / end | {m['loadavg_start']:.2f} / {m['loadavg_end']:.2f} |",
         f"| warm-up steps / timed repeats | {report['settings']['warmup']} / {report['settings']['repeats']} |",
+        f"| malloc | {report['settings'].get('malloc', 'system')} (`kept`: `capsnet.allocator.keep_freed_memory()`, as `capsnet train`) |",
     ]
     if m["env"]:
         lines.append(f"| environment | {', '.join(f'{k}={v}' for k, v in m['env'].items())} |")

@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "models":
         print("\n".join(list_models()))
         return 0
+    from .allocator import keep_freed_memory
+
+    keep_freed_memory()  # large tensors reused without page faults; CAPSNET_MALLOC=system keeps glibc's defaults
     if args.threads:
         torch.set_num_threads(args.threads)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1

@@ -101,7 +101,7 @@ def _build() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(target))
     votes_p, f_p, i64, i32 = ctypes.POINTER(_Votes), ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.capsnet_max_row.restype = ctypes.c_int
-    lib.capsnet_moments.argtypes = [votes_p, f_p, f_p, f_p, i32]
+    lib.capsnet_moments.argtypes = [votes_p, f_p, f_p, f_p, f_p, i32]
     lib.capsnet_quadratic.argtypes = [votes_p, f_p, f_p, f_p, f_p, i32]
     ptrs = ctypes.POINTER(ctypes.c_void_p)
     lib.capsnet_gradient.argtypes = [votes_p, i64, ptrs, ptrs, ptrs, i64, i64, f_p, i32]
@@ -169,13 +169,14 @@ class EMVotes:
                             slots, self.rows, types, dim, inner, slots // groups)  # fmt: skip
         self.ref = ctypes.byref(self.votes)
 
-    def moments(self, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``sum_i r_i X_i`` and ``sum_i r_i X_i^2`` for ``r`` of shape ``(I, N)``; each ``(N, D)``."""
+    def moments(self, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``sum_i r_i X_i``, ``sum_i r_i X_i^2`` (``(N, D)`` each) and ``sum_i r_i`` (``(N,)``) for ``r`` ``(I, N)``."""
         r = r.contiguous()
         m1 = r.new_empty(self.shape[1:])
         m2 = torch.empty_like(m1)
-        self.lib.capsnet_moments(self.ref, _ptr(r), _ptr(m1), _ptr(m2), torch.get_num_threads())
-        return m1, m2
+        m0 = r.new_empty(self.shape[1])
+        self.lib.capsnet_moments(self.ref, _ptr(r), _ptr(m1), _ptr(m2), _ptr(m0), torch.get_num_threads())
+        return m1, m2, m0
 
     def quadratic(self, u1: torch.Tensor, u2: torch.Tensor, u0: torch.Tensor) -> torch.Tensor:
         """``u0 + sum_d X u1 + X^2 u2`` for ``u1, u2`` ``(N, D)``, ``u0`` ``(N,)``; returns ``(I, N)``."""

@@ -4,7 +4,7 @@
  *     X[i, b, j d] = sum_p poses[g, k B + b, p] * transforms[g, p, j d] - centre[b, j d] + offsets[i, d]
  * (child i = g per_group + k, b the bmm row ("B L" in routing's names), j the parent type, d the
  * pose element; N = rows J parents):
- *     moments:   m1[n, d] = sum_i r[i, n] X[i, n, d],  m2[n, d] = sum_i r[i, n] X[i, n, d]^2
+ *     moments:   m1[n, d] = sum_i r[i, n] X[i, n, d],  m2[n, d] = sum_i r[i, n] X[i, n, d]^2,  m0[n] = sum_i r[i, n]
  *     quadratic: q[i, n] = u0[n] + sum_d X[i, n, d] (u1[n, d] + X[i, n, d] u2[n, d])
  *     gradient:  G[i, n, d] = sum_k L_k[i, n] R1_k[n, d] + 2 X[i, n, d] sum_k L_k[i, n] R2_k[n, d]
  * Each kernel multiplies a vote row out into a small buffer and uses it at once, so the votes
@@ -116,8 +116,8 @@ static inline void vote_row(const capsnet_votes *v, int64_t i, int64_t b, float 
     }
 }
 
-/* m1, m2: (rows J, D); r: (I, rows J). */
-void capsnet_moments(const capsnet_votes *v, const float *r, float *m1, float *m2, int threads) {
+/* m1, m2: (rows J, D); m0: (rows J); r: (I, rows J). */
+void capsnet_moments(const capsnet_votes *v, const float *r, float *m1, float *m2, float *m0, int threads) {
     const int64_t jd = v->types * v->dim, n = v->rows * v->types;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b0 = 0; b0 < v->rows; b0 += ROW_BLOCK) {
@@ -125,9 +125,12 @@ void capsnet_moments(const capsnet_votes *v, const float *r, float *m1, float *m
         float x[MAX_ROW];
         memset(m1 + b0 * jd, 0, (size_t)((b1 - b0) * jd) * sizeof(float));
         memset(m2 + b0 * jd, 0, (size_t)((b1 - b0) * jd) * sizeof(float));
+        memset(m0 + b0 * v->types, 0, (size_t)((b1 - b0) * v->types) * sizeof(float));
         for (int64_t i = 0; i < v->slots; ++i) {
             for (int64_t b = b0; b < b1; ++b) {
                 const float *ri = r + i * n + b * v->types;
+                float *mass = m0 + b * v->types;
+                for (int64_t j = 0; j < v->types; ++j) mass[j] += ri[j];
                 if (v->matrices) { /* votes in registers, no row buffer */
                     child_row cr;
                     child_row_at(v, i, b, &cr);

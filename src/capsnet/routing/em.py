@@ -337,7 +337,7 @@ class _VoteReader:
     Routing only needs two linear maps of the centred votes ``X = V - c`` and of ``X^2``
     (``c`` is a constant per parent and pose element, the unweighted mean vote):
 
-    * ``moments(r) = (sum_i r_i X_i, sum_i r_i X_i^2)``: the M-step sums, ``(I, N) -> 2 x (N, D)``;
+    * ``moments(r) = (sum_i r_i X_i, sum_i r_i X_i^2, sum_i r_i)``: the M-step sums, ``(I, N) -> 2 x (N, D), (N,)``;
     * ``quadratic(u1, u2, u0) = u0 + sum_d X u1 + X^2 u2``: the expanded E-step, ``2 x (N, D), (N,) -> (I, N)``.
 
     Each is the adjoint of the other, so their backward passes are the same two reads; the
@@ -389,8 +389,8 @@ class _VoteReader:
                     x += offsets[part].unsqueeze(1)
             yield part, x, buffer[:count]
 
-    def moments(self, r: Tensor) -> tuple[Tensor, Tensor]:
-        """``sum_i r_i X_i`` and ``sum_i r_i X_i^2`` for ``r`` of shape ``(I, N)``."""
+    def moments(self, r: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``sum_i r_i X_i``, ``sum_i r_i X_i^2`` (``(N, D)`` each) and ``sum_i r_i`` (``(N,)``) for ``r`` ``(I, N)``."""
         if self.compiled is not None:
             return self.compiled.moments(r)
         m1 = self.centre.new_zeros(self.shape[1:]) if self.x is None else self.x.new_zeros(self.shape[1:])
@@ -404,7 +404,7 @@ class _VoteReader:
             else:
                 m1 += (w * x).sum(0)
                 m2 += (w * x2).sum(0)
-        return m1, m2
+        return m1, m2, r.sum(0)
 
     def quadratic(self, u1: Tensor, u2: Tensor, u0: Tensor) -> Tensor:
         """``u0 + sum_d X u1 + X^2 u2`` for ``u1, u2`` of shape ``(N, D)`` and ``u0`` ``(N,)``; returns ``(I, N)``."""
@@ -462,19 +462,20 @@ class _ReplayMoments(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, r, anchor, reader, m1, m2):
+    def forward(ctx, r, anchor, reader, m1, m2, mass):
         ctx.reader = reader
         ctx.save_for_backward(r)
-        return m1.clone(), m2.clone()
+        return m1.clone(), m2.clone(), mass.clone()
 
     @staticmethod
-    def backward(ctx, g1, g2):
+    def backward(ctx, g1, g2, g_mass):
         (r,) = ctx.saved_tensors
         # Detached: a term holding r's graph would close a cycle (graph -> ctx -> reader -> r)
         # through C++ autograd nodes that the garbage collector cannot break.
         ctx.reader.terms.append((r.detach(), g1, g2))
-        grad_r = ctx.reader.quadratic(g1, g2, g1.new_zeros(g1.shape[0])) if ctx.needs_input_grad[0] else None
-        return grad_r, torch.zeros((), dtype=r.dtype, device=r.device), None, None, None
+        g_mass = g1.new_zeros(g1.shape[0]) if g_mass is None else g_mass  # d sum_i r_i / d r_i = 1
+        grad_r = ctx.reader.quadratic(g1, g2, g_mass) if ctx.needs_input_grad[0] else None
+        return grad_r, torch.zeros((), dtype=r.dtype, device=r.device), None, None, None, None
 
 
 class _ReplayQuadratic(torch.autograd.Function):
@@ -490,8 +491,8 @@ class _ReplayQuadratic(torch.autograd.Function):
     def backward(ctx, gq):
         u1, u2 = ctx.saved_tensors
         ctx.reader.terms.append((gq, u1.detach(), u2.detach()))  # detached: see _ReplayMoments
-        g1, g2 = ctx.reader.moments(gq)
-        return g1, g2, gq.sum(0), torch.zeros((), dtype=u1.dtype, device=u1.device), None, None
+        g1, g2, g0 = ctx.reader.moments(gq)
+        return g1, g2, g0, torch.zeros((), dtype=u1.dtype, device=u1.device), None, None
 
 
 class _Config(NamedTuple):
@@ -504,13 +505,15 @@ class _Config(NamedTuple):
     shape: tuple[int, int, int, int, int]  # (I, B, L, J, D)
 
 
-def _m_step(moments, it: int, r: Tensor, a_in: Tensor, b_a: Tensor, b_v: Tensor, lam: float, centre: Tensor, cfg: _Config):
-    """M-step of Procedure 1: parent Gaussians ``(mu - c, sigma^2, ln sigma^2)`` and activation logits."""
+def _m_step(moments, it: int, ra: Tensor, b_a: Tensor, b_v: Tensor, lam: float, centre: Tensor, cfg: _Config):
+    """M-step of Procedure 1 on ``ra = R_ij a_i``: parent Gaussians ``(mu - c, sigma^2, ln sigma^2)``
+    and activation logits."""
     slots, batch, num_patches, types, dim = cfg.shape
-    ra = (r * a_in).expand(slots, batch, num_patches, types)  # R_ij <- R_ij a_i
-    mass = ra.sum(0)  # (B, L, J): sum_i R_ij a_i
-    m1, m2 = moments(ra.reshape(slots, -1), it)  # sum_i R a (V - c), sum_i R a (V - c)^2: (N, D)
+    ra = ra.expand(slots, batch, num_patches, types)
+    # sum_i R a (V - c), sum_i R a (V - c)^2: (N, D); and the mass sum_i R_ij a_i: (N,)
+    m1, m2, mass = moments(ra.reshape(slots, -1), it)
     m1, m2 = m1.view(batch, num_patches, types, dim), m2.view(batch, num_patches, types, dim)
+    mass = mass.view(batch, num_patches, types)
     denom = (mass + cfg.eps).unsqueeze(-1)
     # mu_j^h = sum_i R a V / (sum_i R a + eps), kept as mu - c (exactly that, hence the -eps c).
     mu_c = (m1 - cfg.eps * centre) / denom
@@ -524,8 +527,13 @@ def _m_step(moments, it: int, r: Tensor, a_in: Tensor, b_a: Tensor, b_v: Tensor,
     return mu_c, var, log_var, logit
 
 
-def _e_step(quadratic, it: int, mu_c: Tensor, var: Tensor, log_var: Tensor, logit: Tensor, cfg: _Config) -> Tensor:
-    """E-step of Procedure 1: ``R_ij = a_j p_ij / sum_k a_k p_ik`` over every parent ``k`` of child ``i``."""
+def _e_step(quadratic, it: int, mu_c: Tensor, var: Tensor, log_var: Tensor, logit: Tensor, a_in: Tensor, need_r: bool,
+            cfg: _Config) -> tuple[Optional[Tensor], Tensor]:
+    """E-step of Procedure 1: ``R_ij = a_j p_ij / sum_k a_k p_ik`` over every parent ``k`` of child ``i``.
+
+    Returns ``R`` (None unless ``need_r``) and ``R_ij a_i``, what the next M-step uses: both
+    ``(I, B, L, J)``, the product taken with the per-child factor so it costs no extra pass.
+    """
     slots, batch, num_patches, types, dim = cfg.shape
     # ln p_ij = -sum_h (V - mu)^2 / (2 sigma^2) - sum_h ln(2 pi sigma^2) / 2, expanded in X = V - c:
     # (V - mu)^2 = X^2 - 2 X (mu - c) + (mu - c)^2, so one read of the votes gives every child's term.
@@ -541,8 +549,12 @@ def _e_step(quadratic, it: int, mu_c: Tensor, var: Tensor, log_var: Tensor, logi
     per_slot = torch.log(e.sum(-1)) + shift.squeeze(-1)  # (I, B, L); the sum is >= 1
     # ln sum_k a_k p_ik over every parent k of child i: all types in all patches that hold it.
     log_norm = log_child_normaliser(per_slot.permute(1, 2, 0), cfg.geometry).permute(2, 0, 1)
-    r = e * torch.exp(shift.squeeze(-1) - log_norm).unsqueeze(-1)  # R_ij = a_j p_ij / sum_k a_k p_ik, (I, B, L, J)
-    return r.detach() if cfg.detach_intermediate else r
+    scale = torch.exp(shift.squeeze(-1) - log_norm).unsqueeze(-1)  # (I, B, L, 1)
+    r = e * scale if need_r else None  # R_ij = a_j p_ij / sum_k a_k p_ik, (I, B, L, J)
+    ra = e * (scale * a_in)  # R_ij a_i
+    if cfg.detach_intermediate:
+        return (None if r is None else r.detach()), ra.detach()
+    return r, ra
 
 
 def _iteration(moments, quadratic, it: int, prev, a_in: Tensor, beta_a: Tensor, beta_v: Tensor, centre: Tensor, cfg: _Config):
@@ -550,20 +562,23 @@ def _iteration(moments, quadratic, it: int, prev, a_in: Tensor, beta_a: Tensor, 
     Gaussians ``prev`` (the uniform init when ``it == 0``), then the M-step.
 
     ``moments`` and ``quadratic`` are the only vote reads. a_in ``(I, B, L, 1)``, beta ``(J,)``
-    or ``(L, J)``, centre ``(B, L, J, D)``; returns ``R (I, B, L, J)`` (or a broadcastable init)
-    and the Gaussians ``(mu - c, sigma^2, ln sigma^2, logit)``.
+    or ``(L, J)``, centre ``(B, L, J, D)``; returns ``R (I, B, L, J)`` (or a broadcastable init;
+    None before the last iteration, where nothing uses it) and the Gaussians ``(mu - c, sigma^2,
+    ln sigma^2, logit)``.
     """
     slots, batch, num_patches, types, dim = cfg.shape
     if it > 0:
-        r = _e_step(quadratic, it - 1, *prev, cfg)
-    elif cfg.geometry is None:  # Procedure 1 init: R_ij = 1 / (number of parents of child i)
-        r = a_in.new_full((slots, 1, num_patches, 1), 1.0 / types)
-    else:  # ... = 1 / (J * number of patches that hold child i)
-        counts = to_patches(parent_counts(cfg.geometry, like=a_in), cfg.geometry)  # (1, L, I)
-        r = rearrange(1.0 / (types * counts), "1 l i -> i 1 l 1")
+        r, ra = _e_step(quadratic, it - 1, *prev, a_in, it == len(cfg.lambdas) - 1, cfg)
+    else:
+        if cfg.geometry is None:  # Procedure 1 init: R_ij = 1 / (number of parents of child i)
+            r = a_in.new_full((slots, 1, num_patches, 1), 1.0 / types)
+        else:  # ... = 1 / (J * number of patches that hold child i)
+            counts = to_patches(parent_counts(cfg.geometry, like=a_in), cfg.geometry)  # (1, L, I)
+            r = rearrange(1.0 / (types * counts), "1 l i -> i 1 l 1")
+        ra = r * a_in  # R_ij <- R_ij a_i
     b_a = beta_a if beta_a.dim() == 1 else beta_a.unsqueeze(0)  # (J,) or (1, L, J)
     b_v = (beta_v if beta_v.dim() == 1 else beta_v.unsqueeze(0)).unsqueeze(-1)  # (J, 1) or (1, L, J, 1)
-    return r, _m_step(moments, it, r, a_in, b_a, b_v, cfg.lambdas[it], centre, cfg)
+    return r, _m_step(moments, it, ra, b_a, b_v, cfg.lambdas[it], centre, cfg)
 
 
 def _outputs(r: Tensor, gaussians, centre: Tensor, cfg: _Config):
@@ -631,7 +646,7 @@ class _EMRoutingFunction(torch.autograd.Function):
             history.extend(gaussians)
         ctx.cfg, ctx.factored = cfg, factored
         ctx.has_offsets, ctx.has_matrices = offsets is not None, matrices is not None
-        saved_m = [t for pair in recorded_m for t in pair]
+        saved_m = [t for triple in recorded_m for t in triple]
         optional = tuple(t for t in (offsets, matrices) if t is not None)
         sources = (votes, transforms, *optional) if factored else (reader.x,)
         ctx.save_for_backward(*sources, a_in, beta_a, beta_v, centre, *history, *saved_m, *recorded_q)
@@ -657,8 +672,8 @@ class _EMRoutingFunction(torch.autograd.Function):
             reader = _VoteReader(cfg.shape, centred=centred)
         history = [tuple(rest[4 * k : 4 * k + 4]) for k in range(iters)]
         rest = rest[4 * iters :]
-        recorded_m = [tuple(rest[2 * k : 2 * k + 2]) for k in range(iters)]
-        recorded_q = rest[2 * iters :]
+        recorded_m = [tuple(rest[3 * k : 3 * k + 3]) for k in range(iters)]
+        recorded_q = rest[3 * iters :]
         centre_view = centre.view(batch, num_patches, types, dim)
         params = [x.detach().requires_grad_(need) for x, need in zip((a_in, beta_a, beta_v), ctx.needs_input_grad[4:7])]
         grad_params = [torch.zeros_like(x) if x.requires_grad else None for x in params]
