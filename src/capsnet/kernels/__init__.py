@@ -135,6 +135,7 @@ class _Votes(ctypes.Structure):
         ("centre", ctypes.c_void_p),
         ("offsets", ctypes.c_void_p),
         ("matrices", ctypes.c_void_p),
+        ("doubled", ctypes.c_void_p),
         ("slots", ctypes.c_int64),
         ("rows", ctypes.c_int64),
         ("types", ctypes.c_int64),
@@ -163,9 +164,10 @@ class EMVotes:
         self.rows = batch * num_patches
         self.shape = (slots, self.rows * types, dim)
         self.keep = [t.contiguous() for t in (poses, transforms, centre)]
-        self.keep += [None if t is None else t.contiguous() for t in (offsets, matrices)]
-        p, w, c, o, m = self.keep
-        self.votes = _Votes(_ptr(p), _ptr(w), _ptr(c), *(None if t is None else _ptr(t) for t in (o, m)),
+        doubled = None if matrices is None else torch.cat([matrices, matrices], -1).contiguous()  # (G, J, 4, 8)
+        self.keep += [None if t is None else t.contiguous() for t in (offsets, matrices, doubled)]
+        p, w, c, o, m, m2 = self.keep
+        self.votes = _Votes(_ptr(p), _ptr(w), _ptr(c), *(None if t is None else _ptr(t) for t in (o, m, m2)),
                             slots, self.rows, types, dim, inner, slots // groups)  # fmt: skip
         self.ref = ctypes.byref(self.votes)
 

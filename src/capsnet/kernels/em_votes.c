@@ -28,6 +28,7 @@ typedef struct {
     const float *centre;     /* (rows, J D) */
     const float *offsets;    /* (I, D) or NULL */
     const float *matrices;   /* (G, J, 4, 4) the 4x4 transforms behind `transforms`, or NULL */
+    const float *doubled;    /* (G, J, 4, 8): every row of `matrices` twice (with matrices) */
     int64_t slots;           /* I */
     int64_t rows;            /* B L */
     int64_t types;           /* J */
@@ -76,6 +77,46 @@ static inline void child_row_at(const capsnet_votes *v, int64_t i, int64_t b, ch
     cr->w = v->matrices + g * v->types * 16;
     cr->c = v->centre + b * v->types * 16;
     for (int r = 0; r < 4; ++r) cr->off[r] = v->offsets ? load4(v->offsets + i * 16 + 4 * r) : (v4){0, 0, 0, 0};
+}
+
+typedef float v8 __attribute__((vector_size(32)));
+
+static inline v8 load8(const float *p) {
+    v8 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void store8(float *p, v8 v) { memcpy(p, &v, sizeof v); }
+
+/* The same votes two rows at a time, 8 lanes: rows (2h, 2h + 1) of V = M W are
+ * sum_m (M[2h, m] x4 | M[2h + 1, m] x4) * (W[m] | W[m]). */
+typedef struct {
+    v8 p[2][4]; /* p[h][m] = (M[2h, m] x4 | M[2h + 1, m] x4) */
+    v8 off[2];
+    const float *w, *c; /* doubled transforms of the child's group; the row's centre */
+} child_row8;
+
+static inline void child_row8_at(const capsnet_votes *v, int64_t i, int64_t b, child_row8 *cr) {
+    const int64_t g = i / v->per_group, k = i % v->per_group;
+    const float *p = v->poses + ((g * v->per_group + k) * v->rows + b) * 16;
+    for (int h = 0; h < 2; ++h) {
+        for (int m = 0; m < 4; ++m) {
+            const float a = p[8 * h + m], z = p[8 * h + 4 + m];
+            cr->p[h][m] = (v8){a, a, a, a, z, z, z, z};
+        }
+        cr->off[h] = v->offsets ? load8(v->offsets + i * 16 + 8 * h) : (v8){0, 0, 0, 0, 0, 0, 0, 0};
+    }
+    cr->w = v->doubled + g * v->types * 32;
+    cr->c = v->centre + b * v->types * 16;
+}
+
+static inline void vote8(const child_row8 *cr, int64_t j, v8 x[2]) {
+    const float *w = cr->w + 32 * j;
+    const v8 w0 = load8(w), w1 = load8(w + 8), w2 = load8(w + 16), w3 = load8(w + 24);
+    for (int h = 0; h < 2; ++h)
+        x[h] = cr->off[h] - load8(cr->c + 16 * j + 8 * h) + cr->p[h][0] * w0 + cr->p[h][1] * w1 + cr->p[h][2] * w2 +
+               cr->p[h][3] * w3;
 }
 
 /* x[0 : J 16] = X[i, b, :] for 4x4 poses. */
@@ -132,17 +173,17 @@ void capsnet_moments(const capsnet_votes *v, const float *r, float *m1, float *m
                 float *mass = m0 + b * v->types;
                 for (int64_t j = 0; j < v->types; ++j) mass[j] += ri[j];
                 if (v->matrices) { /* votes in registers, no row buffer */
-                    child_row cr;
-                    child_row_at(v, i, b, &cr);
+                    child_row8 cr;
+                    child_row8_at(v, i, b, &cr);
                     float *a1 = m1 + b * jd, *a2 = m2 + b * jd;
                     for (int64_t j = 0; j < v->types; ++j) {
-                        v4 xr[4];
-                        vote_4x4(cr.p, cr.w + 16 * j, cr.c + 16 * j, cr.off, xr);
-                        for (int q = 0; q < 4; ++q) {
-                            const v4 wx = ri[j] * xr[q];
-                            float *s1 = a1 + 16 * j + 4 * q, *s2 = a2 + 16 * j + 4 * q;
-                            store4(s1, load4(s1) + wx);
-                            store4(s2, load4(s2) + wx * xr[q]);
+                        v8 xr[2];
+                        vote8(&cr, j, xr);
+                        for (int h = 0; h < 2; ++h) {
+                            const v8 wx = ri[j] * xr[h];
+                            float *s1 = a1 + 16 * j + 8 * h, *s2 = a2 + 16 * j + 8 * h;
+                            store8(s1, load8(s1) + wx);
+                            store8(s2, load8(s2) + wx * xr[h]);
                         }
                     }
                     continue;
@@ -178,14 +219,15 @@ void capsnet_quadratic(const capsnet_votes *v, const float *u1, const float *u2,
                 const float *restrict c1 = u1 + b * jd, *restrict c2 = u2 + b * jd;
                 float *qi = q + i * n + b * v->types;
                 if (v->matrices) { /* votes in registers, no row buffer */
-                    child_row cr;
-                    child_row_at(v, i, b, &cr);
+                    child_row8 cr;
+                    child_row8_at(v, i, b, &cr);
                     for (int64_t j = 0; j < v->types; ++j) {
-                        v4 xr[4], acc = {0, 0, 0, 0};
-                        vote_4x4(cr.p, cr.w + 16 * j, cr.c + 16 * j, cr.off, xr);
-                        for (int r = 0; r < 4; ++r)
-                            acc += xr[r] * (load4(c1 + 16 * j + 4 * r) + xr[r] * load4(c2 + 16 * j + 4 * r));
-                        qi[j] = u0[b * v->types + j] + ((acc[0] + acc[1]) + (acc[2] + acc[3]));
+                        v8 xr[2];
+                        vote8(&cr, j, xr);
+                        v8 acc = xr[0] * (load8(c1 + 16 * j) + xr[0] * load8(c2 + 16 * j));
+                        acc += xr[1] * (load8(c1 + 16 * j + 8) + xr[1] * load8(c2 + 16 * j + 8));
+                        qi[j] = u0[b * v->types + j] +
+                                (((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])));
                     }
                     continue;
                 }
@@ -256,25 +298,27 @@ void capsnet_gradient_4x4(const capsnet_votes *v, int64_t terms, const float *co
         const int tid = 0;
 #endif
         float *mine = partial ? partial + (int64_t)tid * groups * jd : NULL;
-        float x[MAX_ROW], g[MAX_ROW];
+        float g[MAX_ROW];
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < v->rows; ++b) {
             for (int64_t i = 0; i < v->slots; ++i) {
                 const int64_t grp = i / v->per_group, k = i % v->per_group;
-                vote_row_4x4(v, i, b, x);
+                child_row8 cr;
+                child_row8_at(v, i, b, &cr);
                 /* g = sum_k L_k R1_k + 2 x sum_k L_k R2_k for this (child, row) */
                 for (int64_t j = 0; j < v->types; ++j) {
                     const int64_t o = j * 16, col = i * n + b * v->types + j;
-                    v4 a[4] = {{0}}, c[4] = {{0}};
+                    v8 xr[2], a[2] = {{0}}, c[2] = {{0}};
+                    vote8(&cr, j, xr);
                     for (int64_t t = 0; t < terms; ++t) {
                         const float w = left[t][col];
                         const float *r1 = right1[t] + b * jd + o, *r2 = right2[t] + b * jd + o;
-                        for (int q = 0; q < 4; ++q) {
-                            a[q] += w * load4(r1 + 4 * q);
-                            c[q] += w * load4(r2 + 4 * q);
+                        for (int h = 0; h < 2; ++h) {
+                            a[h] += w * load8(r1 + 8 * h);
+                            c[h] += w * load8(r2 + 8 * h);
                         }
                     }
-                    for (int q = 0; q < 4; ++q) store4(g + o + 4 * q, a[q] + 2.0f * load4(x + o + 4 * q) * c[q]);
+                    for (int h = 0; h < 2; ++h) store8(g + o + 8 * h, a[h] + 2.0f * xr[h] * c[h]);
                 }
                 const float *p = v->poses + ((grp * v->per_group + k) * v->rows + b) * 16;
                 if (grad_poses) {
