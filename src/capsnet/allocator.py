@@ -8,8 +8,9 @@ kernel zero-fills each 4 KiB page: on the 2-core VM of docs/performance.md that 
 ns per float, more than the arithmetic on it (an 88 MB tensor: 59 ms allocated and filled
 fresh against 6 ms reused). :func:`keep_freed_memory` turns mmap off for ``malloc`` (every
 block comes from the heap) and stops the heap from being trimmed, so freed blocks are reused
-without faults. The price: the process keeps its peak heap mapped until it exits (its peak
-resident size, what ``ru_maxrss`` reports, is unchanged in our measurements).
+without faults. The price: the heap keeps its high-water mark until the process exits, and
+blocks no longer go back to the system between steps; measured peak resident sizes moved by
+-80 to +140 MB (docs/performance.md, "The allocator").
 
 The command line calls it at start (``capsnet train`` etc.); ``CAPSNET_MALLOC=system`` keeps
 glibc's defaults. Library users opt in by calling it. PyTorch's own alternative,
