@@ -206,3 +206,12 @@ def test_matrices_of_the_wrong_shape_raise_value_error():
     with pytest.raises(ValueError, match="matrices must be"):
         em_routing(FactoredVotes(poses, _block_weight(matrices), None, matrices[:, :2]), act, beta_a, beta_v,
                    geometry=geometry)  # fmt: skip
+
+
+def test_an_unwritable_cache_falls_back_to_the_temporary_directory(monkeypatch, tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("CAPSNET_CACHE", str(blocked))  # kernels/ cannot be made under a file
+    monkeypatch.setattr(kernels.tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    assert kernels._cache_dir().parent == tmp_path / "tmp"

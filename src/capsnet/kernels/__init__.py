@@ -61,8 +61,17 @@ def enabled() -> bool:
 
 
 def _cache_dir() -> Path:
+    """``$CAPSNET_CACHE/kernels`` (default ``~/.cache/capsnet/kernels``), or a per-user folder in the
+    temporary directory when that cannot be created (a read-only home)."""
     root = os.environ.get("CAPSNET_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "capsnet")
-    return Path(root) / "kernels"
+    folder = Path(root) / "kernels"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if os.access(folder, os.W_OK):
+            return folder
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / f"capsnet-kernels-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
 
 
 def _cpu_id() -> str:
