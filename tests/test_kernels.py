@@ -215,3 +215,18 @@ def test_an_unwritable_cache_falls_back_to_the_temporary_directory(monkeypatch, 
     monkeypatch.setattr(kernels.tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     assert kernels._cache_dir().parent == tmp_path / "tmp"
+
+
+def test_block_transforms_alone_get_their_gradient_on_the_compiled_path():
+    # matrices given for speed but without a gradient: the block transforms must still get theirs.
+    geometry, poses, matrices, act, beta_a, beta_v = _conv_problem(seed=5)
+    grads = []
+    for flag in (False, True):
+        kernels.set_enabled(flag)
+        block, p = _block_weight(matrices).requires_grad_(), poses.clone().requires_grad_()
+        out = em_routing(FactoredVotes(p, block, None, matrices), act, beta_a, beta_v, geometry=geometry)
+        (out.poses.square().sum() + out.activations.sum()).backward()
+        grads.append((block.grad, p.grad))
+    for compiled, eager in zip(*grads[::-1]):
+        assert compiled is not None
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4 * eager.abs().max().item())

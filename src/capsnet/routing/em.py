@@ -104,8 +104,10 @@ class FactoredVotes(NamedTuple):
     poses: ``(G, R, P)``; transforms: ``(G, P, J D)``, no batch axis;
     offsets: ``(I, D)`` constants added to every vote of child slot ``i`` (coordinate addition), or None;
     matrices: for 4x4 poses (``P = D = 16``), the ``(G, J, 4, 4)`` transforms ``W`` with ``V = M W``
-    that ``transforms`` is the block form of, or None. Only the compiled reads use them (4
-    multiply-adds per vote element instead of 16); gradients flow through ``transforms``.
+    that ``transforms`` is the block form of (``capsnet.layers.matrix._block_weight``), or None.
+    Only the compiled reads use them (4 multiply-adds per vote element instead of 16). The
+    gradient goes to ``transforms`` on the eager path and to ``matrices`` on the compiled one
+    (when ``matrices`` needs one), so ``transforms`` must be computed from ``matrices``.
     """
 
     poses: Tensor
@@ -707,7 +709,9 @@ class _EMRoutingFunction(torch.autograd.Function):
                     if g is not None:
                         grad_params[k] += g
         grad_votes = grad_transforms = grad_matrices = None
+        # Straight to the 4x4 matrices, unless only the block transforms want a gradient.
         direct = reader.compiled is not None and reader.compiled.has_matrices
+        direct = direct and (ctx.needs_input_grad[3] or not ctx.needs_input_grad[1])
         if direct and (ctx.needs_input_grad[0] or ctx.needs_input_grad[3]) and reader.terms:
             # Compiled, 4x4 votes: one pass to the poses and the 4x4 matrices (the block
             # transforms are built from the matrices, so their gradient is the matrices').
