@@ -430,3 +430,36 @@ def test_grouped_factored_votes_equal_multiplied_out_votes_values_and_gradients(
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
     torch.testing.assert_close(poses.grad, poses2.grad, rtol=0, atol=1e-10)
     torch.testing.assert_close(transforms.grad, transforms2.grad, rtol=0, atol=1e-10)
+
+
+def test_detached_assignments_still_pass_the_gradient_of_the_child_activations():
+    """With ``detach_intermediate`` R is a constant, but the last M-step still weighs it by a_i."""
+    from capsnet.routing.em import MASS_EPS, VAR_FLOOR
+
+    votes, act, beta_a, beta_v = _problem(GEOMETRY, seed=21)
+    gen = torch.Generator().manual_seed(22)
+    a1 = act.clone().requires_grad_()
+    out = em_routing(votes, a1, beta_a, beta_v, geometry=GEOMETRY, detach_intermediate=True)
+    g_mu, g_a = torch.randn(out.poses.shape, generator=gen, dtype=F64), torch.randn(out.activations.shape, generator=gen, dtype=F64)
+    torch.autograd.backward([out.poses, out.activations], [g_mu, g_a])
+    # The last M-step by hand, from the final (constant) assignments.
+    a2 = act.clone().requires_grad_()
+    ra = out.assignments.detach() * a2[..., None]  # (B, L, I, J)
+    mass = ra.sum(2)
+    mu = (ra[..., None] * votes).sum(2) / (mass + MASS_EPS)[..., None]
+    var = (ra[..., None] * (votes - mu[:, :, None]) ** 2).sum(2) / (mass + MASS_EPS)[..., None] + VAR_FLOOR
+    cost = (beta_v[:, None] + 0.5 * torch.log(var)) * mass[..., None]
+    lam = inverse_temperatures("fan_in", 3, fan_in=_fan_in(votes, GEOMETRY))[-1]
+    a_out = torch.sigmoid(lam * (beta_a - cost.sum(-1)))
+    torch.testing.assert_close(mu, out.poses.detach(), rtol=0, atol=1e-10)
+    torch.autograd.backward([mu, a_out], [g_mu, g_a])
+    assert a1.grad.abs().max() > 0
+    torch.testing.assert_close(a1.grad, a2.grad, rtol=1e-8, atol=1e-10)
+
+
+def test_inputs_of_mixed_dtypes_raise_value_error():
+    votes, act, beta_a, beta_v = _problem(GEOMETRY, seed=23)
+    with pytest.raises(ValueError, match="activations is torch.float32 but the votes are torch.float64"):
+        em_routing(votes, act.float(), beta_a, beta_v, geometry=GEOMETRY)
+    with pytest.raises(ValueError, match="beta_v is torch.bfloat16"):
+        em_routing(votes, act, beta_a, beta_v.bfloat16(), geometry=GEOMETRY)

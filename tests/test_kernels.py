@@ -95,15 +95,15 @@ def test_gradient_chunks_match_the_eager_chunks(kind):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-3)
 
 
-def _conv_problem(dtype=F32, seed=3):
-    """A ConvMatCaps-like routing problem: 4x4 poses, one transform per child slot."""
+def _conv_problem(dtype=F32, seed=3, batch=2):
+    """A ConvMatCaps-like routing problem: 4x4 poses, one transform per child slot (B 4 rows)."""
     geometry = ConvGeometry((5, 5), (3, 3), (2, 2), 2)
     gen = torch.Generator().manual_seed(seed)
-    batch, types = 2, 3
+    types = 3
     slots, patches = geometry.slots, geometry.num_patches
     poses = torch.randn(slots, batch * patches, 16, generator=gen, dtype=dtype)
     matrices = torch.randn(slots, types, 4, 4, generator=gen, dtype=dtype)
-    act = to_patches(torch.rand(batch, 2, 5, 5, generator=gen, dtype=dtype), geometry)
+    act = to_patches(torch.rand(batch, 2, 5, 5, generator=gen, dtype=dtype), geometry)  # (B, 4, 18)
     beta_a, beta_v = torch.randn(types, generator=gen, dtype=dtype), torch.randn(types, generator=gen, dtype=dtype)
     return geometry, poses, matrices, act, beta_a, beta_v
 
@@ -129,7 +129,8 @@ def test_compiled_routing_matches_eager_routing_values_and_gradients():
 
 def test_compiled_routing_gives_the_same_bits_with_one_or_two_threads():
     # Every row is one thread's work, so only the sum of the per-thread matrix gradients may differ.
-    geometry, poses, matrices, act, beta_a, beta_v = _conv_problem(seed=4)
+    # 40 rows: three blocks of 16 rows for moments and quadratic, so both threads get some.
+    geometry, poses, matrices, act, beta_a, beta_v = _conv_problem(seed=4, batch=10)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -184,8 +185,10 @@ def test_a_compiler_that_fails_warns_once_and_routing_still_runs(monkeypatch, tm
     monkeypatch.setenv("CC", "false")  # exits 1
     monkeypatch.setenv("CAPSNET_KERNELS", "auto")
     geometry, poses, matrices, act, beta_a, beta_v = _conv_problem()
-    with pytest.warns(RuntimeWarning, match="falls back to eager"):
+    with pytest.warns(RuntimeWarning, match="falls back to eager") as caught:
         out = _route(None, poses, matrices, act, beta_a, beta_v, geometry)
+        _route(None, poses, matrices, act, beta_a, beta_v, geometry)
+    assert len([w for w in caught if "falls back" in str(w.message)]) == 1  # once per process
     assert all(torch.isfinite(t).all() for t in out)
     assert kernels._library is None and "false failed" in kernels._failed
     assert not list(tmp_path.rglob("*.so"))  # no partial library left behind
@@ -197,8 +200,9 @@ def test_a_compiler_that_fails_is_an_error_when_the_kernels_are_required(monkeyp
     monkeypatch.setenv("CAPSNET_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "no-such-compiler-capsnet")
     monkeypatch.setenv("CAPSNET_KERNELS", "1")
-    with pytest.raises(RuntimeError, match="CAPSNET_KERNELS=1.*no C compiler"):
-        kernels._load()
+    for _ in range(2):  # every time, not only the first
+        with pytest.raises(RuntimeError, match="CAPSNET_KERNELS=1.*no C compiler"):
+            kernels._load()
 
 
 def test_matrices_of_the_wrong_shape_raise_value_error():
@@ -213,8 +217,12 @@ def test_an_unwritable_cache_falls_back_to_the_temporary_directory(monkeypatch, 
     blocked.write_text("not a folder")
     monkeypatch.setenv("CAPSNET_CACHE", str(blocked))  # kernels/ cannot be made under a file
     monkeypatch.setattr(kernels.tempfile, "tempdir", str(tmp_path / "tmp"))
+    monkeypatch.setattr(kernels, "_private", None)
     (tmp_path / "tmp").mkdir()
-    assert kernels._cache_dir().parent == tmp_path / "tmp"
+    folder = kernels._cache_dir()
+    assert folder.parent == tmp_path / "tmp" and folder.name.startswith("capsnet-kernels-")
+    assert folder.stat().st_mode & 0o077 == 0  # private: nobody else can plant a library there
+    assert kernels._cache_dir() == folder  # one folder per process
 
 
 def test_block_transforms_alone_get_their_gradient_on_the_compiled_path():
@@ -230,3 +238,29 @@ def test_block_transforms_alone_get_their_gradient_on_the_compiled_path():
     for compiled, eager in zip(*grads[::-1]):
         assert compiled is not None
         torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4 * eager.abs().max().item())
+
+
+def test_matrices_alone_get_their_gradient_on_both_paths():
+    # Block transforms built without a gradient: the 4x4 matrices must still get theirs.
+    geometry, poses, matrices, act, beta_a, beta_v = _conv_problem(seed=6)
+    grads = []
+    for flag in (False, True):
+        kernels.set_enabled(flag)
+        m = matrices.clone().requires_grad_()
+        with torch.no_grad():
+            block = _block_weight(m)
+        out = em_routing(FactoredVotes(poses, block, None, m), act, beta_a, beta_v, geometry=geometry)
+        (out.poses.square().sum() + out.activations.sum()).backward()
+        grads.append(m.grad)
+    reference = _route(False, poses, matrices, act, beta_a, beta_v, geometry)[4]  # through the block transforms
+    for g in grads:
+        assert g is not None
+        torch.testing.assert_close(g, reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item())
+
+
+def test_activations_of_another_dtype_never_reach_the_kernels():
+    geometry, poses, matrices, act, beta_a, beta_v = _conv_problem(seed=7)
+    kernels.set_enabled(True)
+    with pytest.raises(ValueError, match="activations is torch.bfloat16"):
+        em_routing(FactoredVotes(poses, _block_weight(matrices), None, matrices), act.bfloat16(), beta_a, beta_v,
+                   geometry=geometry)  # fmt: skip

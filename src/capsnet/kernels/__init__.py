@@ -45,6 +45,7 @@ _lock = threading.Lock()
 _library: Optional[ctypes.CDLL] = None
 _failed: Optional[str] = None
 _enabled: Optional[bool] = None  # None: follow the environment
+_private: Optional[Path] = None  # the temporary cache folder, when the cache folder is not writable
 
 
 def set_enabled(flag: Optional[bool]) -> None:
@@ -61,8 +62,9 @@ def enabled() -> bool:
 
 
 def _cache_dir() -> Path:
-    """``$CAPSNET_CACHE/kernels`` (default ``~/.cache/capsnet/kernels``), or a per-user folder in the
-    temporary directory when that cannot be created (a read-only home)."""
+    """``$CAPSNET_CACHE/kernels`` (default ``~/.cache/capsnet/kernels``), or, when that cannot be
+    created (a read-only home), a fresh private folder in the temporary directory: a shared,
+    predictable one would let another user plant the library this process loads."""
     root = os.environ.get("CAPSNET_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "capsnet")
     folder = Path(root) / "kernels"
     try:
@@ -71,7 +73,10 @@ def _cache_dir() -> Path:
             return folder
     except OSError:
         pass
-    return Path(tempfile.gettempdir()) / f"capsnet-kernels-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+    global _private
+    if _private is None:
+        _private = Path(tempfile.mkdtemp(prefix="capsnet-kernels-"))  # mode 0o700, ours alone
+    return _private
 
 
 def _cpu_id() -> str:
@@ -123,6 +128,8 @@ def _build() -> ctypes.CDLL:
 def _load() -> Optional[ctypes.CDLL]:
     """The kernels library, built on first call; None (with one warning) if it cannot be built."""
     global _library, _failed
+    if _failed is not None and os.environ.get(_ENV, "").strip() == "1":
+        raise RuntimeError(f"CAPSNET_KERNELS=1 but the EM kernels could not be built: {_failed}")
     if _library is not None or _failed is not None:
         return _library
     with _lock:
@@ -158,6 +165,11 @@ def _ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
 
 
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """What the C code reads: contiguous float32 (a no-op for routing's own tensors)."""
+    return t.to(torch.float32).contiguous()
+
+
 class EMVotes:
     """Factored votes ``X = poses @ transforms - centre + offsets`` read by the compiled kernels.
 
@@ -182,7 +194,7 @@ class EMVotes:
 
     def moments(self, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``sum_i r_i X_i``, ``sum_i r_i X_i^2`` (``(N, D)`` each) and ``sum_i r_i`` (``(N,)``) for ``r`` ``(I, N)``."""
-        r = r.contiguous()
+        r = _f32(r)
         m1 = r.new_empty(self.shape[1:])
         m2 = torch.empty_like(m1)
         m0 = r.new_empty(self.shape[1])
@@ -191,15 +203,18 @@ class EMVotes:
 
     def quadratic(self, u1: torch.Tensor, u2: torch.Tensor, u0: torch.Tensor) -> torch.Tensor:
         """``u0 + sum_d X u1 + X^2 u2`` for ``u1, u2`` ``(N, D)``, ``u0`` ``(N,)``; returns ``(I, N)``."""
-        u1, u2, u0 = u1.contiguous(), u2.contiguous(), u0.contiguous()
+        u1, u2, u0 = _f32(u1), _f32(u2), _f32(u0)
         q = u1.new_empty(self.shape[:2])
         self.lib.capsnet_quadratic(self.ref, _ptr(u1), _ptr(u2), _ptr(u0), _ptr(q), torch.get_num_threads())
         return q
 
     def gradient(self, terms, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
         """Children ``[start, stop)`` of ``sum_k <L_k (x) R1_k, X> + <L_k (x) R2_k, X^2>``'s gradient
-        into ``out`` ``(stop - start, N, D)``; ``terms`` are ``(L (I, N), R1 (N, D), R2 (N, D))``
-        with contiguous float32 tensors."""
+        into ``out`` ``(stop - start, N, D)``, contiguous float32; ``terms`` are ``(L (I, N), R1 (N, D),
+        R2 (N, D))``."""
+        if out.dtype != torch.float32 or not out.is_contiguous():
+            raise ValueError(f"gradient writes contiguous float32, got {out.dtype} (contiguous: {out.is_contiguous()})")
+        terms = [tuple(_f32(t) for t in term) for term in terms]
         arrays = _term_arrays(terms)
         self.lib.capsnet_gradient(self.ref, len(terms), *arrays, start, stop, _ptr(out), torch.get_num_threads())
         return out
@@ -213,6 +228,7 @@ class EMVotes:
         """The same gradient taken straight to the factors of 4x4 votes ``V = M W``, one pass
         over all children: ``(d poses (G, R, 16) or None, d matrices (G, J, 4, 4) or None)``."""
         threads = torch.get_num_threads()
+        terms = [tuple(_f32(t) for t in term) for term in terms]
         p, m = self.keep[0], self.keep[4]
         grad_p = torch.empty_like(p) if poses else None
         partial = m.new_zeros((threads, *m.shape)) if matrices else None

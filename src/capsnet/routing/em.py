@@ -366,7 +366,7 @@ class _VoteReader:
         self.compiled = None if factors is None else kernels.em_votes(*factors, centre, shape)
         factors = None if factors is None else factors[:3]
         self.factors = factors
-        if factors is not None:  # -c for every row (child block, b, l) of a bmm group: the product adds it
+        if factors is not None and self.compiled is None:  # -c for every row (child block, b, l) of a bmm group
             rows, cols = batch * num_patches, types * dim
             self.neg_centre = (-centre).view(1, rows, cols).expand(self.per_group, rows, cols).reshape(-1, cols)
 
@@ -552,11 +552,11 @@ def _e_step(quadratic, it: int, mu_c: Tensor, var: Tensor, log_var: Tensor, logi
     # ln sum_k a_k p_ik over every parent k of child i: all types in all patches that hold it.
     log_norm = log_child_normaliser(per_slot.permute(1, 2, 0), cfg.geometry).permute(2, 0, 1)
     scale = torch.exp(shift.squeeze(-1) - log_norm).unsqueeze(-1)  # (I, B, L, 1)
+    if cfg.detach_intermediate:  # R is a constant, R a still depends on a_i
+        r = (e * scale).detach()
+        return (r if need_r else None), r * a_in
     r = e * scale if need_r else None  # R_ij = a_j p_ij / sum_k a_k p_ik, (I, B, L, J)
-    ra = e * (scale * a_in)  # R_ij a_i
-    if cfg.detach_intermediate:
-        return (None if r is None else r.detach()), ra.detach()
-    return r, ra
+    return r, e * (scale * a_in)  # and R_ij a_i, the per-child factor taken first
 
 
 def _iteration(moments, quadratic, it: int, prev, a_in: Tensor, beta_a: Tensor, beta_v: Tensor, centre: Tensor, cfg: _Config):
@@ -718,7 +718,10 @@ class _EMRoutingFunction(torch.autograd.Function):
             grad_votes, grad_matrices = reader.compiled.factor_gradients(
                 reader._compiled_terms(), ctx.needs_input_grad[0], ctx.needs_input_grad[3]
             )
-        elif (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]) and reader.terms:
+        elif (ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or ctx.needs_input_grad[3]) and reader.terms:
+            # Eager: the gradient goes to the block transforms; to the matrices (their diagonal
+            # blocks, summed) only where the block transforms do not want one themselves.
+            to_matrices = ctx.needs_input_grad[3] and not ctx.needs_input_grad[1]
             if not ctx.factored:
                 grad_votes = torch.empty_like(centred)  # (I, N, D)
                 for part, g in reader.grad_chunks():
@@ -727,7 +730,7 @@ class _EMRoutingFunction(torch.autograd.Function):
             else:
                 # Each chunk's gradient goes straight to the factors: no vote-sized gradient either.
                 grad_votes = torch.empty_like(poses) if ctx.needs_input_grad[0] else None
-                grad_transforms = torch.empty_like(transforms) if ctx.needs_input_grad[1] else None
+                grad_transforms = torch.empty_like(transforms) if ctx.needs_input_grad[1] or to_matrices else None
                 for part, g in reader.grad_chunks():
                     groups = slice(part.start // reader.per_group, part.stop // reader.per_group)
                     g = g.view(groups.stop - groups.start, poses.shape[1], -1)  # (g, R, J D)
@@ -735,6 +738,10 @@ class _EMRoutingFunction(torch.autograd.Function):
                         torch.bmm(g, transforms[groups].transpose(1, 2), out=grad_votes[groups])
                     if grad_transforms is not None:
                         torch.bmm(poses[groups].transpose(1, 2), g, out=grad_transforms[groups])
+                if to_matrices:  # V = M W row by row: block (a q, j a r) holds W[j, q, r] for every row a
+                    blocks = grad_transforms.view(-1, 4, 4, types, 4, 4)  # (G, a, q, j, a', r)
+                    grad_matrices = torch.diagonal(blocks, dim1=1, dim2=4).sum(-1).permute(0, 2, 1, 3)
+                    grad_transforms = None
         return (grad_votes, grad_transforms, None, grad_matrices, *grad_params, None)
 
 
@@ -834,6 +841,11 @@ def em_routing(
             )
     _check_beta(beta_a, "beta_a", num_patches, types)
     _check_beta(beta_v, "beta_v", num_patches, types)
+    dtype = votes[0].dtype if isinstance(votes, FactoredVotes) else votes.dtype
+    for name, t in (("activations", activations), ("beta_a", beta_a), ("beta_v", beta_v), *(
+            (f"votes.{k}", getattr(votes, k)) for k in FactoredVotes._fields[1:] if isinstance(votes, FactoredVotes))):
+        if t is not None and t.dtype != dtype:
+            raise ValueError(f"{name} is {t.dtype} but the votes are {dtype}: pass one floating dtype (or run under autocast)")
     if geometry is not None:
         geometry.check()
         if (geometry.num_patches, geometry.slots) != (num_patches, slots):
