@@ -135,6 +135,24 @@ def _weight_grad_conv(x: Tensor, grad_out: Tensor, weight_shape, stride, padding
     return grad
 
 
+def _input_grad(grad_out: Tensor, x: Tensor, weight: Tensor, stride, padding) -> Tensor:
+    """PyTorch's input gradient, in chunks of images of about :data:`_SLAB_ELEMENTS` input elements
+    (oneDNN's temporaries for the whole batch are as large as the input again)."""
+    def piece(g: Tensor, xs: Tensor) -> Tensor:
+        return torch.ops.aten.convolution_backward(
+            g, xs, weight, None, stride, padding, (1, 1), False, (0, 0), 1, (True, False, False)
+        )[0]
+
+    per_image = x[0].numel()
+    size = max(1, _SLAB_ELEMENTS // per_image)
+    if torch.is_grad_enabled() or size >= x.shape[0]:  # create_graph=True: one differentiable call
+        return piece(grad_out, x)
+    grad_x = torch.empty_like(x)
+    for start in range(0, x.shape[0], size):
+        grad_x[start : start + size] = piece(grad_out[start : start + size], x[start : start + size])
+    return grad_x
+
+
 class _Conv2d(torch.autograd.Function):
     """``F.conv2d(x, W, b, stride, padding)`` with the weight gradient of ``weight_grad``.
 
@@ -170,9 +188,7 @@ class _Conv2d(torch.autograd.Function):
             else:
                 grad_w = _weight_grad_conv(x, grad_out, weight.shape, ctx.stride, ctx.padding)
         if need_x:  # after the weights, whose temporaries are gone by then (a lower peak of memory)
-            grad_x = torch.ops.aten.convolution_backward(
-                grad_out, x, weight, None, ctx.stride, ctx.padding, (1, 1), False, (0, 0), 1, (True, False, False)
-            )[0]
+            grad_x = _input_grad(grad_out, x, weight, ctx.stride, ctx.padding)
         if need_b and ctx.has_bias:
             grad_b = grad_out.sum((0, 2, 3))
         return grad_x, grad_w, grad_b, None, None, None
