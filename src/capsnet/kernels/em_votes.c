@@ -54,31 +54,6 @@ static inline v4 load4(const float *p) {
 
 static inline void store4(float *p, v4 v) { memcpy(p, &v, sizeof v); }
 
-/* One child's 4x4 vote for one parent, centred, as four rows: V = M W row by row, 4 multiply-adds
- * per element (the (16, J 16) block transforms are three quarters zeros). */
-static inline void vote_4x4(const float *restrict p, const float *restrict w, const float *restrict c, const v4 *off,
-                            v4 x[4]) {
-    const v4 w0 = load4(w), w1 = load4(w + 4), w2 = load4(w + 8), w3 = load4(w + 12);
-    for (int r = 0; r < 4; ++r) {
-        const float *pr = p + 4 * r;
-        x[r] = off[r] - load4(c + 4 * r) + pr[0] * w0 + pr[1] * w1 + pr[2] * w2 + pr[3] * w3;
-    }
-}
-
-/* What vote_4x4 needs for child i on row b: its pose, its transforms and offsets, the row's centre. */
-typedef struct {
-    const float *p, *w, *c;
-    v4 off[4];
-} child_row;
-
-static inline void child_row_at(const capsnet_votes *v, int64_t i, int64_t b, child_row *cr) {
-    const int64_t g = i / v->per_group, k = i % v->per_group;
-    cr->p = v->poses + ((g * v->per_group + k) * v->rows + b) * 16;
-    cr->w = v->matrices + g * v->types * 16;
-    cr->c = v->centre + b * v->types * 16;
-    for (int r = 0; r < 4; ++r) cr->off[r] = v->offsets ? load4(v->offsets + i * 16 + 4 * r) : (v4){0, 0, 0, 0};
-}
-
 typedef float v8 __attribute__((vector_size(32)));
 
 static inline v8 load8(const float *p) {
@@ -89,8 +64,9 @@ static inline v8 load8(const float *p) {
 
 static inline void store8(float *p, v8 v) { memcpy(p, &v, sizeof v); }
 
-/* The same votes two rows at a time, 8 lanes: rows (2h, 2h + 1) of V = M W are
- * sum_m (M[2h, m] x4 | M[2h + 1, m] x4) * (W[m] | W[m]). */
+/* A child's 4x4 vote for one parent, centred, two rows at a time in 8 lanes: rows (2h, 2h + 1) of
+ * V = M W are sum_m (M[2h, m] x4 | M[2h + 1, m] x4) * (W[m] | W[m]): 4 multiply-adds per element
+ * (the (16, J 16) block transforms spend 16, three quarters on zeros). */
 typedef struct {
     v8 p[2][4]; /* p[h][m] = (M[2h, m] x4 | M[2h + 1, m] x4) */
     v8 off[2];
@@ -121,12 +97,13 @@ static inline void vote8(const child_row8 *cr, int64_t j, v8 x[2]) {
 
 /* x[0 : J 16] = X[i, b, :] for 4x4 poses. */
 static inline void vote_row_4x4(const capsnet_votes *v, int64_t i, int64_t b, float *restrict x) {
-    child_row cr;
-    child_row_at(v, i, b, &cr);
+    child_row8 cr;
+    child_row8_at(v, i, b, &cr);
     for (int64_t j = 0; j < v->types; ++j) {
-        v4 row[4];
-        vote_4x4(cr.p, cr.w + 16 * j, cr.c + 16 * j, cr.off, row);
-        for (int r = 0; r < 4; ++r) store4(x + 16 * j + 4 * r, row[r]);
+        v8 rows[2];
+        vote8(&cr, j, rows);
+        store8(x + 16 * j, rows[0]);
+        store8(x + 16 * j + 8, rows[1]);
     }
 }
 
