@@ -364,8 +364,7 @@ class _VoteReader:
         self.terms: list[tuple[Tensor, Tensor, Tensor]] = []  # (left, right1, right2) outer products
         # The compiled one-pass reads (capsnet.kernels) where they apply, else None: eager chunks.
         self.compiled = None if factors is None else kernels.em_votes(*factors, centre, shape)
-        factors = None if factors is None else factors[:3]
-        self.factors = factors
+        self.factors = factors = None if factors is None else factors[:3]  # the eager chunks' (poses, transforms, offsets)
         if factors is not None and self.compiled is None:  # -c for every row (child block, b, l) of a bmm group
             rows, cols = batch * num_patches, types * dim
             self.neg_centre = (-centre).view(1, rows, cols).expand(self.per_group, rows, cols).reshape(-1, cols)
@@ -443,8 +442,9 @@ class _VoteReader:
 
 
     def _compiled_terms(self):
+        """:attr:`terms` with the lefts as ``(I, N)`` (the kernels make everything contiguous float32)."""
         slots, n, _ = self.shape
-        return [(t[0].reshape(slots, n).contiguous(), t[1].contiguous(), t[2].contiguous()) for t in self.terms]
+        return [(t[0].reshape(slots, n), t[1], t[2]) for t in self.terms]
 
     def _compiled_grad_chunks(self):
         """:meth:`grad_chunks` by the compiled kernel, same chunks."""
