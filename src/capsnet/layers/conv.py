@@ -143,10 +143,11 @@ def _input_grad(grad_out: Tensor, x: Tensor, weight: Tensor, stride, padding) ->
             g, xs, weight, None, stride, padding, (1, 1), False, (0, 0), 1, (True, False, False)
         )[0]
 
-    per_image = x[0].numel()
-    size = max(1, _SLAB_ELEMENTS // per_image)
-    if torch.is_grad_enabled() or size >= x.shape[0]:  # create_graph=True: one differentiable call
+    n = x.shape[0]
+    chunks = -(-n // max(1, _SLAB_ELEMENTS // x[0].numel()))
+    if torch.is_grad_enabled() or chunks == 1:  # create_graph=True: one differentiable call
         return piece(grad_out, x)
+    size = -(-n // chunks)  # equal chunks (4 x 32 at batch 128, not 40, 40, 40, 8)
     grad_x = torch.empty_like(x)
     for start in range(0, x.shape[0], size):
         grad_x[start : start + size] = piece(grad_out[start : start + size], x[start : start + size])
