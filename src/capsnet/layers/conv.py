@@ -18,6 +18,11 @@ CPU (torch 2.13, oneDNN), at batch 128 and 1-2 threads:
   so the forward is one matmul over ``unfold``-ed columns (57 against 77-87 ms) and the
   weight gradient a batched matmul against the same columns (36-43 against 200-300 ms).
 
+* Large kernels over many channels (PrimaryCaps again): the whole convolution, forward
+  and backward, as a bilinear algorithm over the DFT (:mod:`capsnet.layers.dft`), with
+  about a third of the multiply-adds. ``algorithm="auto"`` takes it when it saves at least
+  half of them for the batch at hand (PrimaryCaps from batch 9 on, never Conv1).
+
 ``benchmarks/run.py`` measures the effect on whole models; ``tests/test_conv.py`` holds
 values and gradients (first and second order) to ``F.conv2d`` in float64. Off CPU, for
 groups, dilation, non-zero padding modes, under ``torch.func`` transforms and under
@@ -32,13 +37,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Conv2d", "WEIGHT_GRADIENTS"]
+from .dft import dft_conv2d, dft_macs, direct_macs
+
+__all__ = ["Conv2d", "WEIGHT_GRADIENTS", "ALGORITHMS"]
 
 #: Ways to compute the weight gradient: ``"auto"`` picks ``"im2col"`` when a column of
 #: the unfolded input is short (``in_channels * kh * kw <= IM2COL_MAX_ROWS``) and
 #: ``"conv"`` otherwise; ``"native"`` is PyTorch's own backward.
 WEIGHT_GRADIENTS = ("auto", "conv", "im2col", "native")
 IM2COL_MAX_ROWS = 256
+#: How the convolution is computed: ``"direct"`` is PyTorch's forward with the weight gradient
+#: of ``weight_grad``; ``"dft"`` the bilinear DFT algorithm of :mod:`capsnet.layers.dft`;
+#: ``"auto"`` takes ``"dft"`` when it needs at most half the multiply-adds of ``"direct"``
+#: for the batch at hand (:data:`DFT_MIN_SAVING`) and ``weight_grad`` is ``"auto"``.
+ALGORITHMS = ("auto", "direct", "dft")
+DFT_MIN_SAVING = 2.0
 _SLAB_ELEMENTS = 1 << 22
 
 
@@ -47,17 +60,25 @@ class Conv2d(nn.Conv2d):
 
     Args:
         weight_grad: one of :data:`WEIGHT_GRADIENTS`; ``"native"`` makes this exactly
-            ``nn.Conv2d``. Everything else as ``nn.Conv2d``.
+            ``nn.Conv2d`` (whatever ``algorithm`` says).
+        algorithm: one of :data:`ALGORITHMS`. ``"auto"`` chooses per call (the
+            choice depends on the batch size); an explicit ``weight_grad`` other than
+            ``"auto"`` means ``"direct"``. Everything else as ``nn.Conv2d``.
 
     Shape:
         x: ``(B, in_channels, H, W)``; returns ``(B, out_channels, H', W')`` as ``nn.Conv2d``
         (input of another shape, or channel count, gets ``nn.Conv2d``'s own error).
     """
 
-    def __init__(self, *args, weight_grad: str = "auto", **kwargs):
+    def __init__(self, *args, weight_grad: str = "auto", algorithm: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
         if weight_grad not in WEIGHT_GRADIENTS:
             raise ValueError(f"weight_grad must be one of {WEIGHT_GRADIENTS}, got {weight_grad!r}")
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+        if algorithm == "auto" and weight_grad != "auto":
+            algorithm = "direct"  # a weight gradient was asked for: it belongs to the direct algorithm
+        self.algorithm = algorithm
         if weight_grad == "auto":
             rows = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
             weight_grad = "im2col" if rows <= IM2COL_MAX_ROWS else "conv"
@@ -81,6 +102,8 @@ class Conv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         if not self._fast(x):
             return super().forward(x)
+        if self._use_dft(x):
+            return dft_conv2d(x, self.weight, self.bias, self.stride, self.padding)
         args = (self.stride, self.padding, self.weight_grad)
         inputs = (x, self.weight) if self.bias is None else (x, self.weight, self.bias)
         if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
@@ -88,6 +111,13 @@ class Conv2d(nn.Conv2d):
         if self.weight_grad == "im2col":
             return _im2col_forward(x, self.weight, self.bias, self.stride, self.padding)[0]
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+
+
+    def _use_dft(self, x: Tensor) -> bool:
+        if self.algorithm != "auto":
+            return self.algorithm == "dft"
+        shapes = (x.shape, self.weight.shape, self.stride, self.padding)
+        return dft_macs(*shapes) * DFT_MIN_SAVING <= direct_macs(*shapes)
 
 
 def _out_size(size: int, kernel: int, stride: int, padding: int) -> int:

@@ -32,6 +32,7 @@ class PrimaryCaps(nn.Module):
         kernel_size: int = 9,
         stride: int = 2,
         weight_grad: str = "auto",
+        algorithm: str = "auto",
     ):
         super().__init__()
         if min(in_channels, types, dim, kernel_size, stride) < 1:
@@ -40,7 +41,7 @@ class PrimaryCaps(nn.Module):
                 f"kernel_size={kernel_size} stride={stride}"
             )
         self.types, self.dim = types, dim
-        self.conv = Conv2d(in_channels, types * dim, kernel_size, stride=stride, weight_grad=weight_grad)
+        self.conv = Conv2d(in_channels, types * dim, kernel_size, stride=stride, weight_grad=weight_grad, algorithm=algorithm)
 
     def output_size(self, size: int) -> int:
         """Spatial side of the capsule grid for an input of side ``size``."""

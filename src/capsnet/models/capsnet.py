@@ -37,8 +37,10 @@ class CapsNet(nn.Module):
 
     Keyword-only hyper-parameters default to the paper's MNIST model. ``conv_weight_grad``
     chooses how Conv1 and PrimaryCaps compute their CPU weight gradients
-    (:class:`~capsnet.layers.Conv2d`; ``"native"`` is PyTorch's own backward). It changes
-    speed, not results.
+    (:class:`~capsnet.layers.Conv2d`; ``"native"`` is PyTorch's own backward), and
+    ``conv_algorithm`` how they convolve (``"auto"``: PrimaryCaps by the DFT algorithm of
+    :mod:`capsnet.layers.dft` at batches of 9 or more, ``"direct"``: PyTorch's). They change
+    speed, not results (beyond rounding).
 
     Shape:
         x: ``(B, in_channels, image_size, image_size)`` floats; y: ``(B,)`` labels or None.
@@ -64,6 +66,7 @@ class CapsNet(nn.Module):
         decoder: bool = True,
         decoder_hidden: tuple[int, ...] = (512, 1024),
         conv_weight_grad: str = "auto",
+        conv_algorithm: str = "auto",
     ):
         super().__init__()
         sizes = dict(
@@ -77,7 +80,7 @@ class CapsNet(nn.Module):
         if bad:  # before any layer: nn.Conv2d / nn.Linear would crash or build a model that cannot run
             raise ValueError(f"CapsNet sizes must be positive (>= 1), got {', '.join(bad)}; fix these keyword arguments")
         self.in_channels, self.image_size, self.num_classes = in_channels, image_size, num_classes
-        self.conv1 = Conv2d(in_channels, conv_channels, conv_kernel, weight_grad=conv_weight_grad)
+        self.conv1 = Conv2d(in_channels, conv_channels, conv_kernel, weight_grad=conv_weight_grad, algorithm=conv_algorithm)
         self.primary = PrimaryCaps(
             conv_channels,
             types=primary_types,
@@ -85,6 +88,7 @@ class CapsNet(nn.Module):
             kernel_size=primary_kernel,
             stride=primary_stride,
             weight_grad=conv_weight_grad,
+            algorithm=conv_algorithm,
         )
         grid = self.primary.output_size(image_size - conv_kernel + 1)
         if grid < 1:

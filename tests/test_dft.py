@@ -1,0 +1,177 @@
+"""The bilinear DFT convolution (``capsnet.layers.dft``) against ``torch.nn.functional.conv2d``.
+
+In float64 the algorithm is exact up to rounding: values, first and second derivatives
+must equal ``F.conv2d``'s to 1e-10 for strides, paddings, rectangular and strided kernels,
+with and without bias. In float32 it must be as close to the float64 result as PyTorch's
+own direct convolution.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.autograd import gradcheck, gradgradcheck
+
+from capsnet.layers import Conv2d
+from capsnet.layers import dft
+from capsnet.layers.dft import _DFTConv2d, dft_conv2d, dft_macs, direct_macs, plan
+from capsnet.models import create_model
+
+# (in_channels, out_channels, kernel, stride, padding, (H, W))
+SHAPES = [
+    (3, 4, 3, 2, 1, (9, 10)),
+    (2, 5, 3, 1, 0, (7, 8)),
+    (3, 4, (4, 3), (3, 2), (2, 1), (10, 11)),
+    (1, 6, 5, 2, 0, (11, 12)),
+    (4, 3, 9, 2, 0, (20, 21)),
+    (2, 3, (1, 7), (1, 3), (0, 2), (5, 17)),
+]
+TOL = dict(rtol=1e-10, atol=1e-10)
+
+
+def _case(shape, batch=3, bias=True, dtype=torch.float64):
+    c_in, c_out, kernel, stride, padding, (h, w) = shape
+    kh, kw = kernel if isinstance(kernel, tuple) else (kernel, kernel)
+    x = torch.randn(batch, c_in, h, w, dtype=dtype, requires_grad=True)
+    weight = torch.randn(c_out, c_in, kh, kw, dtype=dtype, requires_grad=True)
+    b = torch.randn(c_out, dtype=dtype, requires_grad=True) if bias else None
+    return x, weight, b, stride, padding
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_values_and_gradients_equal_conv2d(shape, bias):
+    x, weight, b, stride, padding = _case(shape, bias=bias)
+    out = dft_conv2d(x, weight, b, stride, padding)
+    assert type(out.grad_fn).__name__ == "_DFTConv2dBackward"
+    ref = F.conv2d(x, weight, b, stride, padding)
+    torch.testing.assert_close(out, ref, **TOL)
+    upstream = torch.randn_like(ref)
+    wanted = [x, weight] + ([b] if bias else [])
+    for got, expected in zip(torch.autograd.grad(out, wanted, upstream), torch.autograd.grad(ref, wanted, upstream)):
+        torch.testing.assert_close(got, expected, **TOL)
+    with torch.no_grad():
+        torch.testing.assert_close(dft_conv2d(x, weight, b, stride, padding), ref, **TOL)
+
+
+@pytest.mark.parametrize("shape", SHAPES[:4])
+def test_gradcheck_and_second_order(shape):
+    x, weight, b, stride, padding = _case(shape, batch=2)
+
+    def fn(x, weight, b):
+        return _DFTConv2d.apply(x, weight, b, stride if isinstance(stride, tuple) else (stride,) * 2,
+                                padding if isinstance(padding, tuple) else (padding,) * 2)
+
+    assert gradcheck(fn, (x, weight, b))
+    assert gradgradcheck(fn, (x, weight, b))
+
+
+@pytest.mark.parametrize("need", ["x", "weight"])
+def test_only_one_input_needs_a_gradient(need):
+    x, weight, b, stride, padding = _case(SHAPES[4], bias=False)
+    x.requires_grad_(need == "x")
+    weight.requires_grad_(need == "weight")
+    leaf = x if need == "x" else weight
+    (got,) = torch.autograd.grad(dft_conv2d(x, weight, None, stride, padding).square().sum(), [leaf])
+    (expected,) = torch.autograd.grad(F.conv2d(x, weight, None, stride, padding).square().sum(), [leaf])
+    torch.testing.assert_close(got, expected, **TOL)
+
+
+def test_many_slabs_equal_one(monkeypatch):
+    """Slabs of input channels (as PrimaryCaps' 8 at batch 128) accumulate to the same result."""
+    x, weight, b, stride, padding = _case((8, 5, 9, 2, 0, (20, 20)))
+    monkeypatch.setattr(dft, "_SLAB_ELEMENTS", 1)  # one channel of the polyphase input per slab
+    out = dft_conv2d(x, weight, b, stride, padding)
+    ref = F.conv2d(x, weight, b, stride, padding)
+    torch.testing.assert_close(out, ref, **TOL)
+    got = torch.autograd.grad(out.square().sum(), [x, weight])
+    expected = torch.autograd.grad(ref.square().sum(), [x, weight])
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a, e, **TOL)
+
+
+def test_float32_is_as_accurate_as_the_direct_convolution():
+    """PrimaryCaps' shape with 64 input channels: error against float64 no larger than oneDNN's."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 64, 20, 20, dtype=torch.float64)
+    weight = torch.randn(32, 64, 9, 9, dtype=torch.float64) * 0.05
+    exact = F.conv2d(x, weight, stride=2)
+    dft_error = (dft_conv2d(x.float(), weight.float(), None, 2, 0).double() - exact).abs().max()
+    direct_error = (F.conv2d(x.float(), weight.float(), stride=2).double() - exact).abs().max()
+    assert dft_error <= 2 * direct_error + 1e-6, (dft_error, direct_error)
+
+
+def test_plan_is_the_dft_with_three_real_products_per_complex_frequency():
+    """PrimaryCaps: a 10 x 10 polyphase input, 5 x 5 polyphase kernel, 6 x 6 outputs.
+
+    The real input's spectrum has 52 distinct frequencies, 4 of them real, so 48 * 3 + 4
+    = 148 components. Each component's output share applied to the product of its input and
+    kernel transforms must rebuild the correlation for delta inputs.
+    """
+    p = plan((6, 6), (9, 9), (2, 2))
+    assert p.grid == (10, 10) and p.kernel == (5, 5) and p.components == 148
+    tx, tw, ty = p.transforms()
+    assert tx.shape == (148, 100) and tw.shape == (148, 25) and ty.shape == (148, 36)
+    # y[u] = sum_m ty[m, u] (tx[m] . x) (tw[m] . w) is the correlation: check it as a bilinear form.
+    form = np.einsum("mu,mi,mk->uik", ty, tx, tw)  # (outputs, inputs, taps)
+    expected = np.zeros_like(form)
+    for u in range(36):
+        r, c = divmod(u, 6)
+        for k in range(25):
+            kr, kc = divmod(k, 5)
+            expected[u, (r + kr) * 10 + (c + kc), k] = 1
+    np.testing.assert_allclose(form, expected, atol=1e-12)
+
+
+def test_multiply_adds():
+    shapes = ((128, 256, 20, 20), (256, 256, 9, 9), (2, 2), (0, 0))
+    assert direct_macs(*shapes) == 128 * 256 * 256 * 81 * 36
+    assert dft_macs(*shapes) == 148 * (128 * 1024 * 100 + 256 * 1024 * 25 + 128 * 256 * 36 + 128 * 256 * 1024)
+
+
+def test_bad_shapes_get_clear_errors():
+    with pytest.raises(ValueError, match="expects x"):
+        dft_conv2d(torch.randn(2, 3, 8, 8), torch.randn(4, 2, 3, 3))
+    with pytest.raises(ValueError, match="smaller than kernel"):
+        dft_conv2d(torch.randn(2, 3, 4, 4), torch.randn(4, 3, 5, 5))
+
+
+def test_layer_chooses_by_batch_and_shape():
+    primary = Conv2d(256, 256, 9, stride=2)
+    assert primary.algorithm == "auto"
+    assert primary._use_dft(torch.empty(128, 256, 20, 20))
+    assert not primary._use_dft(torch.empty(2, 256, 20, 20))  # the kernel's transform would dominate
+    assert not Conv2d(1, 256, 9)._use_dft(torch.empty(128, 1, 28, 28))  # Conv1: one input channel
+    assert Conv2d(256, 256, 9, stride=2, weight_grad="conv").algorithm == "direct"
+    assert Conv2d(2, 3, 3, algorithm="dft")._use_dft(torch.empty(1, 2, 5, 5))
+    with pytest.raises(ValueError, match="algorithm must be one of"):
+        Conv2d(1, 2, 3, algorithm="fft")
+
+
+def test_layer_paths():
+    layer = Conv2d(4, 3, 9, stride=2, algorithm="dft").double()
+    x = torch.randn(2, 4, 20, 20, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    assert type(out.grad_fn).__name__ == "_DFTConv2dBackward"
+    torch.testing.assert_close(out, F.conv2d(x, layer.weight, layer.bias, 2), **TOL)
+    native = Conv2d(4, 3, 9, stride=2, weight_grad="native", algorithm="dft").double()
+    assert type(native(x).grad_fn).__name__ == "ConvolutionBackward0", "weight_grad='native' is nn.Conv2d"
+    per_sample = torch.func.vmap(lambda xi: layer(xi.unsqueeze(0)).squeeze(0))(x.detach())
+    torch.testing.assert_close(per_sample, out.detach(), **TOL)
+
+
+def test_capsnet_gradients_do_not_depend_on_algorithm():
+    """The paper model's convolutions by the DFT train like PyTorch's (float64)."""
+    grads = {}
+    x = torch.rand(2, 1, 28, 28, dtype=torch.float64)
+    y = torch.tensor([3, 7])
+    for algorithm in ("direct", "dft"):
+        torch.manual_seed(0)
+        model = create_model("capsnet_tiny", conv_algorithm=algorithm).double()
+        out = model(x, y)
+        (out.lengths.sum() + out.reconstruction.sum()).backward()
+        grads[algorithm] = {name: p.grad for name, p in model.named_parameters()}
+    for name in grads["direct"]:
+        torch.testing.assert_close(grads["dft"][name], grads["direct"][name], **TOL, msg=name)
