@@ -7,10 +7,13 @@ Timed round-robin (as ``routing.py``), medians of wall-clock and process CPU tim
 
 * each convolution of ``capsnet_mnist`` alone, forward + backward: Conv1 (1 -> 256, 9x9;
   the images need no gradient) and PrimaryCaps (256 -> 256, 9x9, stride 2; with the input
-  gradient), as ``nn.Conv2d`` and as ``capsnet.layers.Conv2d``;
+  gradient), as ``nn.Conv2d`` and as ``capsnet.layers.Conv2d`` with ``algorithm="direct"``
+  (PyTorch's forward, the faster weight gradient) and ``"dft"`` (the bilinear DFT algorithm
+  of ``capsnet.layers.dft``);
 * the same convolutions forward under ``no_grad``;
 * the whole ``capsnet_mnist`` training step with ``conv_weight_grad="native"`` (PyTorch's
-  backward) and ``"auto"`` (the default), next to the conv bound.
+  convolutions), ``conv_algorithm="direct"`` and the default (``"auto"``: the DFT for
+  PrimaryCaps), next to the conv bound.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from routing import interleaved, show  # noqa: E402
 from run import cpu_model  # noqa: E402
 
 import capsnet  # noqa: E402
+import capsnet.allocator  # noqa: E402
 from capsnet.layers import Conv2d  # noqa: E402
 
 CONVS = {  # name: (in_channels, out_channels, kernel, stride, input side, input needs a gradient)
@@ -41,8 +45,12 @@ def _conv_steps(batch: int, spec: tuple, train: bool) -> dict:
     torch.manual_seed(0)
     x = torch.randn(batch, c_in, side, side, requires_grad=train and input_grad)
     steps = {}
-    for name, layer in (("nn.Conv2d", torch.nn.Conv2d(c_in, c_out, kernel, stride=stride)),
-                        ("capsnet Conv2d", Conv2d(c_in, c_out, kernel, stride=stride))):  # fmt: skip
+    layers = {
+        "nn.Conv2d": torch.nn.Conv2d(c_in, c_out, kernel, stride=stride),
+        "Conv2d direct": Conv2d(c_in, c_out, kernel, stride=stride, algorithm="direct"),
+        "Conv2d dft": Conv2d(c_in, c_out, kernel, stride=stride, algorithm="dft"),
+    }
+    for name, layer in layers.items():
         if not train:
 
             def forward(layer=layer):
@@ -61,9 +69,9 @@ def _conv_steps(batch: int, spec: tuple, train: bool) -> dict:
     return steps
 
 
-def _model_step(batch: int, weight_grad: str):
+def _model_step(batch: int, **options):
     torch.manual_seed(0)
-    model = capsnet.create_model("capsnet_mnist", conv_weight_grad=weight_grad)
+    model = capsnet.create_model("capsnet_mnist", **options)
     images, labels = _bench.synthetic_batch(model, batch, torch.device("cpu"))
     optimizer = torch.optim.Adam(model.parameters(), fused=True)
 
@@ -82,7 +90,10 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--skip-model", action="store_true", help="only the convolutions")
+    p.add_argument("--system-malloc", action="store_true", help="keep glibc's malloc defaults (default: as the CLI)")
     args = p.parse_args(argv)
+    if not args.system_malloc:
+        capsnet.allocator.keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_model()}, batch {args.batch}")
@@ -91,8 +102,12 @@ def main(argv=None) -> None:
         show(f"{name} forward (no_grad)", interleaved(_conv_steps(args.batch, spec, False), args.repeats))
     if not args.skip_model:
         bound = _conv_steps(args.batch, CONVS["PrimaryCaps"], True)["nn.Conv2d"]
-        steps = {"conv bound (fwd+bwd)": bound, "capsnet_mnist native": _model_step(args.batch, "native"),
-                 "capsnet_mnist auto": _model_step(args.batch, "auto")}  # fmt: skip
+        steps = {
+            "conv bound (fwd+bwd)": bound,
+            "capsnet_mnist native": _model_step(args.batch, conv_weight_grad="native"),
+            "capsnet_mnist direct": _model_step(args.batch, conv_algorithm="direct"),
+            "capsnet_mnist auto": _model_step(args.batch),
+        }
         show(f"capsnet_mnist train step, batch {args.batch} (bound / step = the ratio to the bound)",
              interleaved(steps, args.repeats))  # fmt: skip
 

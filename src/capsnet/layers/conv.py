@@ -1,8 +1,8 @@
-"""``nn.Conv2d`` with a faster backward on CPU for the CapsNet's convolutions.
+"""``nn.Conv2d`` with faster CPU algorithms for the CapsNet's convolutions.
 
-The numbers are PyTorch's convolution; only how the gradient of the weights (and, for
-inputs with few channels, the forward) is computed differs. On this project's 2-core
-CPU (torch 2.13, oneDNN), at batch 128 and 1-2 threads:
+The results are the convolution's, equal to PyTorch's up to rounding; how they are
+computed differs. On this project's 2-core CPU (torch 2.13, oneDNN), at batch 128 and
+1-2 threads:
 
 * PrimaryCaps (256 -> 256, 9x9, stride 2 on 20x20): oneDNN's weight gradient takes
   0.7-0.9 s against 0.37 s for the forward of the same FLOPs. The weight gradient is
@@ -21,12 +21,14 @@ CPU (torch 2.13, oneDNN), at batch 128 and 1-2 threads:
 * Large kernels over many channels (PrimaryCaps again): the whole convolution, forward
   and backward, as a bilinear algorithm over the DFT (:mod:`capsnet.layers.dft`), with
   about a third of the multiply-adds. ``algorithm="auto"`` takes it when it saves at least
-  half of them for the batch at hand (PrimaryCaps from batch 9 on, never Conv1).
+  half of them for the batch at hand (PrimaryCaps from batch 25 on, never Conv1).
 
 ``benchmarks/run.py`` measures the effect on whole models; ``tests/test_conv.py`` holds
 values and gradients (first and second order) to ``F.conv2d`` in float64. Off CPU, for
 groups, dilation, non-zero padding modes, under ``torch.func`` transforms and under
-``torch.autocast`` the layer is a plain ``nn.Conv2d``.
+``torch.autocast`` the layer is a plain ``nn.Conv2d``; ``"auto"`` also keeps the direct
+algorithm for half precisions (the DFT's rounding error there is about twice oneDNN's).
+With dual tensors (forward-mode AD) the layer is ``nn.Conv2d`` too.
 """
 
 from __future__ import annotations
@@ -36,8 +38,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 
-from .dft import dft_conv2d, dft_macs, direct_macs
+from .dft import MAX_GRID as DFT_MAX_GRID
+from .dft import dft_conv2d, dft_grid, dft_macs, direct_macs
 
 __all__ = ["Conv2d", "WEIGHT_GRADIENTS", "ALGORITHMS"]
 
@@ -56,14 +60,16 @@ _SLAB_ELEMENTS = 1 << 22
 
 
 class Conv2d(nn.Conv2d):
-    """A drop-in ``nn.Conv2d`` (same parameters and state dict, results equal to rounding) with a faster CPU backward.
+    """A drop-in ``nn.Conv2d`` (same parameters and state dict, results equal to rounding), faster on CPU.
 
     Args:
         weight_grad: one of :data:`WEIGHT_GRADIENTS`; ``"native"`` makes this exactly
             ``nn.Conv2d`` (whatever ``algorithm`` says).
         algorithm: one of :data:`ALGORITHMS`. ``"auto"`` chooses per call (the
-            choice depends on the batch size); an explicit ``weight_grad`` other than
-            ``"auto"`` means ``"direct"``. Everything else as ``nn.Conv2d``.
+            choice depends on the batch size); with an explicit ``weight_grad`` other
+            than ``"auto"`` it means ``"direct"``, and ``"dft"`` with one is an error
+            (the weight gradient belongs to the direct algorithm). Everything else as
+            ``nn.Conv2d``.
 
     Shape:
         x: ``(B, in_channels, H, W)``; returns ``(B, out_channels, H', W')`` as ``nn.Conv2d``
@@ -76,6 +82,11 @@ class Conv2d(nn.Conv2d):
             raise ValueError(f"weight_grad must be one of {WEIGHT_GRADIENTS}, got {weight_grad!r}")
         if algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+        if weight_grad not in ("auto", "native") and algorithm == "dft":
+            raise ValueError(
+                f"weight_grad={weight_grad!r} is a choice of the direct algorithm; pass algorithm='direct' "
+                "(or 'auto') with it, or leave weight_grad='auto' for algorithm='dft'"
+            )
         if algorithm == "auto" and weight_grad != "auto":
             algorithm = "direct"  # a weight gradient was asked for: it belongs to the direct algorithm
         self.algorithm = algorithm
@@ -97,6 +108,8 @@ class Conv2d(nn.Conv2d):
             and not isinstance(self.padding, str)
             and not torch._C._are_functorch_transforms_active()
             and not torch.is_autocast_enabled(x.device.type)  # autocast's casts and kernels: nn.Conv2d's
+            # Forward-mode AD (dual tensors): the custom backwards have no forward derivative.
+            and not any(forward_ad.unpack_dual(t).tangent is not None for t in (x, self.weight))
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -114,9 +127,17 @@ class Conv2d(nn.Conv2d):
 
 
     def _use_dft(self, x: Tensor) -> bool:
-        if self.algorithm != "auto":
-            return self.algorithm == "dft"
+        if self.algorithm == "direct":
+            return False
+        if self.algorithm == "dft":
+            return True
+        if x.dtype not in (torch.float32, torch.float64) or self.weight.dtype != x.dtype:
+            return False  # half precisions: the DFT's rounding is about twice oneDNN's
         shapes = (x.shape, self.weight.shape, self.stride, self.padding)
+        if any(_out_size(x.shape[2 + k], self.kernel_size[k], self.stride[k], self.padding[k]) < 1 for k in range(2)):
+            return False  # too small: nn.Conv2d's own error
+        if dft_grid(*shapes) > DFT_MAX_GRID:
+            return False
         return dft_macs(*shapes) * DFT_MIN_SAVING <= direct_macs(*shapes)
 
 

@@ -27,8 +27,12 @@ result equals ``F.conv2d`` to about 1e-13, in float32 it is as close to the floa
 result as oneDNN's direct convolution (``tests/test_dft.py``).
 
 The backward is the same three kinds of matmul, transposed; nothing is kept for it but
-``x`` and ``w`` (the transforms are recomputed, in slabs of input channels, so no
-temporary is larger than a slab).
+``x`` and ``w``. Forward and backward work in slabs of input channels, so the transforms
+(the kernel's is the largest, ``M x C' x O``) exist one slab at a time; what remains
+whole is the ``(M, N, O)`` products, their gradient, and the input and its gradient.
+
+The transforms are dense ``M x P Q`` matrices, so the algorithm is for small grids
+(:data:`MAX_GRID`), i.e. for large kernels with large strides on small maps.
 """
 
 from __future__ import annotations
@@ -43,11 +47,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["DFTPlan", "plan", "dft_conv2d", "dft_macs", "direct_macs"]
+__all__ = ["DFTPlan", "MAX_GRID", "plan", "dft_conv2d", "dft_grid", "dft_macs", "direct_macs"]
 
 #: Elements of the largest per-slab transform (``M x channels x O`` floats of the kernel's):
-#: 2^22 = 16 MiB in float32, eight slabs of channels for PrimaryCaps.
+#: 2^22 = 16 MiB in float32, ten slabs of 26 channels for PrimaryCaps.
 _SLAB_ELEMENTS = 1 << 22
+#: Largest polyphase grid ``P Q`` (the transforms are about ``1.5 (P Q)^2`` numbers).
+MAX_GRID = 1024
 
 
 @dataclass(frozen=True)
@@ -59,7 +65,7 @@ class DFTPlan:
     grid: tuple[int, int]  # P, Q: the polyphase input, also the DFT size
     out: tuple[int, int]  # Ho, Wo
 
-    @property
+    @functools.cached_property
     def frequencies(self) -> list[tuple[int, int, bool]]:
         """``(f1, f2, real)`` of the distinct frequencies of a real ``P x Q`` signal."""
         p, q = self.grid
@@ -72,7 +78,7 @@ class DFTPlan:
                 found.append((f1, f2, edge and (-f1) % p == f1))
         return found
 
-    @property
+    @functools.cached_property
     def components(self) -> int:
         """``M``: one real product per real frequency, three per complex one."""
         return sum(1 if real else 3 for _, _, real in self.frequencies)
@@ -111,8 +117,10 @@ def _matrices(plan: DFTPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         tx += [c + d, c, d]
         tw += [a, b - a, a + b]
         ty += [re - im, -im, -re]  # Re(Y) = k1 - k3, Im(Y) = k1 + k2
-    flat = lambda ts: np.stack([t.ravel() for t in ts])  # noqa: E731
-    return flat(tx), flat(tw), flat(ty)
+    matrices = tuple(np.stack([t.ravel() for t in ts]) for ts in (tx, tw, ty))
+    for m in matrices:
+        m.setflags(write=False)  # cached: shared by every later call
+    return matrices
 
 
 def _out_size(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -131,6 +139,11 @@ def direct_macs(x_shape, w_shape, stride, padding) -> int:
     return n * o * c * kh * kw * ho * wo
 
 
+def dft_grid(x_shape, w_shape, stride, padding) -> int:
+    """``P Q``: the size of the polyphase grid (and of the DFT)."""
+    return math.prod(_plan_for(x_shape, w_shape, stride, padding).grid)
+
+
 def dft_macs(x_shape, w_shape, stride, padding) -> int:
     """Multiply-adds of :func:`dft_conv2d`: the three transforms and the products."""
     p = _plan_for(x_shape, w_shape, stride, padding)
@@ -142,7 +155,7 @@ def dft_macs(x_shape, w_shape, stride, padding) -> int:
 
 
 def _transforms(p: DFTPlan, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    return tuple(torch.from_numpy(t).to(like.dtype) for t in p.transforms())
+    return tuple(torch.tensor(t, dtype=like.dtype, device=like.device) for t in p.transforms())
 
 
 def _fit(x: Tensor, p: DFTPlan, padding) -> Tensor:
@@ -244,7 +257,10 @@ class _DFTConv2d(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        if torch.is_grad_enabled():  # create_graph=True: the same algorithm, through autograd
+        grad_x = grad_w = None
+        if not (need_x or need_w):
+            pass
+        elif torch.is_grad_enabled():  # create_graph=True: the same algorithm, through autograd
             y = _differentiable(x, weight, ctx.plan, ctx.padding)
             wanted = [t for t, need in ((x, need_x), (weight, need_w)) if need]
             found = iter(torch.autograd.grad(y, wanted, grad_y, create_graph=True))
@@ -272,13 +288,26 @@ def dft_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
     Equal to the direct convolution up to rounding; fewer multiply-adds when the kernel is
     large and the batch not tiny (:func:`dft_macs` against :func:`direct_macs`).
     """
-    stride = tuple(stride) if isinstance(stride, (tuple, list)) else (stride, stride)
-    padding = tuple(padding) if isinstance(padding, (tuple, list)) else (padding, padding)
+    pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
+    stride, padding = pair(stride), pair(padding)
     if x.dim() != 4 or weight.dim() != 4 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"dft_conv2d expects x (N, C, H, W) and weight (O, C, kh, kw), got {tuple(x.shape)} and {tuple(weight.shape)}")
+    if not all(isinstance(v, int) for v in stride + padding) or min(stride) < 1 or min(padding) < 0:
+        raise ValueError(f"dft_conv2d needs integer strides >= 1 and paddings >= 0, got stride={stride} padding={padding}")
     if any(_out_size(x.shape[2 + k], weight.shape[2 + k], stride[k], padding[k]) < 1 for k in range(2)):
         raise ValueError(f"dft_conv2d: input {tuple(x.shape)} is smaller than kernel {tuple(weight.shape[2:])} with padding {padding}")
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        found = (x.dtype, weight.dtype) + ((bias.dtype,) if bias is not None else ())
+        raise ValueError(f"dft_conv2d needs input, weight and bias of one dtype, got {found}")
+    p = _plan_for(x.shape, weight.shape, stride, padding)
+    if math.prod(p.grid) > MAX_GRID:
+        raise ValueError(
+            f"dft_conv2d: a polyphase grid of {p.grid[0]} x {p.grid[1]} is above MAX_GRID={MAX_GRID} "
+            "(its transforms grow with the square); use the direct convolution (F.conv2d)"
+        )
+    if x.shape[0] == 0:  # nothing to transform
+        return F.conv2d(x, weight, bias, stride, padding)
     inputs = (x, weight) if bias is None else (x, weight, bias)
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
         return _DFTConv2d.apply(x, weight, bias, stride, padding)
-    return _forward(x, weight, bias, _plan_for(x.shape, weight.shape, stride, padding), padding)
+    return _forward(x, weight, bias, p, padding)
