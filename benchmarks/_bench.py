@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 import capsnet
 import capsnet.allocator
+import capsnet.train.optim
 from capsnet.data import random_shift, to_float
 
 #: Shortest timed sample; fast steps are grouped into blocks of at least this length.
@@ -129,7 +130,7 @@ def measure_model(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     if spec["mode"] == "train":
         model.train()
-        optimizer = torch.optim.Adam(model.parameters(), fused=True)  # as capsnet.train builds it
+        optimizer = capsnet.train.optim.adam(model.parameters())  # as capsnet.train builds it
 
         def step():
             loss = natural_loss(model(images, labels), images, labels)

@@ -32,6 +32,7 @@ from run import cpu_model  # noqa: E402
 
 import capsnet  # noqa: E402
 import capsnet.allocator  # noqa: E402
+import capsnet.train.optim  # noqa: E402
 from capsnet.layers import Conv2d  # noqa: E402
 
 CONVS = {  # name: (in_channels, out_channels, kernel, stride, input side, input needs a gradient)
@@ -73,7 +74,7 @@ def _model_step(batch: int, **options):
     torch.manual_seed(0)
     model = capsnet.create_model("capsnet_mnist", **options)
     images, labels = _bench.synthetic_batch(model, batch, torch.device("cpu"))
-    optimizer = torch.optim.Adam(model.parameters(), fused=True)
+    optimizer = capsnet.train.optim.adam(model.parameters())
 
     def step():
         loss = _bench.natural_loss(model(images, labels), images, labels)

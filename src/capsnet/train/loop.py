@@ -22,6 +22,7 @@ from .config import AMP_DTYPES, EPOCH_SEED_STRIDE, TrainConfig
 from .distributed import Dist
 from .metrics import MetricsLogger
 from .objectives import Objective, create_objective
+from .optim import adam
 
 __all__ = ["evaluate", "load_model", "train"]
 
@@ -218,10 +219,10 @@ def train(
     # Only now, with every name and *_kwargs of the config accepted: a refused config leaves no run directory.
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
-    # fused: one kernel for the whole update instead of a dozen per tensor (the same Adam
-    # formula; on CPU the step of capsnet_mnist fell from ~70 to ~11 ms, docs/performance.md).
-    fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in model.parameters())
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    # Fused: one kernel for the whole update instead of a dozen per tensor (the same Adam
+    # formula; on CPU the step of capsnet_mnist fell from ~70 to ~11 ms, docs/performance.md);
+    # its state made now, below the activations (capsnet.train.optim).
+    optimizer = adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n = data.size("train")
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch

@@ -1,0 +1,49 @@
+"""``capsnet.train.optim.adam``: Adam with its state made up front trains exactly like torch's lazy Adam."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import capsnet
+from capsnet.train.optim import adam
+
+
+def _trajectory(make_optimizer, steps=3):
+    torch.manual_seed(0)
+    model = capsnet.create_model("capsnet_tiny")
+    optimizer = make_optimizer(model.parameters())
+    x, y = torch.rand(4, 1, 28, 28), torch.tensor([1, 2, 3, 4])
+    for _ in range(steps):
+        out = model(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        (out.lengths.sum() + out.reconstruction.sum()).backward()
+        optimizer.step()
+    return [p.detach().clone() for p in model.parameters()], optimizer
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_same_trajectory_and_state_as_torchs_adam(weight_decay):
+    eager, eager_opt = _trajectory(lambda ps: adam(ps, lr=1e-3, weight_decay=weight_decay))
+    lazy, lazy_opt = _trajectory(lambda ps: torch.optim.Adam(ps, lr=1e-3, weight_decay=weight_decay, fused=True))
+    for a, b in zip(eager, lazy):
+        assert torch.equal(a, b)
+    assert eager_opt.param_groups[0]["fused"]
+    mine, theirs = eager_opt.state_dict()["state"], lazy_opt.state_dict()["state"]
+    assert mine.keys() == theirs.keys()
+    for index in theirs:
+        for key, value in theirs[index].items():
+            assert torch.equal(mine[index][key], value), (index, key)
+            assert mine[index][key].dtype == value.dtype and mine[index][key].device == value.device
+
+
+def test_state_exists_before_the_first_step_and_resumes():
+    model = torch.nn.Linear(3, 2)
+    optimizer = adam(model.parameters())
+    assert all(optimizer.state[p]["exp_avg"].shape == p.shape for p in model.parameters())
+    assert all(float(optimizer.state[p]["step"]) == 0 for p in model.parameters())
+    model(torch.randn(5, 3)).sum().backward()
+    optimizer.step()
+    again = adam(model.parameters())
+    again.load_state_dict(optimizer.state_dict())  # as a resumed run does
+    assert all(float(again.state[p]["step"]) == 1 for p in model.parameters())
