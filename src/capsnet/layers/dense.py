@@ -198,6 +198,7 @@ class _DenseRouting(torch.autograd.Function):
         grad_u_hat = torch.bmm(
             left.view(-1, n_terms, n_in).transpose(1, 2), right.view(-1, n_terms, dim), out=u_hat.view(-1, n_in, dim)
         ).view(batch, n_out, n_in, dim)  # (B J, I, K) @ (B J, K, D), over the votes
+        del left, right  # before the slabs' temporaries: the backward's peak of memory
         u_t = u.transpose(0, 1)  # (I, B, E)
         grad_u_t = u.new_empty(n_in, batch, u.shape[2]) if need[0] else None
         grad_w_t = u.new_empty(n_in, u.shape[2], n_out * dim) if need[1] else None  # as weight_t

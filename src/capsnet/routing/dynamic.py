@@ -227,19 +227,24 @@ def _routing_vjp(
         # Only the last Eq. 2 sees the attached votes, and its coupling is a constant.
         grad_s = _squash_vjp(steps[last].s, grad_v, eps)
         return steps[last].coupling.unsqueeze(2), grad_s.unsqueeze(2)
-    left: list[Tensor] = []
-    right: list[Tensor] = []
+    # The factors go straight into their slots (2 per iteration, 1 for the last): no list of
+    # (B, J, I) tensors stacked at the end, which made the backward's peak of memory 12-30 MB higher.
+    n_terms = 2 * last + 1
+    left = u_hat.new_empty(batch, n_out, n_terms, n_in)
+    right = u_hat.new_empty(batch, n_out, n_terms, dim)
+    k = 0
     grad_b = grad_logits  # d loss / d b_{t+1} while at iteration t
     for t in range(last, -1, -1):
         step = steps[t]
         if t < last:
             # grad_b is set here: every iteration t > 0 passes through Eq. 3 below.
             grad_v = torch.bmm(grad_b.reshape(-1, 1, n_in), flat).view(batch, n_out, dim)
-            left.append(grad_b)
-            right.append(step.v)
+            right[:, :, k] = step.v
+            k += 1
         grad_s = _squash_vjp(step.s, grad_v, eps)  # Eq. 1
-        left.append(step.coupling)  # Eq. 2
-        right.append(grad_s)
+        left[:, :, k] = step.coupling  # Eq. 2
+        right[:, :, k] = grad_s
+        k += 1
         if t == 0:
             break  # c_0 comes from b_0 = 0, a constant
         grad_c = torch.bmm(grad_s.view(-1, 1, dim), flat.transpose(1, 2)).view(batch, n_out, n_in)
@@ -248,8 +253,15 @@ def _routing_vjp(
         # Eq. 3 backward, c * (grad_c - sum_j c grad_c) over J; with the orphan the same
         # formula holds over the real parents because the orphan's logit is a constant.
         grad_logit = torch._softmax_backward_data(grad_c, step.coupling, 1, step.coupling.dtype)
-        grad_b = grad_logit if grad_b is None else grad_b + grad_logit
-    return torch.stack(left, dim=2), torch.stack(right, dim=2)
+        # grad_b of iteration t - 1 is a factor too (with v_{t-1}): made in its slot.
+        slot = left[:, :, k]
+        if grad_b is None:
+            slot.copy_(grad_logit)
+        else:
+            torch.add(grad_b, grad_logit, out=slot)
+        grad_b = slot
+        del grad_c, grad_logit
+    return left, right
 
 
 def _outputs_differentiable(iterations: int, detach_intermediate: bool) -> bool:
