@@ -47,3 +47,13 @@ def test_state_exists_before_the_first_step_and_resumes():
     again = adam(model.parameters())
     again.load_state_dict(optimizer.state_dict())  # as a resumed run does
     assert all(float(again.state[p]["step"]) == 1 for p in model.parameters())
+
+
+def test_frozen_parameters_get_no_state_and_groups_are_refused():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
+    model[1].weight.requires_grad_(False)
+    optimizer = adam(model.parameters())
+    assert model[1].weight not in optimizer.state and model[0].weight in optimizer.state
+    assert not adam(model.parameters(), make_state=False).state
+    with pytest.raises(TypeError, match="not parameter groups"):
+        adam([{"params": list(model.parameters())}])

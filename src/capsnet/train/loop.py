@@ -221,8 +221,9 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
     # Fused: one kernel for the whole update instead of a dozen per tensor (the same Adam
     # formula; on CPU the step of capsnet_mnist fell from ~70 to ~11 ms, docs/performance.md);
-    # its state made now, below the activations (capsnet.train.optim).
-    optimizer = adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # its state made now, below the activations (capsnet.train.optim), unless a checkpoint's is loaded.
+    found = load_latest(out / LAST, map_location=device) if resume else None
+    optimizer = adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, make_state=found is None)
     n = data.size("train")
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
@@ -236,7 +237,6 @@ def train(
     generator = torch.Generator().manual_seed(cfg.seed)
     state = Progress()
 
-    found = load_latest(out / LAST, map_location=device) if resume else None
     if found is not None:
         ckpt, path = found
         if ckpt["config"] != cfg.to_dict():
@@ -250,6 +250,7 @@ def train(
         _set_rng_state(ckpt["rng"], generator)
         state = Progress(**ckpt["progress"])
         log.info("resumed from %s at step %d (epoch %d)", path, state.step, state.epoch)
+        del ckpt, found  # the loaded copies (of the parameters too) are not needed any more
     elif resume:
         log.info("no checkpoint in %s: starting from scratch", out)
     trained = torch.nn.parallel.DistributedDataParallel(model) if dist.enabled else model

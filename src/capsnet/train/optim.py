@@ -7,8 +7,10 @@ long-lived buffers then split the holes the next iterations' large temporaries w
 and the heap grows. Made before the first forward, they sit below the activations:
 ``capsnet_mnist`` at batch 128 peaked at 746-796 MB of RSS over six steps against 799-851
 (seven alternating runs each, docs/performance.md). The state is made through
-``load_state_dict``, i.e. exactly as a resumed run gets it, and is what the first ``step``
-would have made (``tests/test_train.py`` checks the trajectories are identical).
+``load_state_dict`` and is what the first ``step`` would make for every parameter that
+needs a gradient (``tests/test_optim.py`` checks trajectories and state are identical); a
+parameter that needs one but never gets one keeps zero moments and step 0, where torch's
+lazy Adam would have no entry for it.
 """
 
 from __future__ import annotations
@@ -20,17 +22,31 @@ import torch
 __all__ = ["adam"]
 
 
-def adam(params: Iterable[torch.nn.Parameter], *, lr: float = 1e-3, weight_decay: float = 0.0) -> torch.optim.Adam:
-    """``torch.optim.Adam`` (fused when every parameter is a floating CPU or CUDA tensor) with its state already made."""
+def adam(
+    params: Iterable[torch.nn.Parameter], *, lr: float = 1e-3, weight_decay: float = 0.0, make_state: bool = True
+) -> torch.optim.Adam:
+    """``torch.optim.Adam`` (fused when every parameter is a floating CPU or CUDA tensor) with its state already made.
+
+    ``params`` are tensors (no parameter-group dicts); ``make_state=False`` leaves the state to
+    ``load_state_dict`` (a resumed run) or to the first ``step``.
+    """
     params = list(params)
-    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+    if any(not isinstance(p, torch.Tensor) for p in params):
+        raise TypeError("capsnet.train.optim.adam takes an iterable of parameters (tensors), not parameter groups")
+    floating = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # as torch's fused Adam accepts
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype in floating for p in params)
     optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused)
+    if not make_state:
+        return optimizer
+    # The step counter's dtype as torch makes it: float32 for fused, else the default float dtype.
+    step_dtype = torch.float32 if fused or torch.get_default_dtype() != torch.float64 else torch.float64
     state = optimizer.state_dict()
     for index, p in enumerate(params):
-        state["state"][index] = {
-            "step": torch.zeros((), dtype=torch.float32),
-            "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-            "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
-        }
+        if p.requires_grad:
+            state["state"][index] = {
+                "step": torch.zeros((), dtype=step_dtype),
+                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+            }
     optimizer.load_state_dict(state)
     return optimizer
