@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torch.autograd import forward_ad
 
 from .dft import MAX_GRID as DFT_MAX_GRID
-from .dft import dft_conv2d, dft_grid, dft_macs, direct_macs
+from .dft import _out_size, dft_conv2d, dft_grid, dft_macs, direct_macs
 
 __all__ = ["Conv2d", "WEIGHT_GRADIENTS", "ALGORITHMS"]
 
@@ -139,10 +139,6 @@ class Conv2d(nn.Conv2d):
         if dft_grid(*shapes) > DFT_MAX_GRID:
             return False
         return dft_macs(*shapes) * DFT_MIN_SAVING <= direct_macs(*shapes)
-
-
-def _out_size(size: int, kernel: int, stride: int, padding: int) -> int:
-    return (size + 2 * padding - kernel) // stride + 1
 
 
 def _im2col_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding) -> tuple[Tensor, Tensor]:

@@ -287,6 +287,12 @@ def dft_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
 
     Equal to the direct convolution up to rounding; fewer multiply-adds when the kernel is
     large and the batch not tiny (:func:`dft_macs` against :func:`direct_macs`).
+
+    Shape:
+        x: ``(N, C, H, W)``; weight: ``(O, C, kh, kw)``; bias: ``(O,)`` or None; returns
+        ``(N, O, H', W')`` with ``H' = (H + 2 padding - kh) // stride + 1`` (likewise ``W'``).
+        A ValueError names what is wrong: shapes, strides or paddings, mixed dtypes, or a
+        polyphase grid above :data:`MAX_GRID`.
     """
     pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
     stride, padding = pair(stride), pair(padding)
