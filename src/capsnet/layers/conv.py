@@ -125,8 +125,8 @@ class Conv2d(nn.Conv2d):
             return _im2col_forward(x, self.weight, self.bias, self.stride, self.padding)[0]
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
 
-
     def _use_dft(self, x: Tensor) -> bool:
+        """Whether this call goes to :func:`~capsnet.layers.dft.dft_conv2d` (see :data:`ALGORITHMS`)."""
         if self.algorithm == "direct":
             return False
         if self.algorithm == "dft":

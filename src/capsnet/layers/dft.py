@@ -158,17 +158,21 @@ def _transforms(p: DFTPlan, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return tuple(torch.tensor(t, dtype=like.dtype, device=like.device) for t in p.transforms())
 
 
-def _fit(x: Tensor, p: DFTPlan, padding) -> Tensor:
-    """``x`` zero-padded (or cropped) to the ``P s x Q s`` pixels the polyphase input holds; ``x`` itself when it fits."""
+def _pads(shape, p: DFTPlan, padding) -> tuple[int, int, int, int]:
+    """``F.pad`` amounts that zero-pad (or, negative, crop) a map to the ``P s x Q s`` pixels of the polyphase input."""
     (sh, sw), (pp, qq) = p.stride, p.grid
-    pads = (padding[1], qq * sw - x.shape[3] - padding[1], padding[0], pp * sh - x.shape[2] - padding[0])
+    return (padding[1], qq * sw - shape[3] - padding[1], padding[0], pp * sh - shape[2] - padding[0])
+
+
+def _fit(x: Tensor, p: DFTPlan, padding) -> Tensor:
+    """``x`` padded or cropped to the polyphase input's pixels; ``x`` itself when it fits."""
+    pads = _pads(x.shape, p, padding)
     return F.pad(x, pads) if any(pads) else x
 
 
 def _unfit(g: Tensor, p: DFTPlan, x_shape, padding) -> Tensor:
     """The adjoint of :func:`_fit`."""
-    (sh, sw), (pp, qq) = p.stride, p.grid
-    pads = (padding[1], qq * sw - x_shape[3] - padding[1], padding[0], pp * sh - x_shape[2] - padding[0])
+    pads = _pads(x_shape, p, padding)
     return F.pad(g, tuple(-k for k in pads)) if any(pads) else g
 
 
@@ -190,6 +194,16 @@ def _rows(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-2] * t.shape[-1])
 
 
+def _input_transform(tx: Tensor, x: Tensor, p: DFTPlan) -> Tensor:
+    """``(M, C s s, N)``: component ``m`` of every polyphase map of a fitted ``x`` ``(N, C, P s, Q s)``."""
+    return torch.mm(tx, _rows(_phases(x, p, p.grid)).T).view(p.components, -1, x.shape[0])
+
+
+def _kernel_transform(tw: Tensor, w: Tensor, p: DFTPlan) -> Tensor:
+    """``(M, C s s, O)``: component ``m`` of every polyphase kernel of ``w`` ``(O, C, kh, kw)``."""
+    return torch.mm(tw, _rows(_phases(_kernel_fit(w, p), p, p.kernel)).T).view(p.components, -1, w.shape[0])
+
+
 def _slabs(channels: int, p: DFTPlan, out_channels: int) -> list[tuple[int, int]]:
     """Ranges of input channels whose kernel transform has about :data:`_SLAB_ELEMENTS` elements (equal slabs)."""
     size = max(1, _SLAB_ELEMENTS // (p.components * out_channels * p.stride[0] * p.stride[1]))
@@ -205,8 +219,7 @@ def _forward(x: Tensor, w: Tensor, bias: Optional[Tensor], p: DFTPlan, padding) 
     products = x.new_empty(p.components, n, o)
     for k, (start, stop) in enumerate(_slabs(x.shape[1], p, o)):
         # This slab's polyphase input and kernel as rows, then their transforms (M, c s s, N or O).
-        x_m = torch.mm(tx, _rows(_phases(x[:, start:stop], p, p.grid)).T).view(p.components, -1, n)
-        w_m = torch.mm(tw, _rows(_phases(_kernel_fit(w[:, start:stop], p), p, p.kernel)).T).view(p.components, -1, o)
+        x_m, w_m = _input_transform(tx, x[:, start:stop], p), _kernel_transform(tw, w[:, start:stop], p)
         torch.baddbmm(products, x_m.transpose(1, 2), w_m, beta=1 if k else 0, out=products)  # (M, N, O)
         del x_m, w_m  # before the next slab's are made: one slab of temporaries at a time
     # Written into the 4-D result (not a view of a 2-D one), so callers may modify it in place.
@@ -218,7 +231,7 @@ def _forward(x: Tensor, w: Tensor, bias: Optional[Tensor], p: DFTPlan, padding) 
 
 
 def _backward(grad_y: Tensor, x: Tensor, w: Tensor, p: DFTPlan, padding, need_x: bool, need_w: bool):
-    """Gradients of ``x`` and ``w`` slab by slab of input channels: no temporary is larger than a slab."""
+    """Gradients of ``x`` and ``w``, slab by slab of input channels (the transforms exist one slab at a time)."""
     n, o = x.shape[0], w.shape[0]
     tx, tw, ty = _transforms(p, x)
     grad_products = torch.mm(ty, grad_y.reshape(n * o, -1).T).view(-1, n, o)  # (M, N, O)
@@ -228,7 +241,7 @@ def _backward(grad_y: Tensor, x: Tensor, w: Tensor, p: DFTPlan, padding, need_x:
     kh, kw = w.shape[2:]
     for start, stop in _slabs(xf.shape[1], p, o):
         if need_w:  # needs the input's transform
-            x_m = torch.mm(tx, _rows(_phases(xf[:, start:stop], p, p.grid)).T).view(p.components, -1, n)
+            x_m = _input_transform(tx, xf[:, start:stop], p)
             grad_w_m = torch.bmm(x_m, grad_products)  # (M, c s s, O)
             grad_rows = torch.mm(grad_w_m.view(p.components, -1).T, tw)  # (c s s O, Kp Kq)
             grad_wf = w.new_empty(o, stop - start, p.kernel[0] * p.stride[0], p.kernel[1] * p.stride[1])
@@ -236,7 +249,7 @@ def _backward(grad_y: Tensor, x: Tensor, w: Tensor, p: DFTPlan, padding, need_x:
             grad_w[:, start:stop] = grad_wf[:, :, :kh, :kw]  # the taps of the padded kernel that exist
             del x_m, grad_w_m, grad_rows, grad_wf
         if need_x:  # needs the kernel's
-            w_m = torch.mm(tw, _rows(_phases(_kernel_fit(w[:, start:stop], p), p, p.kernel)).T).view(p.components, -1, o)
+            w_m = _kernel_transform(tw, w[:, start:stop], p)
             grad_x_m = torch.bmm(w_m, grad_products.transpose(1, 2))  # (M, c s s, N)
             grad_rows = torch.mm(grad_x_m.view(p.components, -1).T, tx)  # (c s s N, P Q)
             _phases(grad_xf[:, start:stop], p, p.grid).copy_(grad_rows.view(-1, *p.stride, n, *p.grid))
@@ -258,15 +271,13 @@ class _DFTConv2d(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x = grad_w = None
-        if not (need_x or need_w):
-            pass
-        elif torch.is_grad_enabled():  # create_graph=True: the same algorithm, through autograd
+        if (need_x or need_w) and torch.is_grad_enabled():  # create_graph=True: the same algorithm, through autograd
             y = _differentiable(x, weight, ctx.plan, ctx.padding)
             wanted = [t for t, need in ((x, need_x), (weight, need_w)) if need]
             found = iter(torch.autograd.grad(y, wanted, grad_y, create_graph=True))
             grad_x = next(found) if need_x else None
             grad_w = next(found) if need_w else None
-        else:
+        elif need_x or need_w:
             grad_x, grad_w = _backward(grad_y.contiguous(), x, weight, ctx.plan, ctx.padding, need_x, need_w)
         grad_b = grad_y.sum((0, 2, 3)) if need_b and ctx.has_bias else None
         return grad_x, grad_w, grad_b, None, None
@@ -276,8 +287,7 @@ def _differentiable(x: Tensor, w: Tensor, p: DFTPlan, padding) -> Tensor:
     """:func:`_forward` without slabs, from differentiable ops (for ``create_graph=True``)."""
     n, o = x.shape[0], w.shape[0]
     tx, tw, ty = _transforms(p, x)
-    x_m = torch.mm(tx, _rows(_phases(_fit(x, p, padding), p, p.grid)).T).view(p.components, -1, n)
-    w_m = torch.mm(tw, _rows(_phases(_kernel_fit(w, p), p, p.kernel)).T).view(p.components, -1, o)
+    x_m, w_m = _input_transform(tx, _fit(x, p, padding), p), _kernel_transform(tw, w, p)
     products = torch.bmm(x_m.transpose(1, 2), w_m)
     return torch.mm(products.view(p.components, n * o).T, ty).view(n, o, *p.out)
 
