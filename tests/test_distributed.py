@@ -78,9 +78,19 @@ KILLABLE = textwrap.dedent(
 )
 
 
+def _train_in_child(out, *, threads="1"):
+    """Train TINY in a fresh process under ``threads`` OpenMP threads (resuming from ``out`` if it holds a run)."""
+    out.mkdir(exist_ok=True)
+    env = dict(_env(), OMP_NUM_THREADS=threads)
+    subprocess.run([sys.executable, "-c", KILLABLE.format(cfg=TINY), str(out)], env=env, check=True, timeout=240)
+
+
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
+    # Both runs in child processes under the same thread count: on AVX-512 CPUs one and two
+    # threads round differently, so a run compared with one trained under pytest's own thread
+    # count would differ for that reason alone (docs/reliability.md, "Resume").
     straight = tmp_path / "straight"
-    train(TrainConfig(**TINY), data_root=tmp_path, out_dir=straight, progress=False, final_test=False)
+    _train_in_child(straight)
 
     killed = tmp_path / "killed"
     killed.mkdir()
@@ -96,9 +106,26 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
     stopped_at = load_checkpoint(killed / "last.pt")["progress"]["step"]
     assert 5 <= stopped_at < 60
 
-    train(TrainConfig(**TINY), data_root=tmp_path, out_dir=killed, progress=False, final_test=False, resume=True)
+    _train_in_child(killed)
     a, b = _weights(straight), _weights(killed)
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed run differs from the uninterrupted one"
+
+
+def test_resume_under_another_thread_count_warns(tmp_path, caplog):
+    """A checkpoint records the numerics it was made under; resuming under others says so."""
+    cfg = TrainConfig(**dict(TINY, max_steps=4))
+    out = tmp_path / "run"
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        train(cfg, data_root=tmp_path, out_dir=out, progress=False, final_test=False)
+        assert load_checkpoint(out / "last.pt")["numerics"]["threads"] == 1
+        torch.set_num_threads(2)
+        with caplog.at_level("WARNING", logger="capsnet"):
+            train(TrainConfig(**dict(TINY, max_steps=6)), data_root=tmp_path, out_dir=out, progress=False, final_test=False, resume=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert any("threads 1 -> 2" in r.getMessage() and "not bit-identically" in r.getMessage() for r in caplog.records)
 
 
 WORKER_THAT_DIES_ONCE = textwrap.dedent(

@@ -173,6 +173,30 @@ def _set_rng_state(state: dict, generator: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def numerics() -> dict:
+    """What float results depend on besides the config: the thread count, torch and the CPU.
+
+    The same run is bit-identical only under the same values: reductions split over a
+    different number of threads, or run by other vector kernels (AVX2, AVX-512, AMX), add
+    in a different order and round differently (docs/reliability.md, "Resume").
+    """
+    return {"threads": torch.get_num_threads(), "torch": str(torch.__version__), "cpu": str(torch.backends.cpu.get_cpu_capability())}
+
+
+def _check_numerics(saved: Optional[dict], path: Path) -> None:
+    """Warn when a resumed run cannot continue bit-identically (another thread count or CPU kind)."""
+    if not saved:
+        return
+    now = numerics()
+    changed = {k: (saved[k], now[k]) for k in now if k in saved and saved[k] != now[k]}
+    if changed:
+        what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+        log.warning(
+            "resuming %s under other numerics (%s): training continues correctly, but not bit-identically "
+            "to an uninterrupted run; resume with the same --threads on the same kind of CPU for that", path, what
+        )
+
+
 def load_model(checkpoint: str | Path, device="cpu") -> tuple[torch.nn.Module, TrainConfig, dict]:
     """Rebuild the model of a checkpoint with its weights; returns (model, config, checkpoint dict)."""
     ckpt = load_checkpoint(checkpoint, map_location=device)
@@ -249,6 +273,7 @@ def train(
             scaler.load_state_dict(ckpt["scaler"])
         _set_rng_state(ckpt["rng"], generator)
         state = Progress(**ckpt["progress"])
+        _check_numerics(ckpt.get("numerics"), path)
         log.info("resumed from %s at step %d (epoch %d)", path, state.step, state.epoch)
         del ckpt, found  # the loaded copies (of the parameters too) are not needed any more
     elif resume:
@@ -274,6 +299,7 @@ def train(
                 "scaler": scaler.state_dict(),
                 "rng": _rng_state(generator),
                 "progress": vars(state).copy(),
+                "numerics": numerics(),
             }
             rotate_and_save(payload, out / LAST, cfg.keep_checkpoints)
 
