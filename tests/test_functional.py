@@ -78,6 +78,58 @@ def test_squash_of_zero_is_exactly_zero(dtype):
     assert bool((squash(torch.zeros(2, 8, dtype=dtype)) == 0).all())
 
 
+# Rounding of a few float operations, relative: squash of float32 / float64 against Eq. 1 in float64.
+EQ1_RTOL = {torch.float32: 4 * torch.finfo(torch.float32).eps, torch.float64: 16 * torch.finfo(torch.float64).eps}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("length", [1e-2, 1e-3, 1e-4, 1e-6, 1e-12])
+def test_squash_is_eq1_to_rounding_for_short_vectors(dtype, length):
+    # An eps added to |s|^2 (1e-8) turned |s| = 1e-4 into 1.4e-4 (29% off) and 1e-6 into 1e-4 (99%).
+    torch.manual_seed(0)
+    direction = torch.nn.functional.normalize(torch.randn(5, 8, dtype=torch.float64), dim=-1)
+    s = (length * direction).to(dtype)
+    expected = reference_squash(s)  # Eq. 1 in float64 on the very same (rounded) input
+    torch.testing.assert_close(squash(s).double(), expected, rtol=EQ1_RTOL[dtype], atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_squash_gradient_at_zero_is_exactly_zero(dtype):
+    # Eq. 1 is |s| s / (1 + |s|^2): second order at 0, so its Jacobian there is 0 (not NaN, not eps-dependent).
+    s = torch.zeros(2, 3, 8, dtype=dtype, requires_grad=True)
+    weights = torch.arange(1, 49, dtype=dtype).view(2, 3, 8)
+    (squash(s) * weights).sum().backward()
+    assert bool((s.grad == 0).all()), f"gradient at 0: {s.grad.unique().tolist()}"
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_routing_and_digit_caps_squash_short_vectors_by_eq1(grad):
+    # Both routing paths call squash with their own eps; an untrained capsnet_mnist has
+    # |s_j| of 3e-3 to 9e-3, where eps = 1e-8 was off by 0.5% or more. With one iteration
+    # the coupling is uniform, so s_j = sum_i c_ij u_hat_{j|i} (Eq. 2) with the returned c.
+    from capsnet import dynamic_routing
+    from capsnet.layers import DenseCaps
+
+    torch.manual_seed(0)
+    votes = (torch.randn(2, 6, 3, 8, dtype=torch.float64) * 1e-4).requires_grad_(grad)
+    routed = dynamic_routing(votes, 1)
+    s = torch.einsum("bij,bijd->bjd", routed.coupling, votes)
+    torch.testing.assert_close(routed.poses.detach(), reference_squash(s), rtol=EQ1_RTOL[torch.float64], atol=0)
+
+    layer = DenseCaps(6, 4, 3, 8, iterations=1).double().requires_grad_(grad)
+    u = torch.randn(2, 6, 4, dtype=torch.float64) * 1e-2
+    routed = layer(u)
+    s = torch.einsum("bij,bjid->bjd", routed.coupling, layer.votes(u))
+    torch.testing.assert_close(routed.poses.detach(), reference_squash(s), rtol=EQ1_RTOL[torch.float64], atol=0)
+
+
+def test_squash_gradcheck_float64_at_short_vectors():
+    # Lengths 1e-3 .. 1e-1, where the old eps bent the curve; gradcheck's step (1e-6) stays below them.
+    torch.manual_seed(0)
+    s = torch.nn.functional.normalize(torch.randn(4, 6, dtype=torch.float64), dim=-1) * torch.tensor([1e-3, 1e-2, 3e-2, 1e-1], dtype=torch.float64)[:, None]
+    assert gradcheck(squash, (s.requires_grad_(),))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_safe_norm_gradient_finite_at_zero(dtype):
     x = torch.zeros(3, 8, dtype=dtype, requires_grad=True)

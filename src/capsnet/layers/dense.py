@@ -8,7 +8,6 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..functional import NORM_EPS
 from ..routing.dynamic import (
     RoutingResult,
     _dynamic_routing_autograd,
@@ -105,7 +104,7 @@ class DenseCaps(nn.Module):
     @float32_under_autocast
     def forward(self, u: Tensor) -> RoutingResult:
         self._check_input(u)
-        routing = dict(detach_intermediate=self.detach_intermediate, leaky=self.leaky, eps=NORM_EPS)
+        routing = dict(detach_intermediate=self.detach_intermediate, leaky=self.leaky, eps=0.0)
         if _functorch_active():
             return _dynamic_routing_autograd(self.votes(u).transpose(1, 2), self.iterations, **routing)
         inputs = [t for t in (u, self.weight, self.bias) if t is not None]
@@ -113,7 +112,7 @@ class DenseCaps(nn.Module):
             poses, coupling, logits = _DenseRouting.apply(u, self.weight, self.bias, self.iterations, routing)
         else:
             u_hat = _votes(u, _weight_by_child(self.weight), self.weight.shape[0], self.bias)
-            poses, coupling, logits, _ = _route(u_hat, self.iterations, leaky=self.leaky, eps=NORM_EPS)
+            poses, coupling, logits, _ = _route(u_hat, self.iterations, leaky=self.leaky, eps=0.0)
         return RoutingResult(poses=poses, coupling=coupling.transpose(1, 2), logits=logits.transpose(1, 2))
 
 

@@ -24,7 +24,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ..functional import NORM_EPS, squash
+from ..functional import squash
 from ..precision import float32_under_autocast
 
 __all__ = ["RoutingResult", "dynamic_routing"]
@@ -51,7 +51,7 @@ def dynamic_routing(
     *,
     detach_intermediate: bool = False,
     leaky: bool = False,
-    eps: float = NORM_EPS,
+    eps: float = 0.0,
 ) -> RoutingResult:
     """Route child votes ``u_hat_{j|i}`` to parents by agreement (Procedure 1).
 
@@ -73,7 +73,7 @@ def dynamic_routing(
             gradients flow through every iteration: default False.
         leaky: add an "orphan" parent with a constant zero logit to the softmax
             (leaky routing of the official code, used there for CIFAR-10); off by default.
-        eps: passed to :func:`~capsnet.functional.squash`.
+        eps: passed to :func:`~capsnet.functional.squash`; 0 (default) is Eq. 1 exactly.
 
     Shape:
         votes: ``(B, I, J, D)``; returns poses ``(B, J, D)``, coupling and logits ``(B, I, J)``.
@@ -120,7 +120,7 @@ def _dynamic_routing_autograd(
     *,
     detach_intermediate: bool = False,
     leaky: bool = False,
-    eps: float = NORM_EPS,
+    eps: float = 0.0,
 ) -> RoutingResult:
     """Reference path: Procedure 1 in plain tensor ops, gradients by autograd (same contract as :func:`dynamic_routing`)."""
     _check_routing_args(votes, iterations)
