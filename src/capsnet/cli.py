@@ -7,25 +7,43 @@ The data root is ``--data``, else the ``CAPSNET_DATA`` environment variable, els
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
 
+from . import __version__
+
 DATA_ENV = "CAPSNET_DATA"
 DEFAULT_DATA = Path.home() / ".cache" / "capsnet"
+log = logging.getLogger(__name__)
+#: OSErrors that say a path cannot be written or created (not a full disk): exit 2 with the message.
+PATH_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.ENOENT)
 
 
 def _data_root(arg: str | None) -> Path:
     return Path(arg or os.environ.get(DATA_ENV) or DEFAULT_DATA).expanduser()
 
 
+def _threads(text: str) -> int:
+    """``--threads``: an int >= 1 (0 used to be ignored silently, a negative one crashed in torch)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help=f"dataset root (default: ${DATA_ENV} or {DEFAULT_DATA})")
     p.add_argument("--download", action="store_true", help="download missing dataset files (checksummed)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--threads", type=_threads, help="torch intra-op threads, >= 1 (default: torch's choice)")
 
 
 # Keys ``eval`` and ``viz`` may override in a checkpoint's config: the data it is evaluated
@@ -40,21 +58,86 @@ def _data_overrides(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _load_model(path, device: str):
+    """:func:`~capsnet.train.load_model`, with a checkpoint that holds no model capsnet can rebuild as a CheckpointError naming it.
+
+    A valid capsnet file can still lack its ``config`` or ``model``, or hold weights of another
+    model than its config names: ``load_model`` then fails with KeyError, TypeError or
+    ``load_state_dict``'s RuntimeError, none of which says which file is at fault.
+    """
+    from .train import CheckpointError
+    from .train.loop import load_model
+
+    try:
+        return load_model(path, device=device)
+    except CheckpointError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and not str(exc).startswith("Error(s) in loading state_dict"):
+            raise  # out of memory, a device error: not the file's fault
+        reason = " ".join(line.strip() for line in str(exc).strip().splitlines()[:2])[:300]  # load_state_dict's detail is line 2
+        raise CheckpointError(
+            f"checkpoint {path} holds no model capsnet can rebuild ({type(exc).__name__}: {reason}); use a best.pt or last.pt "
+            "written by capsnet train, unchanged"
+        ) from exc
+
+
 def _checkpoint_model(args):
     """The model and config of ``args.checkpoint``, with ``--set`` data overrides applied."""
     from .train import TrainConfig
     from .train.config import apply_overrides
-    from .train.loop import load_model
 
     for item in args.overrides:
         if item.partition("=")[0].split(".")[0] not in DATA_KEYS:
             raise ValueError(f"--set {item!r}: {args.command} may only override {', '.join(DATA_KEYS)}; the model is fixed by the checkpoint")
-    model, cfg, _ = load_model(args.checkpoint, device=args.device)
+    model, cfg, _ = _load_model(args.checkpoint, args.device)
     return model, TrainConfig.from_dict(apply_overrides(cfg.to_dict(), args.overrides))
+
+
+def _run_dir(args) -> Path:
+    """``train --out``, by default ``runs/<config>[-<variant>]``."""
+    path, _, variant = args.config.partition(":")
+    return Path(args.out or Path("runs") / (Path(path).stem + (f"-{variant}" if variant else "")))
+
+
+def _check_device(name: str) -> None:
+    """A ValueError now, not a traceback after the data is loaded, for a device this torch cannot use."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {name!r} is not a torch device ({exc}); use e.g. cpu or cuda") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"CUDA {torch.version.cuda}, but no GPU is visible" if torch.version.cuda else "a build without CUDA"
+            raise ValueError(f"--device {name}: torch {torch.__version__} is {build}; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available here; use --device cpu")
+
+
+def _check_writable(path: Path, *, is_dir: bool) -> None:
+    """A ValueError before any work when ``--out`` cannot be created or written.
+
+    The nearest existing folder on the way must be a writable directory (``os.access``:
+    permissions and read-only filesystems; root passes it on most paths, and any refusal
+    left is reported at the write as an OSError in :data:`PATH_ERRNOS`).
+    """
+    if path.exists() and path.is_dir() != is_dir:
+        raise ValueError(f"--out {path} is {'a file' if is_dir else 'a directory'}; expected {'a directory' if is_dir else 'a file path'}")
+    parent = path if is_dir else path.parent
+    existing = next(p for p in (parent, *parent.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--out {path}: {existing} is a file, so {parent} cannot be created")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {path}: {existing} is not writable (read-only filesystem or no permission); choose another --out")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="capsnet", description="Capsule networks: train, evaluate, draw.")
+    parser.add_argument("--version", action="version", version=f"capsnet {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -62,19 +145,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="path/to/config.py[:variant], e.g. configs/mnist.py:demo")
     p.add_argument("--out", help="run directory (default: runs/<config>[-<variant>])")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt if it exists")
+    p.add_argument("--overwrite", action="store_true", help="delete the run already in --out and start again (a run there is refused otherwise)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _common(p)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on a split")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="checkpoint written by capsnet train, e.g. runs/mnist/best.pt")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--out", help="write the result as JSON here")
     _data_overrides(p)
     _common(p)
 
     p = sub.add_parser("viz", help="draw reconstructions, pose perturbations, routing and curves from a checkpoint")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="checkpoint written by capsnet train, e.g. runs/mnist/best.pt")
     p.add_argument("--out", help="figure directory (default: <checkpoint dir>/figures)")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     _data_overrides(p)
@@ -110,6 +194,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "models":
         print("\n".join(list_models()))
         return 0
+
+    def refuse(exc: Exception) -> int:
+        print(f"capsnet {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+    try:  # before any data is read: the device and --out
+        _check_device(args.device)
+        if args.command == "train":
+            _check_writable(_run_dir(args), is_dir=True)
+        elif args.out:
+            _check_writable(Path(args.out), is_dir=args.command == "viz")
+    except ValueError as exc:
+        return refuse(exc)
     from .allocator import keep_freed_memory
 
     keep_freed_memory()  # large tensors reused without page faults; CAPSNET_MALLOC=system keeps glibc's defaults
@@ -130,8 +227,11 @@ def main(argv: list[str] | None = None) -> int:
             return _eval(args)
         return _viz(args)
     except (DataError, ValueError, FileNotFoundError) as exc:
-        print(f"capsnet {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return refuse(exc)
+    except OSError as exc:
+        if exc.errno not in PATH_ERRNOS:
+            raise
+        return refuse(exc)
     finally:
         if distributed:
             torch.distributed.destroy_process_group()
@@ -139,21 +239,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args) -> int:
     from .train import load_config, train
-    from .train.loop import BEST, load_model
+    from .train.loop import BEST
     from .viz import write_figures
 
     cfg = load_config(args.config, tuple(args.overrides))
-    path, _, variant = args.config.partition(":")
-    out = Path(args.out or Path("runs") / (Path(path).stem + (f"-{variant}" if variant else "")))
+    out = _run_dir(args)
     summary = train(
         cfg, data_root=_data_root(args.data), out_dir=out, download=args.download, resume=args.resume,
-        device=args.device, progress=not args.no_progress,
+        overwrite=args.overwrite, device=args.device, progress=not args.no_progress,
     )
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # rank 0 reports and draws
     written = []
     if cfg.figures:
-        model, cfg, _ = load_model(out / BEST, device=args.device)
+        model, cfg, _ = _load_model(out / BEST, args.device)
         written = write_figures(model, _load_data(cfg, args), out / "figures", metrics_csv=out / "metrics.csv", device=args.device)
     print(json.dumps(summary, indent=2))
     print(f"run directory: {out}")
@@ -171,11 +270,23 @@ def _eval(args) -> int:
     data = _checked_data(model, cfg, args)
     result = evaluate(model, data, args.split, create_objective(cfg.objective, **cfg.objective_kwargs), batch_size=cfg.eval_batch_size, device=args.device)
     result.update(checkpoint=str(args.checkpoint), dataset=cfg.dataset, split=args.split, error=1 - result["accuracy"])
-    text = json.dumps(result, indent=2)
+    text = json.dumps(_finite_or_null(result), indent=2, allow_nan=False)
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
     print(text)
     return 0
+
+
+def _finite_or_null(result: dict) -> dict:
+    """``result`` with NaN / inf numbers as None (JSON null): bare ``NaN`` is not JSON. Each is logged."""
+    clean = {}
+    for key, value in result.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            log.warning("%s is %s (the model's output or loss is not finite); written as null", key, value)
+            value = None
+        clean[key] = value
+    return clean
 
 
 def _viz(args) -> int:

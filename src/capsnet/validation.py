@@ -4,14 +4,24 @@ Shape and dtype checks are O(1); only the finiteness of images and the range of 
 read the values (one reduction each, once per forward). A bad value raises a ValueError at
 once, except on CUDA, where the check runs on the device (``torch._assert_async``) so that a
 training step never waits for the host, and fails at the next synchronisation.
+
+:func:`check_keywords` checks keyword arguments (a config's ``model_kwargs``) against the
+annotations of the function or class they are for, before anything is built.
 """
 
 from __future__ import annotations
 
+import collections.abc
+import inspect
+import math
+import types
+import typing
+from typing import Any, Callable, Optional
+
 import torch
 from torch import Tensor
 
-__all__ = ["assert_on_device", "check_dtype", "check_images", "check_labels"]
+__all__ = ["assert_on_device", "check_dtype", "check_images", "check_keywords", "check_labels", "keyword_hints"]
 
 
 def check_dtype(x: Tensor, dtype: torch.dtype, *, name: str) -> None:
@@ -79,3 +89,127 @@ def assert_on_device(condition: Tensor, message: str) -> None:
     data pipeline has already validated. Other devices keep the synchronous ValueError.
     """
     torch._assert_async(condition, message)
+
+
+def keyword_hints(target: Callable) -> dict[str, Any]:
+    """The keyword arguments ``target`` accepts, name -> type hint, following ``**kwargs``.
+
+    A builder ``f(**overrides) -> Cls`` hands its keywords to ``Cls`` (read from its return
+    annotation), and a class whose ``__init__`` takes ``**kwargs`` to its base class; names
+    found nowhere are left out, unannotated ones map to ``Any``.
+    """
+    hints: dict[str, Any] = {}
+    while target is not None and target is not object:
+        function = target.__init__ if isinstance(target, type) else target
+        try:
+            signature = inspect.signature(function)
+            annotations = typing.get_type_hints(function)
+        except (TypeError, ValueError, NameError):  # a builtin, or an annotation that does not resolve
+            return hints
+        forwards = False
+        for p in signature.parameters.values():
+            if p.kind is p.VAR_KEYWORD:
+                forwards = True
+            elif p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != "self":
+                hints.setdefault(p.name, annotations.get(p.name, Any))
+        if not forwards:
+            return hints
+        if isinstance(target, type):
+            target = next((base for base in target.__mro__[1:] if "__init__" in vars(base)), None)
+        else:
+            returned = annotations.get("return")
+            target = returned if isinstance(returned, type) else None
+    return hints
+
+
+def check_keywords(
+    target: Callable,
+    kwargs: dict[str, Any],
+    *,
+    name: str,
+    ranges: Optional[dict[str, tuple[Optional[float], Optional[float]]]] = None,
+) -> None:
+    """Raise ``ValueError`` naming key, value and expectation unless ``kwargs`` fit ``target``'s annotations.
+
+    ``int`` means an int (not a bool, not a float), ``float`` a finite int or float, ``bool``
+    True or False; ``Optional``, ``Union``, ``Literal`` and sequences (a list or tuple of the
+    element type) are read too, other hints pass. ``ranges`` bounds named keys, inclusive
+    (None: unbounded), for each number of the value. Keys ``target`` does not take are left
+    to ``target`` itself to refuse. ``name`` prefixes the key in messages (``"model_kwargs"``).
+    """
+    hints = keyword_hints(target)
+    ranges = ranges or {}
+    owner = getattr(target, "__qualname__", repr(target))
+    for key, value in kwargs.items():
+        if key not in hints:
+            continue
+        hint, bounds = hints[key], ranges.get(key, (None, None))
+        numbers = _numbers(value)
+        fits = (
+            _conforms(value, hint)
+            and all(math.isfinite(x) for x in numbers if isinstance(x, float))
+            and all((bounds[0] is None or x >= bounds[0]) and (bounds[1] is None or x <= bounds[1]) for x in numbers)
+        )
+        if not fits:
+            expected = f"{_describe(hint)} {_bounds(*bounds)}".rstrip()
+            raise ValueError(
+                f"config key '{name}.{key}' must be {expected} ({owner} takes {key}: {_hint_text(hint)}), "
+                f"got {value!r} ({type(value).__name__})"
+            )
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    if hint is Any:
+        return True
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union or (hasattr(types, "UnionType") and origin is getattr(types, "UnionType")):
+        return any(_conforms(value, h) for h in args)
+    if origin is typing.Literal:
+        return value in args
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin in (tuple, list, collections.abc.Sequence):
+        if not isinstance(value, (tuple, list)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_conforms(v, h) for v, h in zip(value, args))
+        return all(_conforms(v, args[0] if args else Any) for v in value)
+    if origin is not None:
+        return isinstance(value, origin)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _numbers(value: Any) -> list:
+    """The ints and floats in ``value`` (itself or the items of a list / tuple), bools left out."""
+    items = value if isinstance(value, (tuple, list)) else [value]
+    return [v for v in items if isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+
+def _bounds(low: Optional[float], high: Optional[float]) -> str:
+    if low is not None and high is not None:
+        return f"in [{low}, {high}]"
+    return f">= {low}" if low is not None else f"<= {high}" if high is not None else ""
+
+
+def _describe(hint: Any) -> str:
+    """``int`` -> "an int", ``Optional[float]`` -> "None or a finite number", ... for messages."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union or (hasattr(types, "UnionType") and origin is getattr(types, "UnionType")):
+        return " or ".join(_describe(h) for h in args)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (tuple, list, collections.abc.Sequence):
+        element = args[0] if args else Any
+        return f"a list or tuple of ({_describe(element)})"
+    names = {type(None): "None", bool: "True or False", int: "an int", float: "a finite number", str: "a string"}
+    return names.get(hint, f"a {_hint_text(hint)}")
+
+
+def _hint_text(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")

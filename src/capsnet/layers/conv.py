@@ -74,6 +74,12 @@ class Conv2d(nn.Conv2d):
     Shape:
         x: ``(B, in_channels, H, W)``; returns ``(B, out_channels, H', W')`` as ``nn.Conv2d``
         (input of another shape, or channel count, gets ``nn.Conv2d``'s own error).
+
+    Finiteness: ``x`` is not checked, as in ``nn.Conv2d``. A NaN / inf pixel spoils, under
+    ``"direct"``, the outputs whose window holds it; under ``"dft"`` (``"auto"`` picks it
+    for large batches) every output of that image, since the transform mixes all pixels.
+    Other images stay finite either way. The models check images first
+    (:func:`capsnet.validation.check_images`).
     """
 
     def __init__(self, *args, weight_grad: str = "auto", algorithm: str = "auto", **kwargs):

@@ -33,6 +33,13 @@ whole is the ``(M, N, O)`` products, their gradient, and the input and its gradi
 
 The transforms are dense ``M x P Q`` matrices, so the algorithm is for small grids
 (:data:`MAX_GRID`), i.e. for large kernels with large strides on small maps.
+
+Non-finite input is not checked here (a check costs a pass over the data) and does not
+stay local: every frequency mixes every pixel, so one NaN or inf pixel makes every output
+of its image NaN, where the direct convolution spoils only the outputs whose window holds
+it (``tests/test_input_validation.py``); the other images of the batch are untouched. The
+models refuse non-finite images before any convolution (:func:`capsnet.validation.check_images`),
+and so does the CLI; call the layer directly only with finite input.
 """
 
 from __future__ import annotations
@@ -302,7 +309,8 @@ def dft_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
         x: ``(N, C, H, W)``; weight: ``(O, C, kh, kw)``; bias: ``(O,)`` or None; returns
         ``(N, O, H', W')`` with ``H' = (H + 2 padding - kh) // stride + 1`` (likewise ``W'``).
         A ValueError names what is wrong: shapes, strides or paddings, mixed dtypes, or a
-        polyphase grid above :data:`MAX_GRID`.
+        polyphase grid above :data:`MAX_GRID`. A NaN / inf in ``x`` is not checked and makes
+        every output of its image NaN (the module docstring says why).
     """
     pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
     stride, padding = pair(stride), pair(padding)

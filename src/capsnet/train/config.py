@@ -9,6 +9,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from ..models.validation import check_model_kwargs
+from ..validation import check_keywords
+
 __all__ = ["TrainConfig", "load_config"]
 
 #: ``epoch_order`` (train/loop.py) seeds the data order with ``seed * EPOCH_SEED_STRIDE + epoch``, an int64.
@@ -20,6 +23,24 @@ LR_SCHEDULES = ("exponential", "cosine")
 AMP_DTYPES = {None: None, "bf16": "bfloat16", "fp16": "float16"}
 #: Seeds lie in ``[0, SEED_LIMIT)``, so that the epoch-order seed above fits in int64.
 SEED_LIMIT = 2**63 // EPOCH_SEED_STRIDE
+#: Ranges of objective keywords that their annotations (``float``, ``int``) do not say:
+#: loss weights are >= 0, the margins of Eq. 4 bound capsule lengths in [0, 1], the spread
+#: margin (Eq. 3, Hinton et al. 2018) ramps between non-negative values over >= 1 steps.
+OBJECTIVE_RANGES = {
+    "recon_weight": (0, None), "lam": (0, None), "m_pos": (0, 1), "m_neg": (0, 1),
+    "start": (0, None), "end": (0, None), "steps": (1, None),
+}  # fmt: skip
+#: ``dataset_kwargs`` that size an evaluation split, with why it must not be empty (a
+#: negative ``limit_*`` would also slice from the end). Validation keeps ``best.pt``; the
+#: test reports an accuracy, and "0.0 on 0 samples" is no result.
+SPLIT_SIZE_KEYS = {
+    "val_size": "training keeps best.pt by validation accuracy, so it needs a validation split",
+    "val_pairs": "training keeps best.pt by validation accuracy, so it needs a validation split",
+    "limit_eval": "training keeps best.pt by validation accuracy and the test reports an accuracy; both need samples",
+    "test_size": "the test would report an accuracy of no samples",
+    "test_pairs": "the test would report an accuracy of no samples",
+    "limit_test": "the test would report an accuracy of no samples",
+}
 
 
 @dataclass
@@ -95,6 +116,9 @@ class TrainConfig:
             raise ValueError(f"config keys 'lr_min' and 'weight_decay' must be >= 0, got {self.lr_min}, {self.weight_decay}")
         if not 0 <= self.seed < SEED_LIMIT:
             raise ValueError(f"config key 'seed' must lie in [0, {SEED_LIMIT}), got {self.seed}; pick a seed in that range")
+        _check_split_sizes(self.dataset_kwargs)
+        check_model_kwargs(self.model, self.model_kwargs)
+        _check_objective_kwargs(self.objective, self.objective_kwargs)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
@@ -109,6 +133,24 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _check_split_sizes(dataset_kwargs: dict[str, Any]) -> None:
+    for key, why in SPLIT_SIZE_KEYS.items():
+        value = dataset_kwargs.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"config key 'dataset_kwargs.{key}' must be an int >= 1 (or left out), got {value!r}: {why}")
+
+
+def _check_objective_kwargs(objective: str, kwargs: dict[str, Any]) -> None:
+    """Types from the objective's annotations, ranges from :data:`OBJECTIVE_RANGES`; unknown names are create_objective's."""
+    from ..schedules import spread_margin
+    from .objectives import _OBJECTIVES
+
+    # The spread objective hands its keywords on to the margin schedule.
+    target = spread_margin if objective == "spread" else _OBJECTIVES.get(objective)
+    if target is not None:
+        check_keywords(target, kwargs, name="objective_kwargs", ranges=OBJECTIVE_RANGES)
 
 
 def _check_type(name: str, value: Any, hint: Any) -> None:
@@ -132,6 +174,10 @@ def load_config(spec: str, overrides: tuple[str, ...] = ()) -> TrainConfig:
     keys; its module docstring holds the command that reproduces the experiment.
     Override keys may reach into dicts with dots: ``model_kwargs.routing_iterations=1``;
     values are Python literals (``1``, ``0.5``, ``None``, ``'text'``) or bare strings.
+
+    The file is Python and runs: it is trusted input, like any training script. A file
+    that is not ``.py``, does not parse, lacks ``get_config`` or whose ``get_config`` returns
+    no dict is a ValueError naming the file and the reason.
     """
     import importlib.util
     from pathlib import Path
@@ -140,12 +186,23 @@ def load_config(spec: str, overrides: tuple[str, ...] = ()) -> TrainConfig:
     path = Path(path_text)
     if not path.is_file():
         raise ValueError(f"config file {path} does not exist (expected path/to/config.py[:variant])")
+    if path.suffix != ".py":
+        raise ValueError(f"config file {path} is not a .py file: a config is a Python file defining get_config(variant)")
     module_spec = importlib.util.spec_from_file_location(f"capsnet_config_{path.stem}", path)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as exc:  # the config's own errors at run time keep their traceback: they are its code's
+        raise ValueError(f"config file {path} is not valid Python: {exc.msg} (line {exc.lineno})") from None
+    if not callable(getattr(module, "get_config", None)):
         raise ValueError(f"config file {path} defines no get_config(variant) function")
-    return TrainConfig.from_dict(apply_overrides(module.get_config(variant or "default"), overrides))
+    values = module.get_config(variant or "default")
+    if not isinstance(values, dict):
+        raise ValueError(
+            f"config file {path}: get_config({variant or 'default'!r}) returned {type(values).__name__}, "
+            "expected a dict of config keys"
+        )
+    return TrainConfig.from_dict(apply_overrides(values, overrides))
 
 
 def apply_overrides(values: dict[str, Any], overrides: tuple[str, ...] | list[str]) -> dict[str, Any]:
