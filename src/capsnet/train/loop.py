@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import platform
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,21 +16,35 @@ from typing import Optional
 
 import torch
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..data import ExperimentData, load_dataset
 from ..models import create_model
-from .checkpoint import load_checkpoint, load_latest, rotate_and_save, save_checkpoint
+from .checkpoint import (
+    DAMAGED, DamagedCheckpointError, atomic_write, load_checkpoint, load_latest, remove_temporary_files, rotate_and_save, run_lock,
+    save_checkpoint, set_aside_damaged,
+)
 from .config import AMP_DTYPES, EPOCH_SEED_STRIDE, TrainConfig
 from .distributed import Dist
 from .metrics import MetricsLogger
 from .objectives import Objective, create_objective
 from .optim import adam
 
-__all__ = ["evaluate", "load_model", "train"]
+__all__ = ["RunExistsError", "TrainingInterrupted", "evaluate", "load_model", "train"]
 
 log = logging.getLogger(__name__)
 
-LAST, BEST = "last.pt", "best.pt"
+LAST, BEST, SUMMARY = "last.pt", "best.pt", "metrics.json"
+#: What a run in a directory consists of (glob patterns): a new run there is refused, or deletes them with overwrite.
+RUN_FILES = ("last*.pt", f".{LAST}.new", BEST, "metrics.csv", SUMMARY, "*" + DAMAGED, "tensorboard/events.out.tfevents.*")
+
+
+class RunExistsError(ValueError):
+    """A new run was asked for in a directory that already holds one."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`train`, after it saved what it could; the message says which step ``last.pt`` holds."""
 
 
 @dataclass
@@ -41,6 +57,7 @@ class Progress:
     best_val_accuracy: float = -1.0
     best_step: int = -1
     train_seconds: float = 0.0
+    validated_step: int = -1
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -214,6 +231,7 @@ def train(
     out_dir: str | Path,
     download: bool = False,
     resume: bool = False,
+    overwrite: bool = False,
     device: str = "cpu",
     progress: bool = True,
     final_test: bool = True,
@@ -221,190 +239,360 @@ def train(
     """Train ``cfg`` into ``out_dir``; returns the summary also written to ``metrics.json``.
 
     ``last.pt`` (everything needed to resume, plus ``keep_checkpoints - 1`` older copies)
-    is written every ``checkpoint_every`` steps and at the end of each epoch; ``best.pt``
-    holds the weights with the best validation accuracy. The test split is evaluated
-    once, at the end, with the validation-selected weights.
+    is written every ``checkpoint_every`` steps, at the end of each epoch, at the end of the
+    run, and on Ctrl-C (then :class:`TrainingInterrupted` is raised); ``best.pt`` holds the
+    weights with the best validation accuracy. The test split is evaluated once, at the
+    end, with the validation-selected weights.
+
+    One run per directory: while training, ``out_dir`` is locked (another run there raises
+    :class:`~capsnet.train.checkpoint.RunDirectoryBusyError`). A directory that already holds
+    a run is refused (:class:`RunExistsError`) unless ``resume`` continues it or
+    ``overwrite`` deletes it first. Resuming a finished run returns its summary.
+
+    A model with a callable attribute ``training_metrics`` has it called, without arguments,
+    at every ``log_every`` step right after the optimizer step, when the parameters'
+    ``.grad`` still hold that step's gradients; the ``dict[str, float]`` it returns is
+    logged beside ``train/loss`` under its own keys (rank 0 only, from its own shard).
 
     Under ``torch.distributed`` (e.g. ``torchrun``), every rank draws the same global batch
     and augmentation and trains on its own contiguous shard of it, so a run matches the
     single-process run on the same global batch and resumes with any number of processes.
     Only rank 0 writes logs and checkpoints.
     """
+    if resume and overwrite:
+        raise ValueError("resume continues the run in out_dir and overwrite deletes it: pass one of them, not both")
     out = Path(out_dir)
     dist = Dist()
     torch.manual_seed(cfg.seed)
+    data = _load_data_in_rank_order(cfg, data_root, download, dist)
+    model = build_model(cfg, data).to(device)
+    objective = create_objective(cfg.objective, **cfg.objective_kwargs)
+    # Only now, with every name and *_kwargs of the config accepted: a refused config leaves no run directory.
+    with _claim(out, dist, resume=resume, overwrite=overwrite):
+        run = _Run(cfg, data, model, objective, out=out, dist=dist, device=device, found=_resume_point(out, dist, device) if resume else None)
+        finished = run.finished_summary(final_test) if resume else None
+        return finished if finished is not None else run.train(resumed=resume, progress=progress, final_test=final_test)
+
+
+def _load_data_in_rank_order(cfg: TrainConfig, data_root: str | Path, download: bool, dist: Dist) -> ExperimentData:
     if download and not dist.is_main:
         dist.barrier()  # rank 0 downloads first; the others then find complete, verified files
     data = load_data(cfg, data_root, download)
     if download and dist.is_main:
         dist.barrier()
-    model = build_model(cfg, data).to(device)
-    objective = create_objective(cfg.objective, **cfg.objective_kwargs)
-    # Only now, with every name and *_kwargs of the config accepted: a refused config leaves no run directory.
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    # Fused: one kernel for the whole update instead of a dozen per tensor (the same Adam
-    # formula; on CPU the step of capsnet_mnist fell from ~70 to ~11 ms, docs/performance.md);
-    # its state made now, below the activations (capsnet.train.optim), unless a checkpoint's is loaded.
-    found = load_latest(out / LAST, map_location=device) if resume else None
-    optimizer = adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, make_state=found is None)
-    n = data.size("train")
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, total_steps))
-    device_type = torch.device(device).type
-    amp_dtype = getattr(torch, AMP_DTYPES[cfg.amp]) if cfg.amp else None
-    # Loss scaling only for float16 (bfloat16 has float32's range); a no-op when disabled.
-    scaler = torch.amp.GradScaler(device_type, enabled=cfg.amp == "fp16")
-    generator = torch.Generator().manual_seed(cfg.seed)
-    state = Progress()
+    return data
 
-    if found is not None:
-        ckpt, path = found
+
+@contextlib.contextmanager
+def _claim(out: Path, dist: Dist, *, resume: bool, overwrite: bool):
+    """Rank 0 holds ``out`` while the block runs: locked, checked for an earlier run, cleared of temporary files."""
+    if not dist.is_main:
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    with run_lock(out):
+        if not resume:
+            _refuse_or_clear_earlier_run(out, overwrite)
+        removed = remove_temporary_files(out)
+        if removed:
+            log.info("removed %d temporary file(s) that a killed run left in %s: %s", len(removed), out, ", ".join(p.name for p in removed))
+        yield
+
+
+def _refuse_or_clear_earlier_run(out: Path, overwrite: bool) -> None:
+    files = sorted({p for pattern in RUN_FILES for p in out.glob(pattern)})
+    if not files:
+        return
+    names = ", ".join(p.relative_to(out).as_posix() for p in files[:4]) + (", ..." if len(files) > 4 else "")
+    if not overwrite:
+        raise RunExistsError(
+            f"{out} already holds a run ({names}); pass --resume to continue it, another --out to start a new run, "
+            "or --overwrite to delete it and start again"
+        )
+    for p in files:
+        p.unlink()
+    log.warning("overwrite: deleted the earlier run in %s (%s)", out, names)
+
+
+def _resume_point(out: Path, dist: Dist, device: str) -> Optional[tuple[dict, Path]]:
+    """The newest good checkpoint in ``out``: rank 0 sets the damaged newer ones aside before the others look."""
+    found = load_latest(out / LAST, map_location=device, set_aside=True) if dist.is_main else None
+    dist.barrier()
+    if not dist.is_main:
+        found = load_latest(out / LAST, map_location=device)
+    if found is None:
+        log.info("no checkpoint in %s: starting from scratch", out)
+    return found
+
+
+def _progress_bar(total: int, initial: int, enabled: bool) -> tqdm:
+    """The bar on stderr. Without a terminal (a log file, a pipe) it redraws at most every 30 s,
+    instead of 10 times a second, so that the file does not fill with carriage returns."""
+    tty = enabled and sys.stderr is not None and sys.stderr.isatty()
+    interval = 0.1 if tty else 30.0
+    return tqdm(
+        total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, mininterval=interval, maxinterval=max(10.0, interval)
+    )
+
+
+#: ``_Run.pending_rng`` while the optimizer updates: a Ctrl-C then cannot be saved as a consistent state.
+_UPDATING = object()
+
+
+class _Run:
+    """One call of :func:`train`: what it builds, and training as resume, step, validate, checkpoint and summary."""
+
+    def __init__(self, cfg: TrainConfig, data: ExperimentData, model, objective: Objective, *, out: Path, dist: Dist, device: str, found):
+        self.cfg, self.data, self.model, self.objective = cfg, data, model, objective
+        self.out, self.dist, self.device = out, dist, device
+        # Fused: one kernel for the whole update instead of a dozen per tensor (the same Adam
+        # formula; on CPU the step of capsnet_mnist fell from ~70 to ~11 ms, docs/performance.md);
+        # its state made now, below the activations (capsnet.train.optim), unless a checkpoint's is loaded.
+        self.optimizer = adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, make_state=found is None)
+        self.n = data.size("train")
+        self.steps_per_epoch = math.ceil(self.n / cfg.batch_size)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        if cfg.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg, self.total_steps))
+        self.device_type = torch.device(device).type
+        self.amp_dtype = getattr(torch, AMP_DTYPES[cfg.amp]) if cfg.amp else None
+        # Loss scaling only for float16 (bfloat16 has float32's range); a no-op when disabled.
+        self.scaler = torch.amp.GradScaler(self.device_type, enabled=cfg.amp == "fp16")
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.state = Progress()
+        self.saved_step = -1  # the step last.pt holds
+        self.pending_rng = None  # during a step: the RNG state before it (see interrupted)
+        self.loss = torch.zeros(())  # of the last completed step
+        if found is not None:
+            self.restore(*found)
+            del found  # the loaded copies (of the parameters too) are not needed any more
+        self.trained = torch.nn.parallel.DistributedDataParallel(model) if dist.enabled else model
+        self.logger: Optional[MetricsLogger] = None
+        self.started = time.perf_counter()
+
+    # ----------------------------------------------------------------------------- resume
+
+    def restore(self, ckpt: dict, path: Path) -> None:
+        cfg = self.cfg
         if ckpt["config"] != cfg.to_dict():
             changed = sorted(k for k in ckpt["config"] if ckpt["config"][k] != cfg.to_dict().get(k))
             log.warning("resuming with a changed config; keys that differ: %s", ", ".join(changed))
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        _set_rng_state(ckpt["rng"], generator)
-        state = Progress(**ckpt["progress"])
+            self.scaler.load_state_dict(ckpt["scaler"])
+        _set_rng_state(ckpt["rng"], self.generator)
+        state = self.state = Progress(**ckpt["progress"])
+        if state.batch_in_epoch >= self.steps_per_epoch:  # written by an older version before the epoch rolled over
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+        self.saved_step = state.step
         _check_numerics(ckpt.get("numerics"), path)
+        self._check_best()
         log.info("resumed from %s at step %d (epoch %d)", path, state.step, state.epoch)
-        del ckpt, found  # the loaded copies (of the parameters too) are not needed any more
-    elif resume:
-        log.info("no checkpoint in %s: starting from scratch", out)
-    trained = torch.nn.parallel.DistributedDataParallel(model) if dist.enabled else model
 
-    def check_finite() -> None:
+    def _check_best(self) -> None:
+        """A damaged or missing ``best.pt`` is re-selected: the next validation writes a new one."""
+        best, state = self.out / BEST, self.state
+        if self.dist.is_main and best.exists():
+            try:
+                load_checkpoint(best)
+            except DamagedCheckpointError:
+                log.warning("%s is damaged (its checksum fails); set it aside as %s", best, set_aside_damaged(best).name)
+        self.dist.barrier()  # rank 0 has set it aside before the others look
+        if state.best_step >= 0 and not best.exists():
+            log.warning(
+                "%s is damaged or missing: the best weights so far (validation accuracy %.4f at step %d) are lost; "
+                "the next validation selects a new best.pt", best, state.best_val_accuracy, state.best_step,
+            )
+            state.best_val_accuracy, state.best_step = -1.0, -1
+
+    def finished_summary(self, final_test: bool) -> Optional[dict]:
+        """The summary of a resumed run that has nothing left to do (None when it has)."""
+        state, path = self.state, self.out / SUMMARY
+        if self.keep_going() or state.validated_step != state.step or state.best_step < 0 or not path.exists():
+            return None
+        summary = json.loads(path.read_text())
+        if summary.get("steps") != state.step or (final_test and "test_accuracy" not in summary):
+            return None
+        log.info("%s holds a run that is already finished (step %d of %d): nothing to do", self.out, state.step, self.total_steps)
+        return summary
+
+    # ----------------------------------------------------------------------------- the loop
+
+    def train(self, *, resumed: bool, progress: bool, final_test: bool) -> dict:
+        # Rows at the resume step that this run logs again: the test, and the validation of a finished run re-selecting best.pt.
+        again = ("test/", "val/") if self.state.best_step < 0 and not self.keep_going() else ("test/",)
+        if self.dist.is_main:
+            self.logger = MetricsLogger(self.out, resume_step=self.state.step if resumed else None, again=again)
+        try:
+            bar = _progress_bar(self.total_steps, self.state.step, progress and self.dist.is_main)
+            with bar, logging_redirect_tqdm() if not bar.disable else contextlib.nullcontext():
+                self.fit(bar)
+            return self.finish(final_test)
+        finally:
+            if self.logger is not None:
+                self.logger.close()
+
+    def keep_going(self) -> bool:
+        if self.state.step >= self.total_steps:
+            return False
+        if self.cfg.time_budget_s is None:
+            return True
+        over = self.state.train_seconds + (time.perf_counter() - self.started) >= self.cfg.time_budget_s
+        return not self.dist.sum([float(over)], device=self.device)[0]  # every rank stops at the same step
+
+    def fit(self, bar: tqdm) -> None:
+        cfg, state = self.cfg, self.state
+        order, order_epoch = None, None
+        self.started = self.window_start = time.perf_counter()
+        self.window_images = 0
+        try:
+            while self.keep_going():
+                if order_epoch != state.epoch:
+                    order, order_epoch = epoch_order(self.n, cfg.seed, state.epoch), state.epoch
+                output, labels, epoch_end = self.step(order)
+                if state.step % cfg.log_every == 0 or state.step == self.total_steps:
+                    self.log_train(output, labels, bar)
+                bar.update(1)
+                if epoch_end or (cfg.eval_every and state.step % cfg.eval_every == 0):
+                    self.validate()
+                if epoch_end or state.step % cfg.checkpoint_every == 0:
+                    self.checkpoint()
+            if state.validated_step != state.step or state.best_step < 0:
+                self.validate()
+            if self.saved_step != state.step:
+                self.checkpoint()
+        except KeyboardInterrupt:
+            self.interrupted()
+
+    def step(self, order: torch.Tensor):
+        """One optimizer step on the next batch of ``order``: (output, labels, whether it ended the epoch)."""
+        cfg, state = self.cfg, self.state
+        self.pending_rng = _rng_state(self.generator)
+        index = order[state.batch_in_epoch * cfg.batch_size : (state.batch_in_epoch + 1) * cfg.batch_size]
+        images, labels = self.data.train_batch(index, self.generator)  # the global batch, same on every rank
+        local = self.dist.shard(torch.arange(len(index)))
+        images, labels = images[local].to(self.device), labels[local].to(self.device)
+        with torch.autocast(self.device_type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            output = self.trained(images, self.objective.teacher(labels))
+            loss = self.objective.loss(output, images, labels, state.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.pending_rng = _UPDATING
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        state.step += 1
+        state.batch_in_epoch += 1
+        epoch_end = state.batch_in_epoch == self.steps_per_epoch
+        if epoch_end:  # roll over at once: no checkpoint holds a finished epoch, so a resume cannot end it twice
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+        self.pending_rng, self.loss = None, loss
+        self.window_images += len(index)
+        return output, labels, epoch_end
+
+    def interrupted(self) -> None:
+        """Ctrl-C: save the last completed step (unless it came mid-update), then raise :class:`TrainingInterrupted`.
+
+        Before the update the parameters, optimizer and scheduler are those of the last
+        completed step, so it is saved with the RNG state from before the interrupted step's
+        draws; a model whose forward changes buffers (BatchNorm statistics) would need those too.
+        """
+        rng, state = self.pending_rng, self.state
+        if rng is not _UPDATING and self.saved_step != state.step:
+            self.checkpoint(rng=rng)
+        held = f"{self.out / LAST} holds step {self.saved_step}" if self.saved_step >= 0 else "no checkpoint was written"
+        cut = " (Ctrl-C came in the middle of an update, which cannot be saved)" if rng is _UPDATING else ""
+        raise TrainingInterrupted(f"training interrupted at step {state.step}: {held}{cut}; rerun with --resume to continue")
+
+    # ----------------------------------------------------------------------------- logs, validation, checkpoints
+
+    def check_finite(self) -> None:
         """Stop a diverged run before it overwrites a good checkpoint (only where the loop syncs anyway)."""
-        if not math.isfinite(loss.item()) or not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        loss = self.loss.item()
+        if not math.isfinite(loss) or not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
             raise ValueError(
-                f"training diverged at step {state.step}: loss {loss.item()} or weights are not finite; "
-                f"{out / LAST} holds the last finite state. Lower lr (now {cfg.lr}) and resume or restart."
+                f"training diverged at step {self.state.step}: loss {loss} or weights are not finite; "
+                f"{self.out / LAST} holds the last finite state. Lower lr (now {self.cfg.lr}) and resume or restart."
             )
 
-    def checkpoint() -> None:
-        check_finite()
-        if dist.is_main:
-            payload = {
-                "config": cfg.to_dict(),
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "rng": _rng_state(generator),
-                "progress": vars(state).copy(),
-                "numerics": numerics(),
-            }
-            rotate_and_save(payload, out / LAST, cfg.keep_checkpoints)
+    def log_train(self, output, labels: torch.Tensor, bar: tqdm) -> None:
+        self.check_finite()
+        hits = float(self.objective.correct(output, labels).sum())
+        loss_sum, hits, count = self.dist.sum([self.loss.item() * len(labels), hits, float(len(labels))], device=self.device)
+        speed = self.window_images / max(time.perf_counter() - self.window_start, 1e-9)
+        if self.dist.is_main:
+            scalars = {"train/loss": loss_sum / count, "train/accuracy": hits / count, "train/images_per_s": speed, "train/lr": self.scheduler.get_last_lr()[0]}
+            self.logger.log(self.state.step, {**scalars, **self.model_metrics()})
+        bar.set_postfix(loss=f"{loss_sum / count:.4f}", acc=f"{hits / count:.3f}", img_s=f"{speed:.0f}", refresh=False)
+        self.window_images, self.window_start = 0, time.perf_counter()
 
-    def validate() -> None:
-        result = evaluate(model, data, "val", objective, batch_size=cfg.eval_batch_size, device=device, step=state.step, dist=dist)
+    def model_metrics(self) -> dict[str, float]:
+        """What the model's ``training_metrics()`` returns, if it has one (see :func:`train`)."""
+        hook = getattr(self.model, "training_metrics", None)
+        return {tag: float(value) for tag, value in hook().items()} if callable(hook) else {}
+
+    def validate(self) -> None:
+        cfg, state = self.cfg, self.state
+        result = evaluate(self.model, self.data, "val", self.objective, batch_size=cfg.eval_batch_size, device=self.device, step=state.step, dist=self.dist)
         if result["accuracy"] > state.best_val_accuracy:
             state.best_val_accuracy, state.best_step = result["accuracy"], state.step
-            if dist.is_main:
-                save_checkpoint({"config": cfg.to_dict(), "model": model.state_dict(), "step": state.step, "val": result}, out / BEST)
-        if dist.is_main:
-            logger.log(state.step, {"val/accuracy": result["accuracy"], "val/loss": result["loss"]})
+            if self.dist.is_main:
+                save_checkpoint({"config": cfg.to_dict(), "model": self.model.state_dict(), "step": state.step, "val": result}, self.out / BEST)
+        if self.dist.is_main:
+            self.logger.log(state.step, {"val/accuracy": result["accuracy"], "val/loss": result["loss"]})
             log.info("step %d: validation accuracy %.4f (best %.4f at step %d)", state.step, result["accuracy"], state.best_val_accuracy, state.best_step)
+        state.validated_step = state.step
 
-    logger = MetricsLogger(out, resume_step=state.step if resume else None) if dist.is_main else None
-    trained.train()
-    bar = tqdm(total=total_steps, initial=state.step, disable=not (progress and dist.is_main), unit="step", dynamic_ncols=True)
-    started = time.perf_counter()
+    def checkpoint(self, rng: Optional[dict] = None) -> None:
+        """Save ``last.pt`` (rotating older ones) at the current step; ``rng``: the RNG state to save, if not the current one."""
+        now = time.perf_counter()
+        self.state.train_seconds += now - self.started
+        self.started = now
+        self.check_finite()
+        if self.dist.is_main:
+            payload = {
+                "config": self.cfg.to_dict(),
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "rng": rng or _rng_state(self.generator),
+                "progress": vars(self.state).copy(),
+                "numerics": numerics(),
+            }
+            rotate_and_save(payload, self.out / LAST, self.cfg.keep_checkpoints)
+        self.saved_step = self.state.step
 
-    def keep_going() -> bool:
-        if state.step >= total_steps:
-            return False
-        if cfg.time_budget_s is None:
-            return True
-        over = state.train_seconds + (time.perf_counter() - started) >= cfg.time_budget_s
-        return not dist.sum([float(over)], device=device)[0]  # every rank stops at the same step
+    # ----------------------------------------------------------------------------- summary
 
-    window_images, window_start = 0, time.perf_counter()
-    validated_at = -1
-    loss = torch.zeros(())
-    try:
-        while keep_going():
-            order = epoch_order(n, cfg.seed, state.epoch)
-            while state.batch_in_epoch < steps_per_epoch and keep_going():
-                index = order[state.batch_in_epoch * cfg.batch_size : (state.batch_in_epoch + 1) * cfg.batch_size]
-                images, labels = data.train_batch(index, generator)  # the global batch, same on every rank
-                local = dist.shard(torch.arange(len(index)))
-                images, labels = images[local].to(device), labels[local].to(device)
-                with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    output = trained(images, objective.teacher(labels))
-                    loss = objective.loss(output, images, labels, state.step)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                state.step += 1
-                state.batch_in_epoch += 1
-                window_images += len(index)
-                if state.step % cfg.log_every == 0 or state.step == total_steps:
-                    check_finite()
-                    hits = float(objective.correct(output, labels).sum())
-                    loss_sum, hits, count = dist.sum([loss.item() * len(labels), hits, float(len(labels))], device=device)
-                    speed = window_images / max(time.perf_counter() - window_start, 1e-9)
-                    if dist.is_main:
-                        logger.log(state.step, {"train/loss": loss_sum / count, "train/accuracy": hits / count, "train/images_per_s": speed, "train/lr": scheduler.get_last_lr()[0]})
-                    bar.set_postfix(loss=f"{loss_sum / count:.4f}", acc=f"{hits / count:.3f}", img_s=f"{speed:.0f}")
-                    window_images, window_start = 0, time.perf_counter()
-                bar.update(1)
-                if cfg.eval_every and state.step % cfg.eval_every == 0:
-                    validate()
-                    validated_at = state.step
-                if state.step % cfg.checkpoint_every == 0:
-                    state.train_seconds += time.perf_counter() - started
-                    started = time.perf_counter()
-                    checkpoint()
-            if state.batch_in_epoch >= steps_per_epoch:
-                state.epoch += 1
-                state.batch_in_epoch = 0
-                if validated_at != state.step:
-                    validate()
-                    validated_at = state.step
-        if validated_at != state.step:
-            validate()
-        state.train_seconds += time.perf_counter() - started
-        started = time.perf_counter()
-        checkpoint()
-    finally:
-        bar.close()
-        if logger is not None:
-            logger.flush()
-
-    summary = {
-        "model": cfg.model,
-        "dataset": cfg.dataset,
-        "steps": state.step,
-        "epochs_completed": state.epoch,
-        "train_images": min(state.step * cfg.batch_size, state.epoch * n + state.batch_in_epoch * cfg.batch_size),
-        "train_seconds": round(state.train_seconds, 1),
-        "best_val_accuracy": state.best_val_accuracy,
-        "best_step": state.best_step,
-        "processes": dist.world,
-        "machine": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "date": time.strftime("%Y-%m-%d"),
-    }
-    if final_test:
-        dist.barrier()  # best.pt is complete on disk before any rank reads it
-        best, _, _ = load_model(out / BEST, device=device)
-        result = evaluate(best, data, "test", objective, batch_size=cfg.eval_batch_size, device=device, step=state.step, dist=dist)
-        summary.update(test_accuracy=result["accuracy"], test_error=1 - result["accuracy"], test_samples=result["samples"])
-        if dist.is_main:
-            logger.log(state.step, {"test/accuracy": result["accuracy"]})
-    if dist.is_main:
-        logger.close()
-        (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-    dist.barrier()
-    return summary
+    def finish(self, final_test: bool) -> dict:
+        cfg, state = self.cfg, self.state
+        summary = {
+            "model": cfg.model,
+            "dataset": cfg.dataset,
+            "steps": state.step,
+            "epochs_completed": state.epoch,
+            "train_images": min(state.step * cfg.batch_size, state.epoch * self.n + state.batch_in_epoch * cfg.batch_size),
+            "train_seconds": round(state.train_seconds, 1),
+            "best_val_accuracy": state.best_val_accuracy,
+            "best_step": state.best_step,
+            "processes": self.dist.world,
+            "machine": platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "date": time.strftime("%Y-%m-%d"),
+        }
+        if final_test:
+            self.dist.barrier()  # best.pt is complete on disk before any rank reads it
+            best, _, _ = load_model(self.out / BEST, device=self.device)
+            result = evaluate(best, self.data, "test", self.objective, batch_size=cfg.eval_batch_size, device=self.device, step=state.step, dist=self.dist)
+            summary.update(test_accuracy=result["accuracy"], test_error=1 - result["accuracy"], test_samples=result["samples"])
+            if self.dist.is_main:
+                self.logger.log(state.step, {"test/accuracy": result["accuracy"]})
+        if self.dist.is_main:
+            atomic_write(self.out / SUMMARY, (json.dumps(summary, indent=2) + "\n").encode())
+        self.dist.barrier()
+        return summary

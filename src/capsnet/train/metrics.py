@@ -8,12 +8,44 @@ TensorBoard reads as it reads its own.
 from __future__ import annotations
 
 import csv
+import io
+import logging
+import os
 import socket
 import struct
 import time
 from pathlib import Path
 
+from .checkpoint import atomic_write
+
 __all__ = ["MetricsLogger", "EventFileWriter", "read_events", "read_metrics_csv"]
+
+
+log = logging.getLogger(__name__)
+
+
+class _RecordAppender:
+    """Appends whole records to a file: a write the file system stops part way (ENOSPC, EFBIG)
+    is cut back to where it began, so the file never ends in a torn record.
+
+    Unbuffered: each record is on disk (in the page cache) when :meth:`append` returns.
+    """
+
+    def __init__(self, path: Path):
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def append(self, record: bytes) -> None:
+        start = os.lseek(self._fd, 0, os.SEEK_END)
+        view = memoryview(record)
+        try:
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except BaseException:
+            os.ftruncate(self._fd, start)  # shrinking needs no free space
+            raise
+
+    def close(self) -> None:
+        os.close(self._fd)
 
 
 def _crc32c_table() -> list[int]:
@@ -79,18 +111,15 @@ class EventFileWriter:
         log_dir = Path(log_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
         self.path = log_dir / f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}"
-        self._file = open(self.path, "ab")
+        self._file = _RecordAppender(self.path)
         self._write(_event(time.time(), 0, file_version="brain.Event:2"))
 
     def _write(self, record: bytes) -> None:
         header = struct.pack("<Q", len(record))
-        self._file.write(header + struct.pack("<I", _masked_crc(header)) + record + struct.pack("<I", _masked_crc(record)))
+        self._file.append(header + struct.pack("<I", _masked_crc(header)) + record + struct.pack("<I", _masked_crc(record)))
 
     def add_scalars(self, step: int, scalars: dict[str, float]) -> None:
         self._write(_event(time.time(), step, scalars=scalars))
-
-    def flush(self) -> None:
-        self._file.flush()
 
     def close(self) -> None:
         self._file.close()
@@ -156,48 +185,59 @@ def _parse_event(record: bytes) -> list[tuple[int, str, float]]:
 class MetricsLogger:
     """Writes every scalar to ``metrics.csv`` (step, tag, value, wall time) and to TensorBoard.
 
+    Each :meth:`log` call appends whole lines or nothing (a full disk leaves no torn row).
     On resume, rows logged after the checkpoint's step by the interrupted run are dropped,
-    so the CSV describes exactly one history.
+    and so are rows at that step whose tag starts with one of ``again`` (the resumed run logs
+    them again), so the CSV describes exactly one history; that rewrite is atomic.
     """
 
     fields = ("step", "tag", "value", "time")
 
-    def __init__(self, out_dir: str | Path, *, resume_step: int | None = None):
+    def __init__(self, out_dir: str | Path, *, resume_step: int | None = None, again: tuple[str, ...] = ()):
         out_dir = Path(out_dir)
         self.csv_path = out_dir / "metrics.csv"
-        if resume_step is None or not self.csv_path.exists():
-            with open(self.csv_path, "w", newline="") as f:
-                csv.writer(f).writerow(self.fields)
-        else:
-            rows = [r for r in read_metrics_csv(self.csv_path) if r["step"] <= resume_step]
-            with open(self.csv_path, "w", newline="") as f:
-                writer = csv.writer(f)
-                writer.writerow(self.fields)
-                writer.writerows([r["step"], r["tag"], r["value"], r["time"]] for r in rows)
-        self._csv = open(self.csv_path, "a", newline="")
-        self._writer = csv.writer(self._csv)
+        rows = []
+        if resume_step is not None and self.csv_path.exists():
+            rows = [
+                [r["step"], r["tag"], r["value"], r["time"]]
+                for r in read_metrics_csv(self.csv_path)
+                if r["step"] < resume_step or (r["step"] == resume_step and not r["tag"].startswith(again))
+            ]
+        atomic_write(self.csv_path, _csv_lines([self.fields, *rows]))
+        self._csv = _RecordAppender(self.csv_path)
         self.events = EventFileWriter(out_dir / "tensorboard")
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
-        now = time.time()
-        for tag, value in scalars.items():
-            self._writer.writerow([step, tag, f"{float(value):.6g}", f"{now:.3f}"])
+        now = f"{time.time():.3f}"
+        self._csv.append(_csv_lines([step, tag, f"{float(value):.6g}", now] for tag, value in scalars.items()))
         self.events.add_scalars(step, scalars)
-        self.flush()  # a killed run keeps its log up to the last line
-
-    def flush(self) -> None:
-        self._csv.flush()
-        self.events.flush()
 
     def close(self) -> None:
         self._csv.close()
         self.events.close()
 
 
+def _csv_lines(rows) -> bytes:
+    text = io.StringIO()
+    csv.writer(text).writerows(rows)
+    return text.getvalue().encode()
+
+
 def read_metrics_csv(path: str | Path) -> list[dict]:
-    """Rows of a ``metrics.csv`` as dicts with typed ``step`` and ``value``."""
+    """Rows of a ``metrics.csv`` as dicts with typed ``step`` and ``value``.
+
+    A last line without its line end (cut short by a full disk or a kill) is dropped with a
+    warning; any other malformed line is a ValueError naming it.
+    """
     with open(path, newline="") as f:
-        return [
-            {"step": int(r["step"]), "tag": r["tag"], "value": float(r["value"]), "time": float(r["time"])}
-            for r in csv.DictReader(f)
-        ]
+        *lines, tail = f.read().split("\n")
+    if tail:
+        log.warning("%s: dropped its last line %r, which was cut short (a full disk or a killed run)", path, tail)
+    rows = []
+    for number, line in enumerate(lines[1:], start=2):
+        try:
+            step, tag, value, when = next(csv.reader([line]))
+            rows.append({"step": int(step), "tag": tag, "value": float(value), "time": float(when)})
+        except ValueError as exc:
+            raise ValueError(f"{path}, line {number}: {line!r} is not a row of step,tag,value,time ({exc})") from None
+    return rows
