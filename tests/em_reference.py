@@ -35,11 +35,13 @@ def dense_children(num_patches, slots):
 
 
 def reference_em_routing(votes, activations, beta_a, beta_v, *, lambdas, children, cost_scale=1.0,
-                         var_floor=5e-4, eps=1e-6):
+                         var_floor=5e-4, eps=1e-6, activation="paper", cost_eps=1e-6):
     """EM routing over the graph ``children`` (see :func:`conv_children`).
 
     votes ``(B, L, I, J, D)``, activations ``(B, L, I)``, beta ``(J,)`` or ``(L, J)``; returns
     poses ``(B, L, J, D)``, activations ``(B, L, J)``, assignments ``(B, L, I, J)`` as numpy float64.
+    ``activation="standardised"``: the logit is ``lam (beta_a + (mean_k cost_k - cost_j) /
+    sqrt(var_k cost_k + cost_eps))`` over the ``J`` parents of one patch.
     """
     votes = np.asarray(votes, dtype=np.float64)
     act_in = np.asarray(activations, dtype=np.float64)
@@ -70,6 +72,7 @@ def reference_em_routing(votes, activations, beta_a, beta_v, *, lambdas, childre
             mu = np.zeros((num_patches, types, dim))
             var = np.zeros((num_patches, types, dim))
             a_out = np.zeros((num_patches, types))
+            costs = np.zeros((num_patches, types))
             # M-step, one parent at a time.
             for l in range(num_patches):
                 for j in range(types):
@@ -88,7 +91,18 @@ def reference_em_routing(votes, activations, beta_a, beta_v, *, lambdas, childre
                     cost = 0.0
                     for h in range(dim):
                         cost += (beta(beta_v, l, j) + math.log(math.sqrt(var[l, j, h]))) * mass * cost_scale
-                    a_out[l, j] = 1.0 / (1.0 + math.exp(-lam * (beta(beta_a, l, j) - cost)))
+                    costs[l, j] = cost
+            for l in range(num_patches):
+                mean = sum(costs[l]) / types
+                std = math.sqrt(sum((c - mean) ** 2 for c in costs[l]) / types + cost_eps)
+                for j in range(types):
+                    if activation == "paper":
+                        x = beta(beta_a, l, j) - costs[l, j]
+                    elif activation == "centred":
+                        x = beta(beta_a, l, j) + mean - costs[l, j]
+                    else:
+                        x = beta(beta_a, l, j) + (mean - costs[l, j]) / std
+                    a_out[l, j] = 1.0 / (1.0 + math.exp(-lam * x))
             assign[b] = R
             if it == len(lambdas) - 1:
                 break

@@ -60,10 +60,11 @@ def _assert_matches_reference(votes, act, beta_a, beta_v, geometry, *, iteration
     cost_scale = kw.get("cost_scale")
     if cost_scale is None:
         cost_scale = 100.0 * votes.shape[3] / votes.shape[2] if schedule == "authors" else 1.0
-    lambdas = inverse_temperatures(schedule, iterations, fan_in=_fan_in(votes, geometry))
+    lambdas = inverse_temperatures(schedule, iterations, final_lambda=kw.get("final_lambda"), fan_in=_fan_in(votes, geometry))
     poses, acts, assign = reference_em_routing(
         votes.numpy(), act.numpy(), beta_a.numpy(), beta_v.numpy(),
         lambdas=lambdas, children=_children(geometry, votes), cost_scale=cost_scale,
+        activation=kw.get("activation", "paper"),
     )  # fmt: skip
     torch.testing.assert_close(fast.poses, torch.from_numpy(poses), rtol=0, atol=1e-6)
     torch.testing.assert_close(fast.activations, torch.from_numpy(acts), rtol=0, atol=1e-6)
@@ -92,6 +93,63 @@ def test_conv_routing_matches_reference(case, iterations):
 def test_dense_routing_matches_reference(iterations):
     votes, act, beta_a, beta_v = _problem(None, types=4, num_patches=2, slots=9, dim=16, seed=iterations)
     _assert_matches_reference(votes, act, beta_a, beta_v, None, iterations=iterations)
+
+
+@pytest.mark.parametrize("activation", ["centred", "standardised"])
+@pytest.mark.parametrize("iterations", [1, 2, 3])
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"{c[0]}k{c[1]}s{c[2]}t{c[3]}")
+def test_other_activations_match_reference(case, iterations, activation):
+    geometry = ConvGeometry(*case)
+    votes, act, beta_a, beta_v = _problem(geometry, seed=10 + iterations)
+    _assert_matches_reference(votes, act, beta_a, beta_v, geometry, iterations=iterations, schedule="linear",
+                              final_lambda=2.0, activation=activation)
+
+
+@pytest.mark.parametrize("activation", ["centred", "standardised"])
+def test_other_activations_dense_and_per_capsule_betas_match_reference(activation):
+    votes, act, beta_a, beta_v = _problem(None, types=4, num_patches=2, slots=9, dim=16, seed=7, beta_shape=(2, 4))
+    _assert_matches_reference(votes, act, beta_a, beta_v, None, iterations=3, activation=activation)
+
+
+def test_centred_activation_is_the_paper_logit_shifted_by_the_mean_cost():
+    """Centring moves every parent of a position by the same amount: their order is the paper's."""
+    geometry = ConvGeometry((5, 5), (3, 3), (1, 1), 2)
+    votes, act, beta_a, beta_v = _problem(geometry, seed=12)
+    beta_a = torch.zeros_like(beta_a)  # equal offsets, so the paper's order is the cost's
+    paper = em_routing(votes, act, beta_a, beta_v, iterations=1, geometry=geometry)
+    centred = em_routing(votes, act, beta_a, beta_v, iterations=1, geometry=geometry, activation="centred")
+    assert torch.equal(paper.activations.argsort(-1), centred.activations.argsort(-1))
+    logit = torch.logit(centred.activations)
+    torch.testing.assert_close(logit.mean(-1), torch.zeros_like(logit.mean(-1)), rtol=0, atol=1e-9)
+
+
+def test_standardised_activation_is_finite_when_every_parent_costs_the_same():
+    """Identical votes for every parent type: the costs' spread is 0, COST_EPS keeps logits and gradients finite."""
+    geometry = ConvGeometry((4, 4), (2, 2), (1, 1), 2)
+    votes, act, beta_a, beta_v = _problem(geometry, seed=8)
+    votes = votes[..., :1, :].expand_as(votes).clone().requires_grad_()
+    out = em_routing(votes, act, torch.zeros_like(beta_a), torch.zeros_like(beta_v), geometry=geometry,
+                     schedule="linear", activation="standardised")
+    torch.testing.assert_close(out.activations, torch.full_like(out.activations, 0.5))  # beta_a = 0, no winner
+    out.activations.sum().backward()
+    assert torch.isfinite(votes.grad).all()
+
+
+def test_routing_statistics_describe_each_iteration_and_change_nothing():
+    geometry = ConvGeometry((5, 5), (3, 3), (2, 2), 2)
+    votes, act, beta_a, beta_v = _problem(geometry, seed=9)
+    stats = []
+    measured = em_routing(votes, act, beta_a, beta_v, iterations=3, geometry=geometry, stats=stats)
+    plain = em_routing(votes, act, beta_a, beta_v, iterations=3, geometry=geometry)
+    for a, b in zip(measured, plain):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert len(stats) == 3
+    assert set(stats[0]) == {"a_mean", "a_std", "var_floor_fraction", "r_entropy", "logit_p05", "logit_p50", "logit_p95"}
+    assert stats[0]["r_entropy"] == pytest.approx(1.0)  # the init is uniform over the J types of a patch
+    assert all(0.0 <= s["r_entropy"] <= 1.0 + 1e-12 and 0.0 <= s["var_floor_fraction"] <= 1.0 for s in stats)
+    assert stats[1]["r_entropy"] < 1.0  # the E-step has taken sides
+    assert stats[-1]["a_mean"] == pytest.approx(float(measured.activations.mean()))
+    assert stats[0]["logit_p05"] <= stats[0]["logit_p50"] <= stats[0]["logit_p95"]
 
 
 def test_plain_linear_schedule_matches_reference():

@@ -23,7 +23,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..precision import float32_under_autocast
-from ..routing.em import LAMBDA_SCHEDULES, MASS_EPS, VAR_FLOOR, ConvGeometry, FactoredVotes, em_routing, to_patches
+from ..routing.em import ACTIVATIONS, LAMBDA_SCHEDULES, MASS_EPS, VAR_FLOOR, ConvGeometry, FactoredVotes, em_routing, to_patches
 
 __all__ = ["ClassMatCaps", "ConvMatCaps", "MatrixCaps", "PrimaryMatCaps", "coordinate_offsets"]
 
@@ -89,8 +89,10 @@ class _EMRouted(nn.Module):
     """Shared parts of the routed layers: betas and the routing options, with their defaults.
 
     The layers pass their routing keywords (``iterations``, ``schedule``, ``final_lambda``,
-    ``beta``, ``var_floor``, ``eps``, ``detach_intermediate``) through unchanged, so each
-    option and its default is written once, here. ``num_capsules``: output capsules per type
+    ``activation``, ``beta``, ``var_floor``, ``eps``, ``detach_intermediate``) through unchanged,
+    so each option and its default is written once, here. With ``record_stats`` set, every
+    forward pass keeps the routing statistics of each iteration in :attr:`stats` (see
+    ``stats`` of :func:`~capsnet.routing.em.em_routing`). ``num_capsules``: output capsules per type
     (positions), None where the layer does not know them; only ``beta="capsule"`` needs them.
     """
 
@@ -102,12 +104,15 @@ class _EMRouted(nn.Module):
         iterations: int = 3,
         schedule: Union[str, Sequence[float]] = "fan_in",
         final_lambda: Optional[float] = None,
+        activation: str = "paper",
         beta: str = "type",
         var_floor: float = VAR_FLOOR,
         eps: float = MASS_EPS,
         detach_intermediate: bool = False,
     ):
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         if beta not in BETA_MODES:
             raise ValueError(f"beta must be one of {BETA_MODES}, got {beta!r}")
         if beta == "capsule" and num_capsules is None:
@@ -116,7 +121,8 @@ class _EMRouted(nn.Module):
             raise ValueError(f"iterations must be >= 1, got {iterations}")
         if isinstance(schedule, str) and schedule not in LAMBDA_SCHEDULES:
             raise ValueError(f"schedule must be one of {LAMBDA_SCHEDULES} or a sequence of floats, got {schedule!r}")
-        self.iterations, self.schedule, self.final_lambda = iterations, schedule, final_lambda
+        self.iterations, self.schedule, self.final_lambda, self.activation = iterations, schedule, final_lambda, activation
+        self.record_stats, self.stats = False, []
         self.var_floor, self.eps, self.detach_intermediate = var_floor, eps, detach_intermediate
         shape = (out_types,) if beta == "type" else (num_capsules, out_types)
         # beta_a, beta_v of Procedure 1, one per parent type (both public codes) or per capsule.
@@ -127,7 +133,8 @@ class _EMRouted(nn.Module):
             _trunc_normal_(self.beta_a.data, std=500.0, mean=-1000.0)
 
     def _route(self, votes: Tensor, activations: Tensor, geometry: Optional[ConvGeometry]):
-        return em_routing(
+        stats = [] if self.record_stats else None
+        routed = em_routing(
             votes,
             activations,
             self.beta_a,
@@ -136,10 +143,15 @@ class _EMRouted(nn.Module):
             geometry=geometry,
             schedule=self.schedule,
             final_lambda=self.final_lambda,
+            activation=self.activation,
             var_floor=self.var_floor,
             eps=self.eps,
             detach_intermediate=self.detach_intermediate,
+            stats=stats,
         )
+        if stats is not None:
+            self.stats = stats
+        return routed
 
 
 class PrimaryMatCaps(nn.Module):
@@ -187,7 +199,7 @@ class ConvMatCaps(_EMRouted):
         in_size: ``(H, W)`` of the input grid; needed only for ``beta="capsule"``.
         init_std: truncated-normal std of the transforms (Google: 0.3).
         routing: keyword-only routing options. ``iterations`` (3), ``schedule`` ("fan_in"),
-            ``final_lambda``, ``var_floor``, ``eps``, ``detach_intermediate``: passed to
+            ``final_lambda``, ``activation`` ("paper"), ``var_floor``, ``eps``, ``detach_intermediate``: passed to
             :func:`~capsnet.routing.em.em_routing` (same defaults). ``beta``: ``"type"``
             (default, both public codes): beta_a and beta_v per output type; ``"capsule"``: per
             output capsule (type and position; the paper's "per capsule").

@@ -49,9 +49,18 @@ class MatrixCapsNet(nn.Module):
             image_size)`` and ``num_classes`` class capsules (smallNORB: 1 or 2, 32, 5).
         conv_channels, primary_types, caps1_types, caps2_types: A, B, C, D of the paper.
         conv_kernel, conv_stride: Conv1 (5, 2); caps_kernel (3), caps1_stride (2), caps2_stride (1).
+        conv_padding: zero padding of Conv1 (the paper: 0, VALID). VALID Conv1 and ConvCaps1 on
+            28x28 MNIST leave the last rows and columns of pixels unseen (their gradient is exactly
+            zero); padding 2 makes the 12x12 grid 14x14 and every pixel count.
+        caps_init_std, class_init_std: truncated-normal std of the ConvCaps and class transforms
+            (Google's code: 0.3 and 0.01).
+        routing_stats: measure routing in every forward pass for the training logs, see
+            :meth:`training_metrics` (off by default: it costs a little time).
         iterations: EM iterations in every routed layer (the paper: 3).
         schedule, final_lambda: inverse-temperature schedule, see
             :func:`~capsnet.routing.em.inverse_temperatures` ("fan_in" default; "linear", "authors").
+        activation: how the M-step makes the activation logit, see
+            :func:`~capsnet.routing.em.em_routing` ("paper" default; "standardised").
         beta: ``"type"`` or ``"capsule"``, see :class:`~capsnet.layers.matrix.ConvMatCaps`.
         coordinate_addition, coordinate_order: see :func:`~capsnet.layers.matrix.coordinate_offsets`.
         var_floor, eps, detach_intermediate: passed to :func:`~capsnet.routing.em.em_routing`.
@@ -73,18 +82,23 @@ class MatrixCapsNet(nn.Module):
         caps2_types: int = 16,
         conv_kernel: int = 5,
         conv_stride: int = 2,
+        conv_padding: int = 0,
         caps_kernel: int = 3,
         caps1_stride: int = 2,
         caps2_stride: int = 1,
         iterations: int = 3,
         schedule: Union[str, Sequence[float]] = "fan_in",
         final_lambda: Optional[float] = None,
+        activation: str = "paper",
         beta: str = "type",
         coordinate_addition: bool = True,
         coordinate_order: str = "column_row",
         var_floor: float = VAR_FLOOR,
         eps: float = MASS_EPS,
         detach_intermediate: bool = False,
+        caps_init_std: float = 0.3,
+        class_init_std: float = 0.01,
+        routing_stats: bool = False,
     ):
         super().__init__()
         sizes = dict(in_channels=in_channels, image_size=image_size, num_classes=num_classes,
@@ -93,28 +107,31 @@ class MatrixCapsNet(nn.Module):
                      caps_kernel=caps_kernel, caps1_stride=caps1_stride, caps2_stride=caps2_stride)  # fmt: skip
         if min(sizes.values()) < 1:
             raise ValueError(f"MatrixCapsNet sizes must be positive, got {sizes}")
+        if conv_padding < 0:
+            raise ValueError(f"conv_padding must be >= 0, got {conv_padding}")
         self.in_channels, self.image_size, self.num_classes = in_channels, image_size, num_classes
-        grid0 = (image_size - conv_kernel) // conv_stride + 1
+        grid0 = (image_size + 2 * conv_padding - conv_kernel) // conv_stride + 1
         grid1 = (grid0 - caps_kernel) // caps1_stride + 1 if grid0 >= caps_kernel else 0
         grid2 = (grid1 - caps_kernel) // caps2_stride + 1 if grid1 >= caps_kernel else 0
-        if image_size < conv_kernel or grid2 < 1:
+        if image_size + 2 * conv_padding < conv_kernel or grid2 < 1:
             raise ValueError(
                 f"image_size {image_size} is too small: Conv1 {conv_kernel}/{conv_stride} then two {caps_kernel}x{caps_kernel} "
                 f"capsule convolutions (strides {caps1_stride}, {caps2_stride}) leave no capsule"
             )
-        routing = dict(iterations=iterations, schedule=schedule, final_lambda=final_lambda, beta=beta,
-                       var_floor=var_floor, eps=eps, detach_intermediate=detach_intermediate)  # fmt: skip
-        self.conv1 = Conv2d(in_channels, conv_channels, conv_kernel, stride=conv_stride)  # faster CPU backward
+        routing = dict(iterations=iterations, schedule=schedule, final_lambda=final_lambda, activation=activation,
+                       beta=beta, var_floor=var_floor, eps=eps, detach_intermediate=detach_intermediate)  # fmt: skip
+        self.conv1 = Conv2d(in_channels, conv_channels, conv_kernel, stride=conv_stride, padding=conv_padding)
         _trunc_normal_(self.conv1.weight.data, 0.05)
         nn.init.constant_(self.conv1.bias, 0.1)
         self.primary = PrimaryMatCaps(conv_channels, primary_types)
         self.caps1 = ConvMatCaps(primary_types, caps1_types, kernel_size=caps_kernel, stride=caps1_stride,
-                                 in_size=(grid0, grid0), **routing)  # fmt: skip
+                                 in_size=(grid0, grid0), init_std=caps_init_std, **routing)  # fmt: skip
         self.caps2 = ConvMatCaps(caps1_types, caps2_types, kernel_size=caps_kernel, stride=caps2_stride,
-                                 in_size=(grid1, grid1), **routing)  # fmt: skip
+                                 in_size=(grid1, grid1), init_std=caps_init_std, **routing)  # fmt: skip
         self.classes = ClassMatCaps(caps2_types, num_classes, in_size=(grid2, grid2),
                                     coordinate_addition=coordinate_addition, coordinate_order=coordinate_order,
-                                    **routing)  # fmt: skip
+                                    init_std=class_init_std, **routing)  # fmt: skip
+        self.record_routing_stats(routing_stats)
 
     def forward(self, x: Tensor, y: Optional[Tensor] = None) -> MatrixCapsOutput:
         check_images(x, self.in_channels, (self.image_size, self.image_size), dtype=self.conv1.weight.dtype)
@@ -125,6 +142,33 @@ class MatrixCapsNet(nn.Module):
         caps2 = self.caps2(caps1.poses, caps1.activations)  # (B, 4, 4, D, 4, 4)
         out = self.classes(caps2.poses, caps2.activations)  # (B, J, 4, 4)
         return MatrixCapsOutput(out.activations, out.poses, out.assignments)
+
+    def record_routing_stats(self, enabled: bool = True) -> None:
+        """Measure every routed layer's iterations from the next forward pass on (see :meth:`training_metrics`)."""
+        for layer in self.routed_layers().values():
+            layer.record_stats = enabled
+            layer.stats = []
+
+    def routed_layers(self) -> dict:
+        """``{"caps1": ..., "caps2": ..., "classes": ...}``: the layers with EM routing."""
+        return {"caps1": self.caps1, "caps2": self.caps2, "classes": self.classes}
+
+    def training_metrics(self) -> dict[str, float]:
+        """Routing statistics of the last forward pass and gradient norms, for training logs.
+
+        ``routing/<layer>/it<k>/<stat>`` per routed layer and iteration (the statistics of
+        ``stats`` in :func:`~capsnet.routing.em.em_routing`; only after
+        :meth:`record_routing_stats`), and ``grad_norm/<layer>/<parameter>`` of the gradients
+        the last backward pass left (Conv1, PrimaryCaps, the transforms, beta_a and beta_v).
+        """
+        metrics = {}
+        for name, layer in self.routed_layers().items():
+            for it, stats in enumerate(layer.stats):
+                metrics.update({f"routing/{name}/it{it + 1}/{k}": v for k, v in stats.items()})
+        for name, param in self.named_parameters():
+            if param.grad is not None:
+                metrics[f"grad_norm/{name.replace('.', '/')}"] = float(param.grad.norm())
+        return metrics
 
 
 @register_model

@@ -50,6 +50,8 @@ __all__ = [
     "ConvGeometry",
     "EMRoutingResult",
     "FactoredVotes",
+    "ACTIVATIONS",
+    "COST_EPS",
     "LAMBDA_SCHEDULES",
     "MASS_EPS",
     "VAR_FLOOR",
@@ -73,6 +75,16 @@ MASS_EPS = 1e-6
 
 #: Named inverse-temperature schedules, see :func:`inverse_temperatures`.
 LAMBDA_SCHEDULES = ("fan_in", "linear", "authors")
+
+#: How the M-step turns the cost into the activation logit, see :func:`em_routing`.
+#: ``"paper"``: ``lambda (beta_a - sum_h cost^h)`` (Procedure 1); ``"centred"``:
+#: ``lambda (beta_a + mean_k cost_k - cost_j)`` over the parents ``k`` of one position;
+#: ``"standardised"``: ``lambda (beta_a + (mean_k cost_k - cost_j) / std_k cost_k)`` (gyang274's capsulesEM).
+ACTIVATIONS = ("paper", "centred", "standardised")
+
+#: Added to the variance of the costs over a position's parents before its square root in the
+#: ``"standardised"`` activation: finite logits and gradients when every parent costs the same.
+COST_EPS = 1e-6
 
 #: ``log(2 pi)``: the Gaussian normaliser in the E-step log-likelihood.
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -499,12 +511,14 @@ class _ReplayQuadratic(torch.autograd.Function):
 
 class _Config(NamedTuple):
     lambdas: tuple[float, ...]
+    activation: str
     cost_scale: float
     var_floor: float
     eps: float
     detach_intermediate: bool
     geometry: Optional[ConvGeometry]
     shape: tuple[int, int, int, int, int]  # (I, B, L, J, D)
+    keep_r: bool = False  # R of every iteration (for statistics), not only the last
 
 
 def _m_step(moments, it: int, ra: Tensor, b_a: Tensor, b_v: Tensor, lam: float, centre: Tensor, cfg: _Config):
@@ -525,8 +539,26 @@ def _m_step(moments, it: int, ra: Tensor, b_a: Tensor, b_v: Tensor, lam: float, 
     log_var = torch.log(var)
     # cost^h = (beta_v + log sigma^h) sum_i R_ij, with log sigma = log(sigma^2) / 2.
     cost = (b_v + 0.5 * log_var) * (mass.unsqueeze(-1) * cfg.cost_scale)
-    logit = lam * (b_a - cost.sum(-1))  # a_j = logistic(lambda (beta_a - sum_h cost^h))
-    return mu_c, var, log_var, logit
+    return mu_c, var, log_var, lam * _activation_argument(cost.sum(-1), b_a, cfg.activation)
+
+
+def _activation_argument(cost: Tensor, b_a: Tensor, activation: str) -> Tensor:
+    """What ``lambda`` multiplies in ``a_j = logistic(lambda (...))``, from ``cost_j = sum_h cost^h``.
+
+    ``"paper"`` (Procedure 1): ``beta_a - cost_j``. ``"standardised"``: ``beta_a + (mean_k cost_k -
+    cost_j) / sqrt(var_k cost_k + COST_EPS)`` over the ``J`` parents ``k`` of the same position
+    (last axis), so ``beta_a`` and ``lambda`` act on a quantity of order 1 whatever the fan-in.
+
+    Shape:
+        cost: ``(B, L, J)``; b_a broadcasts to it; returns ``(B, L, J)``.
+    """
+    if activation == "paper":
+        return b_a - cost
+    mean = cost.mean(-1, keepdim=True)
+    if activation == "centred":
+        return b_a + (mean - cost)
+    spread = torch.sqrt(torch.square(cost - mean).mean(-1, keepdim=True) + COST_EPS)
+    return b_a + (mean - cost) / spread
 
 
 def _e_step(quadratic, it: int, mu_c: Tensor, var: Tensor, log_var: Tensor, logit: Tensor, a_in: Tensor, need_r: bool,
@@ -570,7 +602,7 @@ def _iteration(moments, quadratic, it: int, prev, a_in: Tensor, beta_a: Tensor, 
     """
     slots, batch, num_patches, types, dim = cfg.shape
     if it > 0:
-        r, ra = _e_step(quadratic, it - 1, *prev, a_in, it == len(cfg.lambdas) - 1, cfg)
+        r, ra = _e_step(quadratic, it - 1, *prev, a_in, cfg.keep_r or it == len(cfg.lambdas) - 1, cfg)
     else:
         if cfg.geometry is None:  # Procedure 1 init: R_ij = 1 / (number of parents of child i)
             r = a_in.new_full((slots, 1, num_patches, 1), 1.0 / types)
@@ -581,6 +613,27 @@ def _iteration(moments, quadratic, it: int, prev, a_in: Tensor, beta_a: Tensor, 
     b_a = beta_a if beta_a.dim() == 1 else beta_a.unsqueeze(0)  # (J,) or (1, L, J)
     b_v = (beta_v if beta_v.dim() == 1 else beta_v.unsqueeze(0)).unsqueeze(-1)  # (J, 1) or (1, L, J, 1)
     return r, _m_step(moments, it, ra, b_a, b_v, cfg.lambdas[it], centre, cfg)
+
+
+def _iteration_stats(r: Tensor, gaussians, cfg: _Config) -> dict[str, float]:
+    """What one iteration did, for training logs (see ``stats`` of :func:`em_routing`)."""
+    _, var, _, logit = gaussians
+    a = torch.sigmoid(logit)
+    r = r.expand(cfg.shape[:4])
+    types = cfg.shape[3]
+    # R over the J parent types of each (child slot, patch), renormalised: 1 = uniform, 0 = one parent.
+    p = r / r.sum(-1, keepdim=True).clamp_min(torch.finfo(r.dtype).tiny)
+    entropy = -(p * torch.log(p.clamp_min(torch.finfo(r.dtype).tiny))).sum(-1)
+    quantiles = torch.quantile(logit.detach().flatten().float()[:1 << 20], logit.new_tensor([0.05, 0.5, 0.95]).float())
+    return {
+        "a_mean": float(a.mean()),
+        "a_std": float(a.std()) if a.numel() > 1 else 0.0,
+        "var_floor_fraction": float((var < 1.01 * cfg.var_floor).float().mean()),
+        "r_entropy": float(entropy.mean() / math.log(types)) if types > 1 else 0.0,
+        "logit_p05": float(quantiles[0]),
+        "logit_p50": float(quantiles[1]),
+        "logit_p95": float(quantiles[2]),
+    }
 
 
 def _outputs(r: Tensor, gaussians, centre: Tensor, cfg: _Config):
@@ -619,7 +672,7 @@ class _EMRoutingFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, votes, transforms, offsets, matrices, a_in, beta_a, beta_v, cfg):
+    def forward(ctx, votes, transforms, offsets, matrices, a_in, beta_a, beta_v, cfg, stats=None):
         slots, batch, num_patches, types, dim = cfg.shape
         factored = transforms is not None
         # c: unweighted mean vote per parent; routing's outputs do not depend on it (it only
@@ -646,6 +699,8 @@ class _EMRoutingFunction(torch.autograd.Function):
         for it in range(len(cfg.lambdas)):
             r, gaussians = _iteration(moments, quadratic, it, gaussians, a_in, beta_a, beta_v, centre_view, cfg)
             history.extend(gaussians)
+            if stats is not None:
+                stats.append(_iteration_stats(r, gaussians, cfg))
         ctx.cfg, ctx.factored = cfg, factored
         ctx.has_offsets, ctx.has_matrices = offsets is not None, matrices is not None
         saved_m = [t for triple in recorded_m for t in triple]
@@ -742,7 +797,7 @@ class _EMRoutingFunction(torch.autograd.Function):
                     blocks = grad_transforms.view(-1, 4, 4, types, 4, 4)  # (G, a, q, j, a', r)
                     grad_matrices = torch.diagonal(blocks, dim1=1, dim2=4).sum(-1).permute(0, 2, 1, 3)
                     grad_transforms = None
-        return (grad_votes, grad_transforms, None, grad_matrices, *grad_params, None)
+        return (grad_votes, grad_transforms, None, grad_matrices, *grad_params, None, None)
 
 
 def _factored_shape(votes: FactoredVotes, activations: Tensor, beta_a: Tensor) -> tuple[int, int, int, int, int]:
@@ -784,10 +839,12 @@ def em_routing(
     geometry: Optional[ConvGeometry] = None,
     schedule: Union[str, Sequence[float]] = "fan_in",
     final_lambda: Optional[float] = None,
+    activation: str = "paper",
     cost_scale: Optional[float] = None,
     var_floor: float = VAR_FLOOR,
     eps: float = MASS_EPS,
     detach_intermediate: bool = False,
+    stats: Optional[list] = None,
 ) -> EMRoutingResult:
     """Route child votes to parent Gaussians with EM (Procedure 1 of Hinton et al. 2018).
 
@@ -815,6 +872,12 @@ def em_routing(
             ``(patch, slot)`` is its own child (fully connected layers).
         schedule, final_lambda: inverse temperature per iteration, see :func:`inverse_temperatures`;
             the default ``"fan_in"`` divides by ``D x`` :func:`children_per_parent`.
+        activation: ``"paper"`` (default): ``a_j = logistic(lambda (beta_a - sum_h cost^h))`` as
+            Procedure 1. ``"standardised"``: the cost standardised over the ``J`` parents of each
+            position first, ``logistic(lambda (beta_a + (mean_k cost_k - cost_j) / std_k cost_k))``
+            (gyang274's capsulesEM; not in the paper): the logit is of order 1 in every layer, so
+            ``beta_a`` is a real offset and ``lambda`` a real temperature (use it with
+            ``schedule="linear"`` and ``final_lambda`` of order 1, not with ``"fan_in"``).
         cost_scale: multiplies ``cost^h``. None: 1 (the paper's cost), except with
             ``schedule="authors"``, where it is IBM's ``100 / (I / J)`` (100 over children per
             parent), the scaling without which that schedule's small ``lambda`` does not train.
@@ -822,6 +885,12 @@ def em_routing(
         eps: added to the mass where it divides, see :data:`MASS_EPS`.
         detach_intermediate: stop gradients through the assignments of earlier iterations (a
             common shortcut; the authors "do not use stop gradient"). Default False.
+        stats: a list to append one dict of floats per iteration to (the instruments for
+            training logs): ``a_mean``, ``a_std`` of the parent activations; ``var_floor_fraction``,
+            the fraction of parent variances within 1% of ``var_floor``; ``r_entropy``, the mean
+            entropy of ``R`` over the ``J`` parent types of each child slot, over ``log J`` (1:
+            uniform, 0: one parent); ``logit_p05/p50/p95``, percentiles of the logistic's
+            argument ``lambda (...)``. None (default): nothing is measured.
 
     Shape:
         votes: ``(B, L, I, J, D)``; activations: ``(B, L, I)``; beta_a, beta_v: ``(J,)`` or ``(L, J)``.
@@ -853,18 +922,20 @@ def em_routing(
                 f"geometry {geometry} gives L = {geometry.num_patches}, I = {geometry.slots}; "
                 f"votes have L = {num_patches}, I = {slots}"
             )
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if var_floor <= 0 or eps < 0:
         raise ValueError(f"var_floor must be > 0 and eps >= 0, got var_floor={var_floor} eps={eps}")
     fan_in = dim * children_per_parent(num_patches, slots, types, geometry)
     lambdas = inverse_temperatures(schedule, iterations, final_lambda=final_lambda, fan_in=fan_in)
     if cost_scale is None:
         cost_scale = 100.0 * types / slots if schedule == "authors" else 1.0
-    cfg = _Config(lambdas, float(cost_scale), var_floor, eps, detach_intermediate, geometry,
-                  (slots, batch, num_patches, types, dim))  # fmt: skip
+    cfg = _Config(lambdas, activation, float(cost_scale), var_floor, eps, detach_intermediate, geometry,
+                  (slots, batch, num_patches, types, dim), stats is not None)  # fmt: skip
     a_in = rearrange(activations, "b l i -> i b l 1")
     if isinstance(votes, FactoredVotes):
-        mu, a_out, r = _EMRoutingFunction.apply(*votes, a_in, beta_a, beta_v, cfg)
+        mu, a_out, r = _EMRoutingFunction.apply(*votes, a_in, beta_a, beta_v, cfg, stats)
     else:
         v = votes.permute(2, 0, 1, 3, 4).contiguous()  # (I, B, L, J, D): children outermost
-        mu, a_out, r = _EMRoutingFunction.apply(v, None, None, None, a_in, beta_a, beta_v, cfg)
+        mu, a_out, r = _EMRoutingFunction.apply(v, None, None, None, a_in, beta_a, beta_v, cfg, stats)
     return EMRoutingResult(poses=mu, activations=a_out, assignments=rearrange(r, "i b l j -> b l i j"))
