@@ -122,3 +122,37 @@ def reference_em_routing(votes, activations, beta_a, beta_v, *, lambdas, childre
                     R[l, i, j] = math.exp(x - log_total)
         poses[b], acts[b] = mu, a_out
     return poses, acts, assign
+
+
+def autograd_em_routing_dense(votes, activations, beta_a, beta_v, *, lambdas, var_floor=5e-4, eps=1e-6,
+                              activation="paper", truncate=False, cost_eps=1e-6):
+    """Procedure 1 for a fully connected layer in plain differentiable torch, for gradient tests.
+
+    Every ``(patch, slot)`` is its own child (no geometry), ``beta`` is ``(J,)``. ``truncate``
+    detaches the Gaussians and activations each E-step reads (``truncate_gradient`` of
+    :func:`capsnet.routing.em.em_routing`). votes ``(B, L, I, J, D)``, activations ``(B, L, I)``;
+    returns poses ``(B, L, J, D)`` and activations ``(B, L, J)``.
+    """
+    import torch
+
+    types = votes.shape[3]
+    r = torch.full(votes.shape[:4], 1.0 / types, dtype=votes.dtype)
+    for it, lam in enumerate(lambdas):
+        ra = r * activations.unsqueeze(-1)  # (B, L, I, J)
+        mass = ra.sum(2)  # (B, L, J)
+        mu = (ra.unsqueeze(-1) * votes).sum(2) / (mass + eps).unsqueeze(-1)
+        var = (ra.unsqueeze(-1) * (votes - mu.unsqueeze(2)) ** 2).sum(2) / (mass + eps).unsqueeze(-1) + var_floor
+        cost = ((beta_v.unsqueeze(-1) + 0.5 * torch.log(var)) * mass.unsqueeze(-1)).sum(-1)  # (B, L, J)
+        if activation == "paper":
+            x = beta_a - cost
+        else:
+            mean = cost.mean(-1, keepdim=True)
+            x = beta_a + mean - cost
+            if activation == "standardised":
+                x = beta_a + (mean - cost) / torch.sqrt(((cost - mean) ** 2).mean(-1, keepdim=True) + cost_eps)
+        a = torch.sigmoid(lam * x)
+        if it == len(lambdas) - 1:
+            return mu, a
+        m, v, act = (mu.detach(), var.detach(), a.detach()) if truncate else (mu, var, a)
+        log_p = (-((votes - m.unsqueeze(2)) ** 2) / (2 * v.unsqueeze(2)) - 0.5 * torch.log(2 * math.pi * v.unsqueeze(2))).sum(-1)
+        r = torch.softmax(log_p + torch.log(act).unsqueeze(2), dim=-1)  # over the J parents of each child

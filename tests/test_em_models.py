@@ -252,3 +252,53 @@ def test_em_model_refuses_images_of_another_dtype_by_name():
     model = create_model("em_tiny")
     with pytest.raises(ValueError, match="float64"):
         model(torch.rand(1, 1, 32, 32, dtype=torch.float64))
+
+
+def _pixel_gradient(model):
+    x = torch.rand(2, 1, 28, 28, requires_grad=True)
+    out = model(x)
+    (out.activations * torch.randn_like(out.activations)).sum().backward()
+    return x.grad.abs().sum(0)[0]  # (28, 28)
+
+
+def test_valid_conv1_leaves_the_last_pixels_unseen_and_padding_sees_them():
+    torch.manual_seed(0)
+    valid = _pixel_gradient(create_model("em_tiny", image_size=28, num_classes=10))
+    assert (valid[25:, :] == 0).all() and (valid[:, 25:] == 0).all()  # the three rows and columns
+    padded = _pixel_gradient(create_model("em_tiny", image_size=28, num_classes=10, conv_padding=1))
+    assert (padded > 0).all()
+    assert create_model("em_mnist", conv_padding=1).classes.in_size == (4, 4)  # 28 -> 13 -> 6 -> 4
+
+
+def test_identity_init_makes_each_vote_start_near_its_child_pose():
+    torch.manual_seed(0)
+    model = create_model("em_mnist", caps_init="identity", caps_init_std=0.1)
+    for layer in (model.caps1, model.caps2):
+        deviation = layer.weight.data - torch.eye(4)
+        assert deviation.abs().max() <= 0.2 + 1e-6 and deviation.std() > 0.05  # I + truncated N(0, 0.1)
+    torch.testing.assert_close(model.classes.weight.std(), torch.tensor(0.01), rtol=0.2, atol=0)  # unchanged
+    with pytest.raises(ValueError, match="caps_init"):
+        create_model("em_mnist", caps_init="eye")
+
+
+def test_iterations_per_layer():
+    model = create_model("em_mnist", iterations=(3, 2, 1))
+    assert (model.caps1.iterations, model.caps2.iterations, model.classes.iterations) == (3, 2, 1)
+    with pytest.raises(ValueError, match="three ints"):
+        create_model("em_mnist", iterations=(3, 2))
+
+
+def test_training_metrics_report_routing_statistics_and_gradient_norms():
+    torch.manual_seed(0)
+    model = create_model("em_tiny", iterations=(2, 2, 3))
+    x = torch.rand(2, 1, 32, 32)
+    model(x).activations.sum().backward()
+    assert not any(k.startswith("routing/") for k in model.training_metrics())  # off unless asked for
+    model.record_routing_stats(True)
+    model.zero_grad()
+    model(x).activations.sum().backward()
+    metrics = model.training_metrics()
+    assert "routing/caps1/it2/r_entropy" in metrics and "routing/classes/it3/a_mean" in metrics
+    assert "routing/caps1/it3/r_entropy" not in metrics
+    assert metrics["grad_norm/classes/beta_a"] > 0 and metrics["grad_norm/conv1/weight"] > 0
+    assert all(isinstance(v, float) and v == v for v in metrics.values())

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from em_reference import conv_children, dense_children, reference_em_routing
+from em_reference import autograd_em_routing_dense, conv_children, dense_children, reference_em_routing
 from torch.autograd import gradcheck
 
 from capsnet.routing.em import (
@@ -521,3 +521,37 @@ def test_inputs_of_mixed_dtypes_raise_value_error():
         em_routing(votes, act.float(), beta_a, beta_v, geometry=GEOMETRY)
     with pytest.raises(ValueError, match="beta_v is torch.bfloat16"):
         em_routing(votes, act, beta_a, beta_v.bfloat16(), geometry=GEOMETRY)
+
+
+@pytest.mark.parametrize("truncate", [False, True])
+@pytest.mark.parametrize("activation", ["paper", "centred"])
+def test_dense_gradients_equal_plain_autograd(truncate, activation):
+    """Values and gradients of the replaying backward against plain torch autograd of Procedure 1,
+    with and without ``truncate_gradient`` (the Gaussians each E-step reads as constants)."""
+    votes, act, beta_a, beta_v = _problem(None, types=3, num_patches=2, slots=6, dim=4, seed=13)
+    lambdas = (0.1, 0.2, 0.3)
+    inputs = [t.clone().requires_grad_() for t in (votes, act, beta_a, beta_v)]
+    fast = em_routing(*inputs, iterations=3, schedule=lambdas, activation=activation, truncate_gradient=truncate)
+    plain_inputs = [t.clone().requires_grad_() for t in (votes, act, beta_a, beta_v)]
+    poses, acts = autograd_em_routing_dense(*plain_inputs, lambdas=lambdas, activation=activation, truncate=truncate)
+    torch.testing.assert_close(fast.poses, poses, rtol=0, atol=1e-10)
+    torch.testing.assert_close(fast.activations, acts, rtol=0, atol=1e-10)
+    weights = torch.randn_like(acts), torch.randn_like(poses)
+    fast_grads = torch.autograd.grad((fast.activations * weights[0]).sum() + (fast.poses * weights[1]).sum(), inputs)
+    plain_grads = torch.autograd.grad((acts * weights[0]).sum() + (poses * weights[1]).sum(), plain_inputs)
+    for name, a, b in zip(("votes", "activations", "beta_a", "beta_v"), fast_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10, msg=name)
+
+
+def test_truncated_gradient_differs_from_the_full_one_only_through_earlier_iterations():
+    votes, act, beta_a, beta_v = _problem(None, types=3, num_patches=2, slots=6, dim=4, seed=14)
+    grads = {}
+    for truncate in (False, True):
+        v = votes.clone().requires_grad_()
+        out = em_routing(v, act, beta_a, beta_v, iterations=3, schedule=(0.1, 0.2, 0.3), truncate_gradient=truncate)
+        grads[truncate] = torch.autograd.grad(out.activations.sum(), v)[0]
+    assert not torch.allclose(grads[False], grads[True])
+    one = votes.clone().requires_grad_()
+    single = em_routing(one, act, beta_a, beta_v, iterations=1, schedule=(0.3,), truncate_gradient=True)
+    full_single = em_routing(votes.clone().requires_grad_(), act, beta_a, beta_v, iterations=1, schedule=(0.3,))
+    torch.testing.assert_close(single.activations, full_single.activations, rtol=0, atol=0)  # nothing to truncate

@@ -50,20 +50,24 @@ class MatrixCapsNet(nn.Module):
         conv_channels, primary_types, caps1_types, caps2_types: A, B, C, D of the paper.
         conv_kernel, conv_stride: Conv1 (5, 2); caps_kernel (3), caps1_stride (2), caps2_stride (1).
         conv_padding: zero padding of Conv1 (the paper: 0, VALID). VALID Conv1 and ConvCaps1 on
-            28x28 MNIST leave the last rows and columns of pixels unseen (their gradient is exactly
-            zero); padding 2 makes the 12x12 grid 14x14 and every pixel count.
+            28x28 MNIST leave pixel rows and columns 25-27 unseen (their gradient is exactly zero);
+            padding 1 makes the grids 13 -> 6 -> 4 and every pixel count (padding 2 still misses
+            the last row and column).
         caps_init_std, class_init_std: truncated-normal std of the ConvCaps and class transforms
             (Google's code: 0.3 and 0.01).
+        caps_init: ``"normal"`` (Google's code): ConvCaps transforms are noise of ``caps_init_std``;
+            ``"identity"``: the identity plus that noise, so each vote starts as its child's pose.
         routing_stats: measure routing in every forward pass for the training logs, see
             :meth:`training_metrics` (off by default: it costs a little time).
-        iterations: EM iterations in every routed layer (the paper: 3).
+        iterations: EM iterations in every routed layer (the paper: 3), or a sequence of three:
+            ConvCaps1, ConvCaps2, ClassCaps.
         schedule, final_lambda: inverse-temperature schedule, see
             :func:`~capsnet.routing.em.inverse_temperatures` ("fan_in" default; "linear", "authors").
         activation: how the M-step makes the activation logit, see
             :func:`~capsnet.routing.em.em_routing` ("paper" default; "standardised").
         beta: ``"type"`` or ``"capsule"``, see :class:`~capsnet.layers.matrix.ConvMatCaps`.
         coordinate_addition, coordinate_order: see :func:`~capsnet.layers.matrix.coordinate_offsets`.
-        var_floor, eps, detach_intermediate: passed to :func:`~capsnet.routing.em.em_routing`.
+        var_floor, eps, detach_intermediate, truncate_gradient: passed to :func:`~capsnet.routing.em.em_routing`.
 
     Shape:
         x: ``(B, in_channels, image_size, image_size)`` floats; y: ``(B,)`` labels or None
@@ -86,7 +90,7 @@ class MatrixCapsNet(nn.Module):
         caps_kernel: int = 3,
         caps1_stride: int = 2,
         caps2_stride: int = 1,
-        iterations: int = 3,
+        iterations: Union[int, Sequence[int]] = 3,
         schedule: Union[str, Sequence[float]] = "fan_in",
         final_lambda: Optional[float] = None,
         activation: str = "paper",
@@ -96,8 +100,10 @@ class MatrixCapsNet(nn.Module):
         var_floor: float = VAR_FLOOR,
         eps: float = MASS_EPS,
         detach_intermediate: bool = False,
+        truncate_gradient: bool = False,
         caps_init_std: float = 0.3,
         class_init_std: float = 0.01,
+        caps_init: str = "normal",
         routing_stats: bool = False,
     ):
         super().__init__()
@@ -118,19 +124,28 @@ class MatrixCapsNet(nn.Module):
                 f"image_size {image_size} is too small: Conv1 {conv_kernel}/{conv_stride} then two {caps_kernel}x{caps_kernel} "
                 f"capsule convolutions (strides {caps1_stride}, {caps2_stride}) leave no capsule"
             )
-        routing = dict(iterations=iterations, schedule=schedule, final_lambda=final_lambda, activation=activation,
-                       beta=beta, var_floor=var_floor, eps=eps, detach_intermediate=detach_intermediate)  # fmt: skip
+        per_layer = (iterations,) * 3 if isinstance(iterations, int) else tuple(iterations)
+        if len(per_layer) != 3:
+            raise ValueError(f"iterations must be an int or three ints (ConvCaps1, ConvCaps2, ClassCaps), got {iterations!r}")
+        routing = dict(schedule=schedule, final_lambda=final_lambda, activation=activation,
+                       beta=beta, var_floor=var_floor, eps=eps, detach_intermediate=detach_intermediate,
+                       truncate_gradient=truncate_gradient)  # fmt: skip
         self.conv1 = Conv2d(in_channels, conv_channels, conv_kernel, stride=conv_stride, padding=conv_padding)
         _trunc_normal_(self.conv1.weight.data, 0.05)
         nn.init.constant_(self.conv1.bias, 0.1)
         self.primary = PrimaryMatCaps(conv_channels, primary_types)
         self.caps1 = ConvMatCaps(primary_types, caps1_types, kernel_size=caps_kernel, stride=caps1_stride,
-                                 in_size=(grid0, grid0), init_std=caps_init_std, **routing)  # fmt: skip
+                                 in_size=(grid0, grid0), init_std=caps_init_std, iterations=per_layer[0], **routing)  # fmt: skip
         self.caps2 = ConvMatCaps(caps1_types, caps2_types, kernel_size=caps_kernel, stride=caps2_stride,
-                                 in_size=(grid1, grid1), init_std=caps_init_std, **routing)  # fmt: skip
+                                 in_size=(grid1, grid1), init_std=caps_init_std, iterations=per_layer[1], **routing)  # fmt: skip
         self.classes = ClassMatCaps(caps2_types, num_classes, in_size=(grid2, grid2),
                                     coordinate_addition=coordinate_addition, coordinate_order=coordinate_order,
-                                    init_std=class_init_std, **routing)  # fmt: skip
+                                    init_std=class_init_std, iterations=per_layer[2], **routing)  # fmt: skip
+        if caps_init not in ("normal", "identity"):
+            raise ValueError(f"caps_init must be 'normal' or 'identity', got {caps_init!r}")
+        if caps_init == "identity":  # W = I + noise: votes start as the child poses, the pose scale carries through
+            for layer in (self.caps1, self.caps2):
+                layer.weight.data += torch.eye(4, dtype=layer.weight.dtype)
         self.record_routing_stats(routing_stats)
 
     def forward(self, x: Tensor, y: Optional[Tensor] = None) -> MatrixCapsOutput:

@@ -516,6 +516,7 @@ class _Config(NamedTuple):
     var_floor: float
     eps: float
     detach_intermediate: bool
+    truncate_gradient: bool
     geometry: Optional[ConvGeometry]
     shape: tuple[int, int, int, int, int]  # (I, B, L, J, D)
     keep_r: bool = False  # R of every iteration (for statistics), not only the last
@@ -569,6 +570,8 @@ def _e_step(quadratic, it: int, mu_c: Tensor, var: Tensor, log_var: Tensor, logi
     ``(I, B, L, J)``, the product taken with the per-child factor so it costs no extra pass.
     """
     slots, batch, num_patches, types, dim = cfg.shape
+    if cfg.truncate_gradient:  # the previous iteration's Gaussians and activations are constants here
+        mu_c, var, log_var, logit = mu_c.detach(), var.detach(), log_var.detach(), logit.detach()
     # ln p_ij = -sum_h (V - mu)^2 / (2 sigma^2) - sum_h ln(2 pi sigma^2) / 2, expanded in X = V - c:
     # (V - mu)^2 = X^2 - 2 X (mu - c) + (mu - c)^2, so one read of the votes gives every child's term.
     inv2var = 0.5 / var  # (B, L, J, D)
@@ -737,7 +740,7 @@ class _EMRoutingFunction(torch.autograd.Function):
         outputs_grad = [g_mu, g_a, g_r]
         for it in reversed(range(iters)):
             if all(g is None for g in outputs_grad):
-                break  # detach_intermediate: earlier iterations do not reach the outputs
+                break  # detach_intermediate / truncate_gradient: earlier iterations do not reach the outputs
             # A leaf every replayed read depends on, so autograd runs each read's backward even
             # when no other input needs a gradient.
             anchor = centre.new_zeros((), requires_grad=True)
@@ -844,6 +847,7 @@ def em_routing(
     var_floor: float = VAR_FLOOR,
     eps: float = MASS_EPS,
     detach_intermediate: bool = False,
+    truncate_gradient: bool = False,
     stats: Optional[list] = None,
 ) -> EMRoutingResult:
     """Route child votes to parent Gaussians with EM (Procedure 1 of Hinton et al. 2018).
@@ -885,6 +889,12 @@ def em_routing(
         eps: added to the mass where it divides, see :data:`MASS_EPS`.
         detach_intermediate: stop gradients through the assignments of earlier iterations (a
             common shortcut; the authors "do not use stop gradient"). Default False.
+        truncate_gradient: treat the Gaussians and activations that each E-step reads as
+            constants, so the gradient runs through the last iteration only: its M-step, and its
+            assignments ``R`` as functions of the votes and child activations (unlike
+            ``detach_intermediate``, ``R`` keeps that gradient). Unrolled EM multiplies the
+            gradient by every iteration's Jacobian, which grows it tens of times per iteration
+            here; truncation is a named option, not the paper's choice. Default False.
         stats: a list to append one dict of floats per iteration to (the instruments for
             training logs): ``a_mean``, ``a_std`` of the parent activations; ``var_floor_fraction``,
             the fraction of parent variances within 1% of ``var_floor``; ``r_entropy``, the mean
@@ -930,7 +940,7 @@ def em_routing(
     lambdas = inverse_temperatures(schedule, iterations, final_lambda=final_lambda, fan_in=fan_in)
     if cost_scale is None:
         cost_scale = 100.0 * types / slots if schedule == "authors" else 1.0
-    cfg = _Config(lambdas, activation, float(cost_scale), var_floor, eps, detach_intermediate, geometry,
+    cfg = _Config(lambdas, activation, float(cost_scale), var_floor, eps, detach_intermediate, truncate_gradient, geometry,
                   (slots, batch, num_patches, types, dim), stats is not None)  # fmt: skip
     a_in = rearrange(activations, "b l i -> i b l 1")
     if isinstance(votes, FactoredVotes):
