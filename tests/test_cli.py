@@ -179,6 +179,38 @@ def test_eval_writes_a_non_finite_loss_as_null_with_a_warning(tmp_path, capsys, 
     assert "loss is nan" in caplog.text and "written as null" in caplog.text
 
 
+def test_eval_of_an_empty_split_writes_null_accuracy_and_error(tmp_path, capsys, monkeypatch):
+    import capsnet.train.loop as loop
+    from capsnet.data.base import Split
+
+    load = loop.load_data
+
+    def test_split_emptied(*args, **kwargs):  # a config cannot ask for this (TrainConfig refuses test_size=0)
+        data = load(*args, **kwargs)
+        data.splits["test"] = Split(data.splits["test"].images[:0], data.splits["test"].labels[:0])
+        return data
+
+    monkeypatch.setattr(loop, "load_data", test_split_emptied)
+    assert main(["eval", "--checkpoint", str(_tiny_checkpoint(tmp_path / "best.pt")), "--data", str(tmp_path)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["samples"] == 0 and result["accuracy"] is None and result["error"] is None  # was 0.0 and 1.0
+
+
+@pytest.mark.parametrize("command, where", [("eval", "capsnet.train.evaluate"), ("viz", "capsnet.viz.write_figures")])
+def test_ctrl_c_in_eval_or_viz_exits_130_saying_interrupted(tmp_path, capsys, monkeypatch, command, where):
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(where, ctrl_c)
+    try:
+        code = main([command, "--checkpoint", str(_tiny_checkpoint(tmp_path / "best.pt")), "--data", str(tmp_path)])
+    except KeyboardInterrupt:  # left uncaught, it would stop pytest itself
+        pytest.fail("KeyboardInterrupt escaped capsnet.cli.main (a traceback for the user)")
+    assert code == 130
+    err = capsys.readouterr().err
+    assert err.strip().endswith(f"capsnet {command}: interrupted") and "Traceback" not in err, err
+
+
 # --------------------------------------------------------------------------- options
 
 
@@ -243,6 +275,24 @@ def test_version_is_the_one_pyproject_declares(capsys):
     with pytest.raises(SystemExit) as stop:
         main(["--version"])
     assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"capsnet {declared}"
+
+
+def test_version_is_0_unknown_when_the_package_is_not_installed(monkeypatch):
+    import importlib
+    import importlib.metadata
+
+    import capsnet
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(importlib.metadata, "version", not_installed)
+            assert importlib.reload(capsnet).__version__ == "0+unknown"  # was a second copy of pyproject's version
+    finally:
+        importlib.reload(capsnet)
+    assert capsnet.__version__ == importlib.metadata.version("capsnet")
 
 
 @pytest.mark.parametrize("command", ["eval", "viz"])

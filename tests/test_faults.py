@@ -1,6 +1,9 @@
 """Faults that must leave a run recoverable (issue 14, section 2): each test does the fault to a real run."""
 
+import json
 import logging
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -10,6 +13,7 @@ import torch
 
 import capsnet.train.checkpoint as checkpoint_module
 import capsnet.train.loop as loop
+from capsnet.cli import main
 from capsnet.train import CheckpointError, TrainConfig, load_checkpoint, train
 from capsnet.train.checkpoint import load_latest, rotate_and_save
 from capsnet.train.metrics import MetricsLogger, read_metrics_csv
@@ -283,3 +287,57 @@ def test_ctrl_c_writes_a_resumable_checkpoint(tmp_path, monkeypatch):
     _train(out, resume=True, **cfg)
     a, b = load_checkpoint(tmp_path / "straight" / "last.pt")["model"], load_checkpoint(out / "last.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed run differs from the uninterrupted one"
+
+
+#: ``capsnet`` (the CLI) whose training waits in the forward of step 5, after last.pt got step 4, for a signal.
+WAIT_AT_STEP_5 = textwrap.dedent(
+    """
+    import sys, time
+    import capsnet.train.loop as loop
+    from capsnet.cli import main
+
+    make = loop.create_objective
+
+    def waiting(*args, **kwargs):
+        objective = make(*args, **kwargs)
+        loss = objective.loss
+
+        def loss_or_wait(output, images, labels, step):
+            if step == 4:
+                print("waiting", flush=True)
+                time.sleep(120)
+            return loss(output, images, labels, step)
+
+        objective.loss = loss_or_wait
+        return objective
+
+    loop.create_objective = waiting
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+
+
+def test_sigint_to_the_cli_exits_130_naming_the_step_and_resume_finishes(tmp_path):
+    """A real SIGINT to ``capsnet train``: exit status 130, one line on stderr and no traceback; ``--resume`` ends the run."""
+    out = tmp_path / "run"
+    args = ["train", "--config", str(REPO / "configs" / "mnist.py") + ":smoke", "--out", str(out), "--data", str(tmp_path)]
+    args += ["--no-progress", "--set", "figures=False"]  # smoke: 4 steps per epoch, last.pt every 2 steps
+    with open(tmp_path / "stderr", "w") as stderr:
+        child = subprocess.Popen(
+            [sys.executable, "-c", WAIT_AT_STEP_5, *args], stdout=subprocess.PIPE, stderr=stderr, text=True,
+            env=dict(os.environ, OMP_NUM_THREADS="1"),
+        )
+        try:
+            assert child.stdout.readline().strip() == "waiting"
+            child.send_signal(signal.SIGINT)
+            code = child.wait(timeout=60)
+        finally:
+            child.kill()
+            child.wait()
+    err = (tmp_path / "stderr").read_text()
+    assert code == 130 and "Traceback" not in err, err  # was a KeyboardInterrupt traceback, killed by SIGINT
+    assert err.strip().splitlines()[-1] == (
+        f"capsnet train: training interrupted at step 4: {out / 'last.pt'} holds step 4; rerun with --resume to continue"
+    )
+    assert main([*args, "--resume"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 8

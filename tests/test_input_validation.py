@@ -1,20 +1,27 @@
 """Bad input refused at the boundary, before any run directory exists: config values, config files.
 
-Also the documented behaviour of a non-finite pixel in the DFT convolution, which does not refuse it.
+Also checkpoints that hold no model capsnet can rebuild, splits of 0 samples that get past
+the config (defence in depth), and the documented behaviour of a non-finite pixel in the
+DFT convolution, which does not refuse it.
 """
 
 from __future__ import annotations
 
 import ast
+import logging
 import math
 
 import pytest
 import torch
 
-from capsnet import list_models
+import capsnet.train.loop as loop
+from capsnet import create_model, list_models
 from capsnet.cli import main
+from capsnet.data.base import Split
 from capsnet.models.registry import _MODELS
-from capsnet.train import TrainConfig, load_config
+from capsnet.train import (
+    CheckpointError, TrainConfig, create_objective, evaluate, load_checkpoint, load_config, load_model, save_checkpoint, train,
+)
 from capsnet.validation import keyword_hints
 
 from conftest import REPO, TINY
@@ -101,6 +108,72 @@ def test_empty_validation_or_test_split_is_refused_before_the_run(tmp_path, caps
 def test_eval_refuses_an_empty_split_by_config_too():
     with pytest.raises(ValueError, match="test_size"):
         TrainConfig.from_dict(dict(TINY, dataset_kwargs=dict(TINY["dataset_kwargs"], test_size=0)))
+
+
+def _emptied(monkeypatch, split):
+    """``load_data``, as train() and the CLI call it, with ``split`` cut to 0 samples: data a config cannot ask for."""
+    load = loop.load_data
+
+    def emptied(*args, **kwargs):
+        data = load(*args, **kwargs)
+        whole = data.splits[split]
+        data.splits[split] = Split(whole.images[:0], whole.labels[:0])
+        return data
+
+    monkeypatch.setattr(loop, "load_data", emptied)
+
+
+def test_evaluate_of_an_empty_split_reports_no_accuracy_or_loss(monkeypatch, tmp_path, caplog):
+    _emptied(monkeypatch, "test")
+    cfg = TrainConfig(**TINY)
+    data = loop.load_data(cfg, tmp_path, False)
+    with caplog.at_level(logging.WARNING, logger="capsnet"):
+        result = evaluate(create_model("capsnet_tiny"), data, "test", create_objective(cfg.objective, **cfg.objective_kwargs))
+    assert result == {"accuracy": None, "loss": None, "samples": 0}  # was accuracy 0.0 on 0 samples
+    assert "the test split has 0 samples" in caplog.text
+
+
+def test_training_with_an_empty_validation_split_keeps_the_last_step_as_best(monkeypatch, tmp_path):
+    _emptied(monkeypatch, "val")
+    summary = train(TrainConfig(**TINY), data_root=tmp_path, out_dir=tmp_path / "run", progress=False)
+    assert summary["best_step"] == summary["steps"] == 9  # was frozen at the first validation (step 3)
+    assert load_checkpoint(tmp_path / "run" / "best.pt")["step"] == 9 and 0.0 <= summary["test_accuracy"] <= 1.0
+
+
+def test_training_with_an_empty_test_split_reports_no_test_accuracy(monkeypatch, tmp_path):
+    _emptied(monkeypatch, "test")
+    summary = train(TrainConfig(**TINY), data_root=tmp_path, out_dir=tmp_path / "run", progress=False)
+    assert summary["test_accuracy"] is None and summary["test_error"] is None and summary["test_samples"] == 0
+
+
+# --------------------------------------------------------------------------- checkpoints that hold no model
+
+
+def _tiny_checkpoint(path, **change):
+    """A capsnet checkpoint of an untrained ``capsnet_tiny``; ``change`` edits its payload (None drops a key)."""
+    payload = dict(config=TrainConfig(**TINY).to_dict(), model=create_model("capsnet_tiny").state_dict())
+    payload.update(change)
+    return save_checkpoint({k: v for k, v in payload.items() if v is not None}, path)
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        (dict(config=None), "KeyError: 'config'"),
+        (dict(model=None), "KeyError: 'model'"),
+        (dict(config=[1, 2]), "TypeError"),
+        (dict(model=[1, 2]), "TypeError"),
+        (dict(config=dict(TrainConfig(**TINY).to_dict(), model="capsnet_nope")), "ValueError: unknown model 'capsnet_nope'"),
+        (dict(model=lambda: create_model("capsnet_tiny", class_dim=4).state_dict()), "size mismatch for digits.weight"),
+        (dict(config=lambda: TrainConfig(**dict(TINY, model="em_tiny")).to_dict()), "Error(s) in loading state_dict for MatrixCapsNet"),
+    ],
+    ids=["no_config", "no_model", "config_not_a_dict", "model_not_a_dict", "unknown_model", "other_weights", "crafted_config"],
+)
+def test_load_model_of_a_checkpoint_without_a_rebuildable_model_raises_checkpoint_error(tmp_path, change, reason):
+    path = _tiny_checkpoint(tmp_path / "best.pt", **{k: v() if callable(v) else v for k, v in change.items()})
+    with pytest.raises(CheckpointError) as refused:  # was KeyError, TypeError, ValueError or RuntimeError
+        load_model(path)
+    assert f"checkpoint {path} holds no model capsnet can rebuild (" in str(refused.value) and reason in str(refused.value)
 
 
 # --------------------------------------------------------------------------- config files

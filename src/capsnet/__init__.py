@@ -1,10 +1,15 @@
 """capsnet: capsule networks for PyTorch (dynamic routing and EM routing)."""
 
+from importlib import metadata as _metadata
+
 from .functional import margin_loss, reconstruction_loss, safe_norm, spread_loss, squash
 from .models import create_model, list_models, register_model
 from .routing import EMRoutingResult, RoutingResult, dynamic_routing, em_routing
 
-__version__ = "0.1.0"
+try:  # pyproject.toml's static version is the one source; installing writes it into the metadata
+    __version__ = _metadata.version("capsnet")
+except _metadata.PackageNotFoundError:  # a source tree on sys.path that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "EMRoutingResult",

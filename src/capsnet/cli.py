@@ -58,39 +58,15 @@ def _data_overrides(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _load_model(path, device: str):
-    """:func:`~capsnet.train.load_model`, with a checkpoint that holds no model capsnet can rebuild as a CheckpointError naming it.
-
-    A valid capsnet file can still lack its ``config`` or ``model``, or hold weights of another
-    model than its config names: ``load_model`` then fails with KeyError, TypeError or
-    ``load_state_dict``'s RuntimeError, none of which says which file is at fault.
-    """
-    from .train import CheckpointError
-    from .train.loop import load_model
-
-    try:
-        return load_model(path, device=device)
-    except CheckpointError:
-        raise
-    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
-        if isinstance(exc, RuntimeError) and not str(exc).startswith("Error(s) in loading state_dict"):
-            raise  # out of memory, a device error: not the file's fault
-        reason = " ".join(line.strip() for line in str(exc).strip().splitlines()[:2])[:300]  # load_state_dict's detail is line 2
-        raise CheckpointError(
-            f"checkpoint {path} holds no model capsnet can rebuild ({type(exc).__name__}: {reason}); use a best.pt or last.pt "
-            "written by capsnet train, unchanged"
-        ) from exc
-
-
 def _checkpoint_model(args):
     """The model and config of ``args.checkpoint``, with ``--set`` data overrides applied."""
-    from .train import TrainConfig
+    from .train import TrainConfig, load_model
     from .train.config import apply_overrides
 
     for item in args.overrides:
         if item.partition("=")[0].split(".")[0] not in DATA_KEYS:
             raise ValueError(f"--set {item!r}: {args.command} may only override {', '.join(DATA_KEYS)}; the model is fixed by the checkpoint")
-    model, cfg, _ = _load_model(args.checkpoint, args.device)
+    model, cfg, _ = load_model(args.checkpoint, device=args.device)
     return model, TrainConfig.from_dict(apply_overrides(cfg.to_dict(), args.overrides))
 
 
@@ -232,13 +208,16 @@ def main(argv: list[str] | None = None) -> int:
         if exc.errno not in PATH_ERRNOS:
             raise
         return refuse(exc)
+    except KeyboardInterrupt as exc:  # Ctrl-C: train() has saved what it could and says how to go on
+        print(f"capsnet {args.command}: {str(exc) or 'interrupted'}", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports a process that Ctrl-C stopped
     finally:
         if distributed:
             torch.distributed.destroy_process_group()
 
 
 def _train(args) -> int:
-    from .train import load_config, train
+    from .train import load_config, load_model, train
     from .train.loop import BEST
     from .viz import write_figures
 
@@ -252,7 +231,7 @@ def _train(args) -> int:
         return 0  # rank 0 reports and draws
     written = []
     if cfg.figures:
-        model, cfg, _ = _load_model(out / BEST, args.device)
+        model, cfg, _ = load_model(out / BEST, device=args.device)
         written = write_figures(model, _load_data(cfg, args), out / "figures", metrics_csv=out / "metrics.csv", device=args.device)
     print(json.dumps(summary, indent=2))
     print(f"run directory: {out}")
@@ -269,7 +248,8 @@ def _eval(args) -> int:
     model, cfg = _checkpoint_model(args)
     data = _checked_data(model, cfg, args)
     result = evaluate(model, data, args.split, create_objective(cfg.objective, **cfg.objective_kwargs), batch_size=cfg.eval_batch_size, device=args.device)
-    result.update(checkpoint=str(args.checkpoint), dataset=cfg.dataset, split=args.split, error=1 - result["accuracy"])
+    error = None if result["accuracy"] is None else 1 - result["accuracy"]  # None: the split has no samples
+    result.update(checkpoint=str(args.checkpoint), dataset=cfg.dataset, split=args.split, error=error)
     text = json.dumps(_finite_or_null(result), indent=2, allow_nan=False)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -21,8 +21,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from ..data import ExperimentData, load_dataset
 from ..models import create_model
 from .checkpoint import (
-    DAMAGED, DamagedCheckpointError, atomic_write, load_checkpoint, load_latest, remove_temporary_files, rotate_and_save, run_lock,
-    save_checkpoint, set_aside_damaged,
+    DAMAGED, CheckpointError, DamagedCheckpointError, atomic_write, load_checkpoint, load_latest, remove_temporary_files, rotate_and_save,
+    run_lock, save_checkpoint, set_aside_damaged,
 )
 from .config import AMP_DTYPES, EPOCH_SEED_STRIDE, TrainConfig
 from .distributed import Dist
@@ -157,7 +157,9 @@ def evaluate(
 ) -> dict:
     """Accuracy and mean loss of ``model`` on every sample of ``split``, without augmentation.
 
-    Under ``torch.distributed`` each rank evaluates every ``world``-th batch and the counts are summed.
+    Returns ``{"accuracy", "loss", "samples"}``; on a split of 0 samples accuracy and loss are
+    None (with a warning), not 0.0. Under ``torch.distributed`` each rank evaluates every
+    ``world``-th batch and the counts are summed.
     """
     dist = dist or Dist()
     was_training = model.training
@@ -173,7 +175,10 @@ def evaluate(
         total += len(labels)
     correct, total, loss_sum = dist.sum([correct, total, loss_sum], device=device)
     model.train(was_training)
-    return {"accuracy": correct / max(total, 1), "loss": loss_sum / max(total, 1), "samples": int(total)}
+    if not total:  # an accuracy of 0.0 would read as a result; TrainConfig refuses empty splits, other data may not
+        log.warning("the %s split has 0 samples: no accuracy or loss to report (None)", split)
+        return {"accuracy": None, "loss": None, "samples": 0}
+    return {"accuracy": correct / total, "loss": loss_sum / total, "samples": int(total)}
 
 
 def _rng_state(generator: torch.Generator) -> dict:
@@ -215,11 +220,26 @@ def _check_numerics(saved: Optional[dict], path: Path) -> None:
 
 
 def load_model(checkpoint: str | Path, device="cpu") -> tuple[torch.nn.Module, TrainConfig, dict]:
-    """Rebuild the model of a checkpoint with its weights; returns (model, config, checkpoint dict)."""
+    """Rebuild the model of a checkpoint with its weights; returns (model, config, checkpoint dict).
+
+    A file that loads (its SHA-256 matches) can still hold no model capsnet can rebuild: no
+    ``config`` or ``model``, a config that is not a dict, or weights of another model than its
+    config names (a crafted config). That is a :class:`CheckpointError` naming the file, not
+    the KeyError, TypeError or ``load_state_dict`` RuntimeError it would otherwise be.
+    """
     ckpt = load_checkpoint(checkpoint, map_location=device)
-    cfg = TrainConfig.from_dict(ckpt["config"])
-    model = create_model(cfg.model, **cfg.model_kwargs).to(device)
-    model.load_state_dict(ckpt["model"])
+    try:
+        cfg = TrainConfig.from_dict(ckpt["config"])
+        model = create_model(cfg.model, **cfg.model_kwargs).to(device)
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and not str(exc).startswith("Error(s) in loading state_dict"):
+            raise  # out of memory, a device error: not the file's fault
+        reason = " ".join(line.strip() for line in str(exc).strip().splitlines()[:2])[:300]  # load_state_dict's detail is line 2
+        raise CheckpointError(
+            f"checkpoint {checkpoint} holds no model capsnet can rebuild ({type(exc).__name__}: {reason}); use a best.pt or last.pt "
+            "written by capsnet train, unchanged"
+        ) from exc
     model.eval()
     return model, cfg, ckpt
 
@@ -537,11 +557,12 @@ class _Run:
     def validate(self) -> None:
         cfg, state = self.cfg, self.state
         result = evaluate(self.model, self.data, "val", self.objective, batch_size=cfg.eval_batch_size, device=self.device, step=state.step, dist=self.dist)
-        if result["accuracy"] > state.best_val_accuracy:
-            state.best_val_accuracy, state.best_step = result["accuracy"], state.step
+        accuracy = result["accuracy"]  # None without validation samples (evaluate warned): best.pt then follows the last step
+        if accuracy is None or accuracy > state.best_val_accuracy:
+            state.best_val_accuracy, state.best_step = state.best_val_accuracy if accuracy is None else accuracy, state.step
             if self.dist.is_main:
                 save_checkpoint({"config": cfg.to_dict(), "model": self.model.state_dict(), "step": state.step, "val": result}, self.out / BEST)
-        if self.dist.is_main:
+        if self.dist.is_main and accuracy is not None:
             self.logger.log(state.step, {"val/accuracy": result["accuracy"], "val/loss": result["loss"]})
             log.info("step %d: validation accuracy %.4f (best %.4f at step %d)", state.step, result["accuracy"], state.best_val_accuracy, state.best_step)
         state.validated_step = state.step
@@ -589,8 +610,9 @@ class _Run:
             self.dist.barrier()  # best.pt is complete on disk before any rank reads it
             best, _, _ = load_model(self.out / BEST, device=self.device)
             result = evaluate(best, self.data, "test", self.objective, batch_size=cfg.eval_batch_size, device=self.device, step=state.step, dist=self.dist)
-            summary.update(test_accuracy=result["accuracy"], test_error=1 - result["accuracy"], test_samples=result["samples"])
-            if self.dist.is_main:
+            accuracy = result["accuracy"]  # None without test samples
+            summary.update(test_accuracy=accuracy, test_error=None if accuracy is None else 1 - accuracy, test_samples=result["samples"])
+            if self.dist.is_main and accuracy is not None:
                 self.logger.log(state.step, {"test/accuracy": result["accuracy"]})
         if self.dist.is_main:
             atomic_write(self.out / SUMMARY, (json.dumps(summary, indent=2) + "\n").encode())
