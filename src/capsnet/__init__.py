@@ -5,6 +5,7 @@ from importlib import metadata as _metadata
 from .functional import margin_loss, reconstruction_loss, safe_norm, spread_loss, squash
 from .models import create_model, list_models, register_model
 from .routing import EMRoutingResult, RoutingResult, dynamic_routing, em_routing
+from .routing import SelfAttentionRoutingResult, self_attention_routing
 
 try:  # pyproject.toml's static version is the one source; installing writes it into the metadata
     __version__ = _metadata.version("capsnet")
@@ -14,6 +15,7 @@ except _metadata.PackageNotFoundError:  # a source tree on sys.path that was nev
 __all__ = [
     "EMRoutingResult",
     "RoutingResult",
+    "SelfAttentionRoutingResult",
     "create_model",
     "dynamic_routing",
     "em_routing",
@@ -22,6 +24,7 @@ __all__ = [
     "reconstruction_loss",
     "register_model",
     "safe_norm",
+    "self_attention_routing",
     "spread_loss",
     "squash",
 ]

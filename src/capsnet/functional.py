@@ -56,8 +56,13 @@ def safe_norm(x: Tensor, dim: int = -1, keepdim: bool = False, *, eps: float = N
     return norm if keepdim else norm.squeeze(dim)
 
 
-def squash(s: Tensor, dim: int = -1, *, eps: float = 0.0) -> Tensor:
-    """Squash non-linearity, Eq. 1 of Sabour et al. 2017.
+#: ``squash(kind=...)``: ``"sabour"`` is Eq. 1 of Sabour et al. 2017, ``"efficient"`` the squash of
+#: Efficient-CapsNet (Mazzia, Salvetti & Chiaberge 2021, Methods: primary capsules).
+SQUASH_KINDS = ("sabour", "efficient")
+
+
+def squash(s: Tensor, dim: int = -1, *, eps: float = 0.0, kind: str = "sabour") -> Tensor:
+    """Squash non-linearity, Eq. 1 of Sabour et al. 2017 (``kind="efficient"``: Mazzia et al. 2021).
 
     ``v = |s|^2 / (1 + |s|^2) * s / |s|``: short vectors shrink to almost zero,
     long ones to just below unit length; the direction is kept. Exact to rounding for
@@ -68,9 +73,16 @@ def squash(s: Tensor, dim: int = -1, *, eps: float = 0.0) -> Tensor:
     code uses: it bends Eq. 1 for ``|s|`` up to about ``sqrt(eps)`` (1e-8: 29% low at
     ``|s| = 1e-4``), so the default is 0, the paper's formula.
 
+    ``kind="efficient"``: ``v = (1 - 1 / exp(|s|)) s / |s|`` of Efficient-CapsNet (Mazzia,
+    Salvetti & Chiaberge 2021), see :func:`_squash_efficient`; ``eps`` means the same there.
+
     Shape:
         s: ``(..., D, ...)`` with the capsule dimension at ``dim``; returns the same shape.
     """
+    if kind != "sabour":
+        if kind not in SQUASH_KINDS:
+            raise ValueError(f"squash kind must be one of {SQUASH_KINDS}, got {kind!r}")
+        return _squash_efficient(s, dim, eps=eps)
     # Eq. 1 in t = s / m, m = max(1, max |s|): with |s|^2 = m^2 |t|^2 the m^2 cancels,
     # v = |t|^2 / ((m^-2 + |t|^2) sqrt(|t|^2 + eps m^-2)) t. Unscaled, |s|^3 overflows
     # from |s| > 7e12 in float32 and the capsule came out 0 (inf / inf = NaN from 1.8e19).
@@ -86,6 +98,29 @@ def squash(s: Tensor, dim: int = -1, *, eps: float = 0.0) -> Tensor:
     nonzero = r2 > 0
     scale = sq / ((inv_m2 + sq) * torch.sqrt(torch.where(nonzero, r2, 1.0)))
     return torch.where(nonzero, scale, 0.0) * t
+
+
+def _squash_efficient(s: Tensor, dim: int, *, eps: float) -> Tensor:
+    """``v = (1 - 1 / e^{|s|}) s / |s|``, the squash of Mazzia et al. 2021, exact to rounding.
+
+    The factor ``g(|s|) = (1 - e^{-|s|}) / |s|`` is written ``-expm1(-|s|) / |s|``: for
+    small ``|s|`` ``1 - e^{-|s|}`` cancels to nothing in floating point, ``expm1`` does not.
+    ``g -> 1`` as ``s -> 0``, so ``v ~ s`` there: ``squash(0) = 0`` with the identity as its
+    Jacobian (not 0 as for Eq. 1 of Sabour et al., which is second order at 0). Large norms
+    give ``e^{-|s|} = 0`` and ``v = s / |s|``, length 1, with no overflow (same scaling by
+    ``m = max(1, max |s|)`` as Eq. 1).
+    """
+    m = _overflow_scale(s, dim)
+    t = s / m
+    r2 = t.pow(2).sum(dim=dim, keepdim=True) + eps * m.reciprocal().square()  # |t|^2 (+ eps / m^2)
+    # The guard sits at the 0/0, r2 = 0 (s = 0, or |s|^2 below the smallest subnormal), and
+    # only there: the square root sees 1 instead of 0 (its infinite slope would meet a zero
+    # upstream gradient, 0 * inf = NaN) and the factor takes its limit, g(0) = 1, i.e. m per
+    # unit of t (v = g(|s|) s = g m t).
+    nonzero = r2 > 0
+    r_t = torch.sqrt(torch.where(nonzero, r2, 1.0))  # |s| / m
+    scale = -torch.expm1(-m * r_t) / r_t  # (1 - e^{-|s|}) / |s| * m
+    return torch.where(nonzero, scale, m) * t
 
 
 def _targets_as_float(targets: Tensor, num_classes: int, like: Tensor) -> Tensor:

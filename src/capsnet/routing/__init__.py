@@ -2,5 +2,7 @@
 
 from .dynamic import RoutingResult, dynamic_routing
 from .em import EMRoutingResult, em_routing
+from .self_attention import SelfAttentionRoutingResult, self_attention_routing
 
 __all__ = ["EMRoutingResult", "RoutingResult", "dynamic_routing", "em_routing"]
+__all__ += ["SelfAttentionRoutingResult", "self_attention_routing"]
