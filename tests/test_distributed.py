@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from capsnet.train import TrainConfig, load_checkpoint, train
+from capsnet.train.checkpoint import CheckpointError, load_latest
 
 from conftest import REPO
 
@@ -78,6 +79,18 @@ KILLABLE = textwrap.dedent(
 )
 
 
+def _saved_step(run) -> int:
+    """The step of the newest complete checkpoint in ``run`` (-1 when there is none yet).
+
+    The trainer may be writing or rotating at this very moment, so a file can vanish between
+    listing and reading: that counts as "not yet"."""
+    try:
+        found = load_latest(run / "last.pt")
+    except (FileNotFoundError, CheckpointError):
+        return -1
+    return -1 if found is None else found[0]["progress"]["step"]
+
+
 def _train_in_child(out, *, threads="1"):
     """Train TINY in a fresh process under ``threads`` OpenMP threads (resuming from ``out`` if it holds a run)."""
     out.mkdir(exist_ok=True)
@@ -97,13 +110,13 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", KILLABLE.format(cfg=TINY), str(killed)], env=_env())
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if (killed / "last.pt").exists() and load_checkpoint(killed / "last.pt")["progress"]["step"] >= 5:
+        if _saved_step(killed) >= 5:
             break
         time.sleep(0.05)
     assert proc.poll() is None, "training finished before it could be killed; make it longer"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    stopped_at = load_checkpoint(killed / "last.pt")["progress"]["step"]
+    stopped_at = _saved_step(killed)  # the kill may land mid-rotation: last.pt or last.1.pt holds it
     assert 5 <= stopped_at < 60
 
     _train_in_child(killed)
