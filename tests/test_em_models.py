@@ -302,3 +302,10 @@ def test_training_metrics_report_routing_statistics_and_gradient_norms():
     assert "routing/caps1/it3/r_entropy" not in metrics
     assert metrics["grad_norm/classes/beta_a"] > 0 and metrics["grad_norm/conv1/weight"] > 0
     assert all(isinstance(v, float) and v == v for v in metrics.values())
+
+
+def test_conv_norm_adds_a_batch_norm_after_conv1():
+    plain, normed = create_model("em_mnist"), create_model("em_mnist", conv_norm=True)
+    assert _count(normed) - _count(plain) == 2 * plain.conv1.out_channels  # BN's weight and bias
+    out = normed(torch.rand(3, 1, 28, 28))
+    assert torch.isfinite(out.activations).all()

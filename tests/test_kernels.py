@@ -108,19 +108,24 @@ def _conv_problem(dtype=F32, seed=3, batch=2):
     return geometry, poses, matrices, act, beta_a, beta_v
 
 
-def _route(flag, poses, matrices, act, beta_a, beta_v, geometry):
+def _route(flag, poses, matrices, act, beta_a, beta_v, geometry, **options):
     kernels.set_enabled(flag)
     p, m = poses.clone().requires_grad_(), matrices.clone().requires_grad_()
-    out = em_routing(FactoredVotes(p, _block_weight(m), None, m), act, beta_a, beta_v, geometry=geometry)
+    out = em_routing(FactoredVotes(p, _block_weight(m), None, m), act, beta_a, beta_v, geometry=geometry, **options)
     (out.poses.square().sum() + out.activations.sum()).backward()
     return (*out, p.grad, m.grad)
 
 
-def test_compiled_routing_matches_eager_routing_values_and_gradients():
+OPTIONS = [{}, dict(activation="centred"), dict(activation="standardised", schedule="linear"),
+           dict(activation="centred", truncate_gradient=True)]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(map(str, o.values())) or "paper")
+def test_compiled_routing_matches_eager_routing_values_and_gradients(options):
     geometry, poses, matrices, act, beta_a, beta_v = _conv_problem()
-    reference = _route(False, *(t.double() for t in (poses, matrices, act, beta_a, beta_v)), geometry)
-    eager = _route(False, poses, matrices, act, beta_a, beta_v, geometry)
-    compiled = _route(True, poses, matrices, act, beta_a, beta_v, geometry)
+    reference = _route(False, *(t.double() for t in (poses, matrices, act, beta_a, beta_v)), geometry, **options)
+    eager = _route(False, poses, matrices, act, beta_a, beta_v, geometry, **options)
+    compiled = _route(True, poses, matrices, act, beta_a, beta_v, geometry, **options)
     for name, c, e, ref in zip(("poses", "activations", "assignments", "d poses", "d matrices"), compiled, eager, reference):
         # The compiled float32 routing is as close to the float64 routing as the eager float32 one.
         err_c, err_e = (c.double() - ref).abs().max().item(), (e.double() - ref).abs().max().item()

@@ -53,6 +53,7 @@ class MatrixCapsNet(nn.Module):
             28x28 MNIST leave pixel rows and columns 25-27 unseen (their gradient is exactly zero);
             padding 1 makes the grids 13 -> 6 -> 4 and every pixel count (padding 2 still misses
             the last row and column).
+        conv_norm: batch norm between Conv1 and its ReLU (not in the paper; yl-1993's PyTorch code).
         caps_init_std, class_init_std: truncated-normal std of the ConvCaps and class transforms
             (Google's code: 0.3 and 0.01).
         caps_init: ``"normal"`` (Google's code): ConvCaps transforms are noise of ``caps_init_std``;
@@ -87,6 +88,7 @@ class MatrixCapsNet(nn.Module):
         conv_kernel: int = 5,
         conv_stride: int = 2,
         conv_padding: int = 0,
+        conv_norm: bool = False,
         caps_kernel: int = 3,
         caps1_stride: int = 2,
         caps2_stride: int = 1,
@@ -133,6 +135,7 @@ class MatrixCapsNet(nn.Module):
         self.conv1 = Conv2d(in_channels, conv_channels, conv_kernel, stride=conv_stride, padding=conv_padding)
         _trunc_normal_(self.conv1.weight.data, 0.05)
         nn.init.constant_(self.conv1.bias, 0.1)
+        self.conv_norm = nn.BatchNorm2d(conv_channels) if conv_norm else nn.Identity()
         self.primary = PrimaryMatCaps(conv_channels, primary_types)
         self.caps1 = ConvMatCaps(primary_types, caps1_types, kernel_size=caps_kernel, stride=caps1_stride,
                                  in_size=(grid0, grid0), init_std=caps_init_std, iterations=per_layer[0], **routing)  # fmt: skip
@@ -152,7 +155,7 @@ class MatrixCapsNet(nn.Module):
         check_images(x, self.in_channels, (self.image_size, self.image_size), dtype=self.conv1.weight.dtype)
         if y is not None:
             check_labels(y, x.shape[0], self.num_classes)
-        primary = self.primary(torch.relu_(self.conv1(x)))  # poses (B, 14, 14, B_types, 4, 4)
+        primary = self.primary(torch.relu_(self.conv_norm(self.conv1(x))))  # poses (B, 14, 14, B_types, 4, 4)
         caps1 = self.caps1(primary.poses, primary.activations)  # (B, 6, 6, C, 4, 4)
         caps2 = self.caps2(caps1.poses, caps1.activations)  # (B, 4, 4, D, 4, 4)
         out = self.classes(caps2.poses, caps2.activations)  # (B, J, 4, 4)
