@@ -272,7 +272,7 @@ def test_valid_conv1_leaves_the_last_pixels_unseen_and_padding_sees_them():
 
 def test_identity_init_makes_each_vote_start_near_its_child_pose():
     torch.manual_seed(0)
-    model = create_model("em_mnist", caps_init="identity", caps_init_std=0.1)
+    model = create_model("em_mnist")  # TRAINABLE: identity plus noise of std 0.1
     for layer in (model.caps1, model.caps2):
         deviation = layer.weight.data - torch.eye(4)
         assert deviation.abs().max() <= 0.2 + 1e-6 and deviation.std() > 0.05  # I + truncated N(0, 0.1)
@@ -309,3 +309,15 @@ def test_conv_norm_adds_a_batch_norm_after_conv1():
     assert _count(normed) - _count(plain) == 2 * plain.conv1.out_channels  # BN's weight and bias
     out = normed(torch.rand(3, 1, 28, 28))
     assert torch.isfinite(out.activations).all()
+
+
+def test_builders_default_to_the_trainable_parametrisation_and_paper_is_one_keyword_away():
+    from capsnet.models.em import PAPER, TRAINABLE
+
+    for name in EM_MODELS:
+        model = create_model(name)
+        assert model.caps1.activation == TRAINABLE["activation"]
+        paper = create_model(name, **PAPER)
+        assert (paper.caps1.activation, paper.classes.activation) == ("paper", "paper")
+        assert paper.caps1.weight.diagonal(dim1=-2, dim2=-1).mean().abs() < 0.1  # no identity in the paper's init
+    assert MatrixCapsNet().caps1.activation == "paper"  # the class itself is the paper's
