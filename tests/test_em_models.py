@@ -321,3 +321,23 @@ def test_builders_default_to_the_trainable_parametrisation_and_paper_is_one_keyw
         assert (paper.caps1.activation, paper.classes.activation) == ("paper", "paper")
         assert paper.caps1.weight.diagonal(dim1=-2, dim2=-1).mean().abs() < 0.1  # no identity in the paper's init
     assert MatrixCapsNet().caps1.activation == "paper"  # the class itself is the paper's
+
+
+def test_checkpoints_from_before_the_trainable_default_load_with_the_paper_parametrisation(tmp_path):
+    from capsnet.train import TrainConfig, load_checkpoint, train
+    from capsnet.train.checkpoint import CheckpointError, save_checkpoint
+    from capsnet.train.loop import load_model
+
+    cfg = TrainConfig(model="em_tiny", model_kwargs=dict(iterations=2, image_size=28, num_classes=10), dataset="synthetic",
+                      dataset_kwargs=dict(train_size=16, val_size=8, test_size=8, image_size=28, num_classes=10),
+                      objective="spread", batch_size=8, epochs=1, figures=False)
+    train(cfg, data_root=tmp_path, out_dir=tmp_path / "run", progress=False, final_test=False)
+    new = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert new["format"] == 2 and load_model(tmp_path / "run" / "best.pt")[0].caps1.activation == "centred"
+    old = {k: v for k, v in new.items() if k not in ("format", "numerics")}  # what session 5 wrote
+    save_checkpoint(old, tmp_path / "old.pt")
+    model, _, _ = load_model(tmp_path / "old.pt")
+    assert (model.caps1.activation, model.classes.activation) == ("paper", "paper")
+    save_checkpoint(old, tmp_path / "run" / "last.pt")
+    with pytest.raises(CheckpointError, match="model_kwargs.activation=paper"):
+        train(cfg, data_root=tmp_path, out_dir=tmp_path / "run", progress=False, final_test=False, resume=True)

@@ -32,7 +32,7 @@ from ..routing.em import MASS_EPS, VAR_FLOOR
 from .registry import register_model
 from .validation import check_images, check_labels
 
-__all__ = ["MatrixCapsNet", "MatrixCapsOutput", "PAPER", "TRAINABLE", "em_full", "em_mnist", "em_small", "em_tiny"]
+__all__ = ["EM_BUILDERS", "MatrixCapsNet", "MatrixCapsOutput", "PAPER", "TRAINABLE", "em_full", "em_mnist", "em_small", "em_tiny"]
 
 #: The paper's parametrisation: Procedure 1's ``a_j = logistic(lambda (beta_a - sum_h cost^h))``
 #: and ConvCaps transforms of Google's release (truncated normal, std 0.3).
@@ -46,6 +46,10 @@ PAPER = dict(activation="paper", caps_init="normal", caps_init_std=0.3)
 #: blind and each extra EM iteration makes that worse; identity-plus-noise transforms keep the
 #: pose scale (3 iterations: 71.5% -> 90.7% validation after 300 steps).
 TRAINABLE = dict(activation="centred", caps_init="identity", caps_init_std=0.1)
+
+#: The registered builders that apply :data:`TRAINABLE` (checkpoints written before they did
+#: are rebuilt with :data:`PAPER`, see ``capsnet.train.loop.checkpoint_model_kwargs``).
+EM_BUILDERS = ("em_small", "em_full", "em_mnist", "em_tiny")
 
 
 def _build(defaults: dict, overrides: dict) -> "MatrixCapsNet":

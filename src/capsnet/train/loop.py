@@ -20,6 +20,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..data import ExperimentData, load_dataset
 from ..models import create_model
+from ..models.em import EM_BUILDERS, PAPER
 from .checkpoint import (
     DAMAGED, CheckpointError, DamagedCheckpointError, atomic_write, load_checkpoint, load_latest, remove_temporary_files, rotate_and_save,
     run_lock, save_checkpoint, set_aside_damaged,
@@ -219,6 +220,23 @@ def _check_numerics(saved: Optional[dict], path: Path) -> None:
         )
 
 
+#: Written into every checkpoint. 2: the EM builders (em_small, em_full, em_mnist, em_tiny) build
+#: ``capsnet.models.em.TRAINABLE`` unless told otherwise; checkpoints without the key (format 1)
+#: were trained with the paper's parametrisation, which :func:`checkpoint_model_kwargs` restores.
+CHECKPOINT_FORMAT = 2
+
+
+def checkpoint_model_kwargs(cfg: TrainConfig, ckpt: dict) -> dict:
+    """The model keywords that rebuild the model a checkpoint was trained as.
+
+    Format-1 checkpoints of the EM builders get :data:`capsnet.models.em.PAPER` under their own
+    keywords (the builders' defaults then); everything else is ``cfg.model_kwargs`` unchanged.
+    """
+    if ckpt.get("format", 1) < 2 and cfg.model in EM_BUILDERS:
+        return {**PAPER, **cfg.model_kwargs}
+    return dict(cfg.model_kwargs)
+
+
 def load_model(checkpoint: str | Path, device="cpu") -> tuple[torch.nn.Module, TrainConfig, dict]:
     """Rebuild the model of a checkpoint with its weights; returns (model, config, checkpoint dict).
 
@@ -230,7 +248,7 @@ def load_model(checkpoint: str | Path, device="cpu") -> tuple[torch.nn.Module, T
     ckpt = load_checkpoint(checkpoint, map_location=device)
     try:
         cfg = TrainConfig.from_dict(ckpt["config"])
-        model = create_model(cfg.model, **cfg.model_kwargs).to(device)
+        model = create_model(cfg.model, **checkpoint_model_kwargs(cfg, ckpt)).to(device)
         model.load_state_dict(ckpt["model"])
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
         if isinstance(exc, RuntimeError) and not str(exc).startswith("Error(s) in loading state_dict"):
@@ -398,6 +416,13 @@ class _Run:
         if ckpt["config"] != cfg.to_dict():
             changed = sorted(k for k in ckpt["config"] if ckpt["config"][k] != cfg.to_dict().get(k))
             log.warning("resuming with a changed config; keys that differ: %s", ", ".join(changed))
+        legacy = checkpoint_model_kwargs(cfg, ckpt)
+        if legacy != cfg.model_kwargs:
+            sets = " ".join(f"--set model_kwargs.{k}={v}" for k, v in legacy.items() if k not in cfg.model_kwargs)
+            raise CheckpointError(
+                f"{path} was trained before {cfg.model} defaulted to another parametrisation (capsnet.models.em.TRAINABLE); "
+                f"to continue it as it was trained, resume with {sets}"
+            )
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -561,7 +586,8 @@ class _Run:
         if accuracy is None or accuracy > state.best_val_accuracy:
             state.best_val_accuracy, state.best_step = state.best_val_accuracy if accuracy is None else accuracy, state.step
             if self.dist.is_main:
-                save_checkpoint({"config": cfg.to_dict(), "model": self.model.state_dict(), "step": state.step, "val": result}, self.out / BEST)
+                save_checkpoint({"config": cfg.to_dict(), "model": self.model.state_dict(), "step": state.step, "val": result,
+                                 "format": CHECKPOINT_FORMAT}, self.out / BEST)
         if self.dist.is_main and accuracy is not None:
             self.logger.log(state.step, {"val/accuracy": result["accuracy"], "val/loss": result["loss"]})
             log.info("step %d: validation accuracy %.4f (best %.4f at step %d)", state.step, result["accuracy"], state.best_val_accuracy, state.best_step)
@@ -583,6 +609,7 @@ class _Run:
                 "rng": rng or _rng_state(self.generator),
                 "progress": vars(self.state).copy(),
                 "numerics": numerics(),
+                "format": CHECKPOINT_FORMAT,
             }
             rotate_and_save(payload, self.out / LAST, self.cfg.keep_checkpoints)
         self.saved_step = self.state.step
