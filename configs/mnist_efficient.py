@@ -1,7 +1,7 @@
 """Efficient-CapsNet on MNIST (Mazzia, Salvetti & Chiaberge, Sci. Rep. 2021: 99.74% mean test accuracy).
 
 Reproduce:
-    capsnet train --config configs/mnist_efficient.py            # the paper's recipe, 150 epochs (target 99.74%)
+    capsnet train --config configs/mnist_efficient.py            # the paper's recipe and augmentation, 150 epochs (target 99.74%)
     capsnet train --config configs/mnist_efficient.py:epoch10    # CPU budget: 10 epochs (target >= 99.5%, issue 17)
     capsnet train --config configs/mnist_efficient.py:epoch3     # any epochN: the same recipe over N epochs
     capsnet train --config configs/mnist_efficient.py:smoke      # seconds, synthetic data (tests)
@@ -13,9 +13,14 @@ the reconstruction, which is 0.0005 x the summed error used here. Here the 55,00
 train/validation split selects the checkpoint and the test set is used once at the end
 (the authors select on the test set).
 
-Not yet the paper's augmentation: the authors train on random rotations (up to 30 degrees),
-shifts within the digit's margins, horizontal squishes and a random 4 x 4 erased patch; the
-library's MNIST data offers only random shifts (up to 2 pixels, Sabour et al.), used here.
+Augmentation (default variant): the paper's, in the authors' order and ranges
+(utils/pre_process_mnist.py; capsnet.data.transforms.efficient_capsnet_augment): half the
+images rotated by 30 degrees x clip(N(0, 0.33)), every image shifted within its digit's
+margins, squeezed horizontally by 1 to 7 columns and a 4 x 4 patch erased; no other shift.
+The epochN CPU budgets keep the 2-pixel random shift of Sabour et al. instead (what the
+docs/results.md rows were trained with): over a few epochs the heavier augmentation is our
+guess to cost more accuracy than it buys; it is one override away
+(--set dataset_kwargs.efficient_capsnet_augment=True --set dataset_kwargs.shift=0).
 """
 
 #: Training images per epoch with the 5,000-image validation split.
@@ -28,7 +33,7 @@ def get_config(variant: str = "default") -> dict:
         model="efficient_capsnet_mnist",
         model_kwargs=dict(),
         dataset="mnist",
-        dataset_kwargs=dict(val_size=5000, shift=2),
+        dataset_kwargs=dict(val_size=5000, shift=0, efficient_capsnet_augment=True),
         objective="margin",
         objective_kwargs=dict(recon_weight=0.0005),
         batch_size=batch_size,
@@ -50,8 +55,9 @@ def get_config(variant: str = "default") -> dict:
         # the run, as the short capsnet_mnist runs of configs/mnist.py.
         epochs = int(variant[5:])
         steps = -(-TRAIN_IMAGES // 32)
-        return dict(config, batch_size=32, epochs=epochs, lr=2e-3, lr_schedule="cosine", lr_warmup_steps=200,
-                    lr_decay_steps=None, lr_min=1e-6, eval_every=-(-steps // 2), checkpoint_every=200)
+        return dict(config, dataset_kwargs=dict(val_size=5000, shift=2), batch_size=32, epochs=epochs, lr=2e-3,
+                    lr_schedule="cosine", lr_warmup_steps=200, lr_decay_steps=None, lr_min=1e-6, eval_every=-(-steps // 2),
+                    checkpoint_every=200)
     if variant == "smoke":
         return dict(
             config,

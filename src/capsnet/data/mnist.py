@@ -14,6 +14,7 @@ from .download import DATA_HINT, download_file, md5sum, verify_md5
 from .errors import DataError
 from .idx import read_idx
 from .registry import register_dataset
+from .transforms import efficient_capsnet_augment as _efficient_capsnet_augment
 from .transforms import random_shift, train_val_split
 
 __all__ = ["MNIST", "FashionMNIST"]
@@ -107,10 +108,16 @@ def _idx_experiment(
     seed: int,
     val_size: int = 5000,
     shift: int = 2,
+    efficient_capsnet_augment: bool = False,
     limit_train: Optional[int] = None,
     limit_eval: Optional[int] = None,
 ) -> ExperimentData:
-    """The 60k training images split (seeded) into train and validation; the 10k test images kept apart."""
+    """The 60k training images split (seeded) into train and validation; the 10k test images kept apart.
+
+    Training batches are shifted by up to ``shift`` pixels (Sabour et al. 2017); with
+    ``efficient_capsnet_augment`` they first get the Efficient-CapsNet augmentation
+    (:func:`~capsnet.data.transforms.efficient_capsnet_augment`; its recipe sets ``shift=0``).
+    """
     full, test = cls(root, train=True, download=download), cls(root, train=False, download=download)
     train_idx, val_idx = train_val_split(len(full), val_size, seed)
     train = Split(full.images[train_idx], full.labels[train_idx])
@@ -121,12 +128,22 @@ def _idx_experiment(
         val=_limit(val, limit_eval),
         test=_limit(Split(test.images, test.labels), limit_eval),
         num_classes=cls.num_classes,
-        augment=functools.partial(_shift, max_shift=shift) if shift else None,
+        augment=_augment(shift, efficient_capsnet_augment),
     )
+
+
+def _augment(shift: int, efficient: bool):
+    if efficient:
+        return functools.partial(_efficient_then_shift, max_shift=shift)
+    return functools.partial(_shift, max_shift=shift) if shift else None
 
 
 def _shift(images, generator, *, max_shift):
     return random_shift(images, max_shift, generator)
+
+
+def _efficient_then_shift(images, generator, *, max_shift):
+    return random_shift(_efficient_capsnet_augment(images, generator), max_shift, generator)
 
 
 register_dataset("mnist")(functools.partial(_idx_experiment, MNIST))

@@ -24,9 +24,17 @@ from ..layers import CapsuleDecoder
 from ..routing import RoutingResult, SelfAttentionRoutingResult, self_attention_routing
 from ..validation import check_dtype
 from .capsnet import CapsNet
+from .multimnist import MultiDigitCapsNet
 from .registry import register_model
 
-__all__ = ["DepthwisePrimaryCaps", "EfficientCapsNet", "SelfAttentionCaps", "efficient_capsnet_mnist"]
+__all__ = [
+    "DepthwisePrimaryCaps",
+    "EfficientCapsNet",
+    "MultiDigitEfficientCapsNet",
+    "SelfAttentionCaps",
+    "efficient_capsnet_mnist",
+    "efficient_capsnet_multimnist",
+]
 
 
 class DepthwisePrimaryCaps(nn.Module):
@@ -36,25 +44,28 @@ class DepthwisePrimaryCaps(nn.Module):
     each position are cut into ``C / dim`` capsules of ``dim`` and squashed. On MNIST the kernel
     covers the whole 9 x 9 map: 128 channels become 16 capsules of 8 at one position.
 
+    ``stride`` is the convolution's (the authors' MultiMNIST graph: 5 x 5 at stride 2 on a 6 x 6
+    map, again one position).
+
     Shape:
         x: ``(B, C, H, W)``; returns ``(B, I, dim)`` with ``I = types * H' * W'``, type-major
         (the order :func:`capsnet.viz.coupling_figure` reads).
     """
 
-    def __init__(self, channels: int, *, kernel_size: int = 9, dim: int = 8, squash_kind: str = "efficient"):
+    def __init__(self, channels: int, *, kernel_size: int = 9, dim: int = 8, stride: int = 1, squash_kind: str = "efficient"):
         super().__init__()
-        if min(channels, kernel_size, dim) < 1 or channels % dim:
+        if min(channels, kernel_size, dim, stride) < 1 or channels % dim:
             raise ValueError(
                 f"DepthwisePrimaryCaps needs positive sizes with channels divisible by dim, got channels={channels} "
-                f"kernel_size={kernel_size} dim={dim}"
+                f"kernel_size={kernel_size} dim={dim} stride={stride}"
             )
         if squash_kind not in SQUASH_KINDS:
             raise ValueError(f"squash_kind must be one of {SQUASH_KINDS}, got {squash_kind!r}")
-        self.types, self.dim, self.kernel_size, self.squash_kind = channels // dim, dim, kernel_size, squash_kind
-        self.conv = nn.Conv2d(channels, channels, kernel_size, groups=channels)  # depthwise: one kernel per channel
+        self.types, self.dim, self.kernel_size, self.stride, self.squash_kind = channels // dim, dim, kernel_size, stride, squash_kind
+        self.conv = nn.Conv2d(channels, channels, kernel_size, stride=stride, groups=channels)  # depthwise: one kernel per channel
 
     def output_size(self, size: int) -> int:
-        return size - self.kernel_size + 1
+        return (size - self.kernel_size) // self.stride + 1 if size >= self.kernel_size else 0
 
     def forward(self, x: Tensor) -> Tensor:
         s = rearrange(self.conv(x), "b (n d) h w -> b (n h w) d", d=self.dim)  # (B, I, dim)
@@ -122,8 +133,8 @@ class EfficientCapsNet(CapsNet):
 
     Keyword-only hyper-parameters default to the paper's MNIST model: stem convolutions of
     32 (5 x 5), 64 (3 x 3), 64 (3 x 3) and 128 (3 x 3, stride 2) channels, unpadded, each
-    followed by ReLU and batch norm; a 9 x 9 depthwise convolution making 16 primary capsules
-    of 8; 10 class capsules of 16; the decoder FC 512 -> FC 1024 -> FC 784.
+    followed by ReLU and batch norm; a 9 x 9 depthwise convolution (stride 1) making 16 primary
+    capsules of 8; 10 class capsules of 16; the decoder FC 512 -> FC 1024 -> FC 784.
 
     Shares :class:`~capsnet.models.CapsNet`'s ``forward`` and ``reconstruct`` (so its output
     is a :class:`~capsnet.models.CapsNetOutput`) and replaces ``encode``.
@@ -142,6 +153,7 @@ class EfficientCapsNet(CapsNet):
         stem_kernels: tuple[int, ...] = (5, 3, 3, 3),
         stem_strides: tuple[int, ...] = (1, 1, 1, 2),
         primary_kernel: int = 9,
+        primary_stride: int = 1,
         primary_dim: int = 8,
         class_dim: int = 16,
         squash_kind: str = "efficient",
@@ -152,7 +164,7 @@ class EfficientCapsNet(CapsNet):
         nn.Module.__init__(self)  # CapsNet's layers are not these; its forward and reconstruct are
         sizes = dict(
             in_channels=in_channels, image_size=image_size, num_classes=num_classes, primary_kernel=primary_kernel,
-            primary_dim=primary_dim, class_dim=class_dim,
+            primary_stride=primary_stride, primary_dim=primary_dim, class_dim=class_dim,
         )
         bad = [f"{key!r}={value}" for key, value in sizes.items() if value < 1]
         for key, values in dict(stem_channels=stem_channels, stem_kernels=stem_kernels, stem_strides=stem_strides, decoder_hidden=decoder_hidden).items():
@@ -171,10 +183,10 @@ class EfficientCapsNet(CapsNet):
             layers += [nn.Conv2d(channels, out, kernel, stride=stride), nn.ReLU(inplace=True), nn.BatchNorm2d(out)]
             channels, size = out, (size - kernel) // stride + 1
         self.stem = nn.Sequential(*layers)
-        self.primary = DepthwisePrimaryCaps(channels, kernel_size=primary_kernel, dim=primary_dim, squash_kind=squash_kind)
+        self.primary = DepthwisePrimaryCaps(channels, kernel_size=primary_kernel, dim=primary_dim, stride=primary_stride, squash_kind=squash_kind)
         grid = self.primary.output_size(size) if size >= 1 else 0
         if grid < 1:
-            raise ValueError(f"image_size {image_size} is too small for the stem {tuple(stem_kernels)} / {tuple(stem_strides)} and primary kernel {primary_kernel}")
+            raise ValueError(f"image_size {image_size} is too small for the stem {tuple(stem_kernels)} / {tuple(stem_strides)} and primary kernel {primary_kernel} (stride {primary_stride})")
         self.num_primary = self.primary.types * grid * grid
         self.digits = SelfAttentionCaps(self.num_primary, primary_dim, num_classes, class_dim, init_std=transform_std, squash_kind=squash_kind)
         self.decoder = (
@@ -211,3 +223,45 @@ def efficient_capsnet_mnist(**overrides) -> EfficientCapsNet:
     means and variances are buffers here (Keras lists them as 576 non-trainable parameters).
     """
     return EfficientCapsNet(**overrides)
+
+
+class MultiDigitEfficientCapsNet(EfficientCapsNet):
+    """Efficient-CapsNet whose decoder runs once per digit, each time masked to one class capsule.
+
+    The ``multi_margin`` objective needs one reconstruction per digit (``reconstructions``
+    ``(B, K, C, H, W)`` and ``masks`` ``(B, K)``), which the single-digit forward does not
+    give; this is :class:`~capsnet.models.multimnist.MultiDigitCapsNet`'s forward on
+    Efficient-CapsNet's encoder, as the authors' MultiMNIST graph masks the capsules twice and
+    decodes each. ``num_digits``: how many of the longest capsules are reconstructed without
+    labels (2 for MultiMNIST). Other keywords: :class:`EfficientCapsNet`'s.
+
+    Shape:
+        x: ``(B, in_channels, image_size, image_size)``; y: ``(B, K)`` or ``(B,)`` classes or None;
+        returns a :class:`~capsnet.models.multimnist.MultiCapsNetOutput`.
+    """
+
+    def __init__(self, *, num_digits: int = 2, **kwargs):
+        super().__init__(**kwargs)
+        if not 1 <= num_digits <= self.num_classes:
+            raise ValueError(f"num_digits must lie in [1, {self.num_classes}], got {num_digits}")
+        self.num_digits = num_digits
+
+    # It reads only what both classes have: encode, decoder, conv1, the sizes and num_digits.
+    forward = MultiDigitCapsNet.forward
+
+
+@register_model
+def efficient_capsnet_multimnist(**overrides) -> MultiDigitEfficientCapsNet:
+    """Efficient-CapsNet for MultiMNIST (36 x 36): 154,656 parameters without the decoder.
+
+    The authors' MultiMNIST graph (github.com/EscVM/Efficient-CapsNet,
+    ``models/efficient_capsnet_graph_multimnist.py``), not the MNIST one at a larger input: the
+    third and fourth stem convolutions have stride 2 (36 -> 32 -> 30 -> 14 -> 6) and the
+    depthwise primary convolution is 5 x 5 at stride 2, so the 128 channels are again 16
+    capsules of 8 at one position. Count, summed over those layers: stem 130,112 and batch norm
+    576 as on MNIST, primary capsules 128 x 25 + 128 = 3,328, class capsules 20,480 + 160. The
+    decoder (FC 512 -> FC 1024 -> FC 1296) adds 1,936,144 and runs once per digit.
+    """
+    kwargs = dict(image_size=36, stem_strides=(1, 1, 2, 2), primary_kernel=5, primary_stride=2)
+    kwargs.update(overrides)
+    return MultiDigitEfficientCapsNet(**kwargs)
