@@ -286,6 +286,17 @@ def test_iterations_per_layer():
     assert (model.caps1.iterations, model.caps2.iterations, model.classes.iterations) == (3, 2, 1)
     with pytest.raises(ValueError, match="three ints"):
         create_model("em_mnist", iterations=(3, 2))
+    with pytest.raises(ValueError, match="three ints"):
+        create_model("em_mnist", iterations=(3, 2, True))
+    with pytest.raises(ValueError, match="one lambda per iteration"):
+        create_model("em_tiny", iterations=(3, 2, 1), schedule=(0.1, 0.2, 0.3))
+
+
+def test_caps_init_std_follows_caps_init_unless_given():
+    torch.manual_seed(0)
+    assert create_model("em_mnist", caps_init="normal").caps1.weight.std() > 0.2  # Google's 0.3
+    assert (create_model("em_mnist").caps1.weight - torch.eye(4)).std() < 0.12  # identity plus 0.1
+    assert create_model("em_mnist", caps_init="normal", caps_init_std=0.05).caps1.weight.std() < 0.06
 
 
 def test_training_metrics_report_routing_statistics_and_gradient_norms():

@@ -36,7 +36,7 @@ __all__ = ["EM_BUILDERS", "MatrixCapsNet", "MatrixCapsOutput", "PAPER", "TRAINAB
 
 #: The paper's parametrisation: Procedure 1's ``a_j = logistic(lambda (beta_a - sum_h cost^h))``
 #: and ConvCaps transforms of Google's release (truncated normal, std 0.3).
-PAPER = dict(activation="paper", caps_init="normal", caps_init_std=0.3)
+PAPER = dict(activation="paper", caps_init="normal")
 
 #: What the builders use (not in the paper; docs/em_training.md has the measurements). With the
 #: paper's logit every cost is negative, so a parent without votes sits at a = 0.5 and beta_a,
@@ -45,7 +45,7 @@ PAPER = dict(activation="paper", caps_init="normal", caps_init_std=0.3)
 #: poses away (pose RMS 0.41 -> 0.10 -> 0.02 over the two layers), so the class layer starts
 #: blind and each extra EM iteration makes that worse; identity-plus-noise transforms keep the
 #: pose scale (3 iterations: 71.5% -> 90.7% validation after 300 steps).
-TRAINABLE = dict(activation="centred", caps_init="identity", caps_init_std=0.1)
+TRAINABLE = dict(activation="centred", caps_init="identity")
 
 #: The registered builders that apply :data:`TRAINABLE` (checkpoints written before they did
 #: are rebuilt with :data:`PAPER`, see ``capsnet.train.loop.checkpoint_model_kwargs``).
@@ -85,7 +85,8 @@ class MatrixCapsNet(nn.Module):
             the last row and column).
         conv_norm: batch norm between Conv1 and its ReLU (not in the paper; yl-1993's PyTorch code).
         caps_init_std, class_init_std: truncated-normal std of the ConvCaps and class transforms
-            (Google's code: 0.3 and 0.01).
+            (Google's code: 0.3 and 0.01). ``caps_init_std=None``: 0.3 for ``caps_init="normal"``,
+            0.1 for ``"identity"``.
         caps_init: ``"normal"`` (Google's code): ConvCaps transforms are noise of ``caps_init_std``;
             ``"identity"``: the identity plus that noise, so each vote starts as its child's pose.
         routing_stats: measure routing in every forward pass for the training logs, see
@@ -95,7 +96,7 @@ class MatrixCapsNet(nn.Module):
         schedule, final_lambda: inverse-temperature schedule, see
             :func:`~capsnet.routing.em.inverse_temperatures` ("fan_in" default; "linear", "authors").
         activation: how the M-step makes the activation logit, see
-            :func:`~capsnet.routing.em.em_routing` ("paper" default; "standardised").
+            :func:`~capsnet.routing.em.em_routing` ("paper" default; "centred", "standardised").
         beta: ``"type"`` or ``"capsule"``, see :class:`~capsnet.layers.matrix.ConvMatCaps`.
         coordinate_addition, coordinate_order: see :func:`~capsnet.layers.matrix.coordinate_offsets`.
         var_floor, eps, detach_intermediate, truncate_gradient: passed to :func:`~capsnet.routing.em.em_routing`.
@@ -133,7 +134,7 @@ class MatrixCapsNet(nn.Module):
         eps: float = MASS_EPS,
         detach_intermediate: bool = False,
         truncate_gradient: bool = False,
-        caps_init_std: float = 0.3,
+        caps_init_std: Optional[float] = None,
         class_init_std: float = 0.01,
         caps_init: str = "normal",
         routing_stats: bool = False,
@@ -157,8 +158,13 @@ class MatrixCapsNet(nn.Module):
                 f"capsule convolutions (strides {caps1_stride}, {caps2_stride}) leave no capsule"
             )
         per_layer = (iterations,) * 3 if isinstance(iterations, int) else tuple(iterations)
-        if len(per_layer) != 3:
+        if len(per_layer) != 3 or any(isinstance(n, bool) or not isinstance(n, int) for n in per_layer):
             raise ValueError(f"iterations must be an int or three ints (ConvCaps1, ConvCaps2, ClassCaps), got {iterations!r}")
+        if not isinstance(schedule, str) and any(len(tuple(schedule)) != n for n in per_layer):
+            raise ValueError(f"an explicit schedule holds one lambda per iteration, so every layer needs {len(tuple(schedule))} "
+                             f"iterations; got iterations={iterations!r}")
+        if caps_init_std is None:
+            caps_init_std = 0.1 if caps_init == "identity" else 0.3
         routing = dict(schedule=schedule, final_lambda=final_lambda, activation=activation,
                        beta=beta, var_floor=var_floor, eps=eps, detach_intermediate=detach_intermediate,
                        truncate_gradient=truncate_gradient)  # fmt: skip

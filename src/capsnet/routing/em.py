@@ -546,9 +546,11 @@ def _m_step(moments, it: int, ra: Tensor, b_a: Tensor, b_v: Tensor, lam: float, 
 def _activation_argument(cost: Tensor, b_a: Tensor, activation: str) -> Tensor:
     """What ``lambda`` multiplies in ``a_j = logistic(lambda (...))``, from ``cost_j = sum_h cost^h``.
 
-    ``"paper"`` (Procedure 1): ``beta_a - cost_j``. ``"standardised"``: ``beta_a + (mean_k cost_k -
-    cost_j) / sqrt(var_k cost_k + COST_EPS)`` over the ``J`` parents ``k`` of the same position
-    (last axis), so ``beta_a`` and ``lambda`` act on a quantity of order 1 whatever the fan-in.
+    ``"paper"`` (Procedure 1): ``beta_a - cost_j``. ``"centred"``: ``beta_a + mean_k cost_k - cost_j``
+    over the ``J`` parents ``k`` of the same position (last axis), so 0.5 means "as well explained
+    as the average parent here". ``"standardised"``: ``beta_a + (mean_k cost_k - cost_j) /
+    sqrt(var_k cost_k + COST_EPS)``, so ``beta_a`` and ``lambda`` act on a quantity of order 1
+    whatever the fan-in.
 
     Shape:
         cost: ``(B, L, J)``; b_a broadcasts to it; returns ``(B, L, J)``.
@@ -600,7 +602,7 @@ def _iteration(moments, quadratic, it: int, prev, a_in: Tensor, beta_a: Tensor, 
 
     ``moments`` and ``quadratic`` are the only vote reads. a_in ``(I, B, L, 1)``, beta ``(J,)``
     or ``(L, J)``, centre ``(B, L, J, D)``; returns ``R (I, B, L, J)`` (or a broadcastable init;
-    None before the last iteration, where nothing uses it) and the Gaussians ``(mu - c, sigma^2,
+    None before the last iteration unless ``cfg.keep_r``, for statistics) and the Gaussians ``(mu - c, sigma^2,
     ln sigma^2, logit)``.
     """
     slots, batch, num_patches, types, dim = cfg.shape
@@ -704,7 +706,7 @@ class _EMRoutingFunction(torch.autograd.Function):
             history.extend(gaussians)
             if stats is not None:
                 stats.append(_iteration_stats(r, gaussians, cfg))
-        ctx.cfg, ctx.factored = cfg, factored
+        ctx.cfg, ctx.factored = cfg._replace(keep_r=False), factored  # the replay needs no statistics
         ctx.has_offsets, ctx.has_matrices = offsets is not None, matrices is not None
         saved_m = [t for triple in recorded_m for t in triple]
         optional = tuple(t for t in (offsets, matrices) if t is not None)
@@ -877,7 +879,11 @@ def em_routing(
         schedule, final_lambda: inverse temperature per iteration, see :func:`inverse_temperatures`;
             the default ``"fan_in"`` divides by ``D x`` :func:`children_per_parent`.
         activation: ``"paper"`` (default): ``a_j = logistic(lambda (beta_a - sum_h cost^h))`` as
-            Procedure 1. ``"standardised"``: the cost standardised over the ``J`` parents of each
+            Procedure 1. ``"centred"``: ``logistic(lambda (beta_a + mean_k cost_k - cost_j))``, the
+            cost centred over the ``J`` parents of each position (not in the paper): a parent
+            no child votes for is no longer stuck at ``a >= 0.5`` while pose variances are below 1,
+            and ``beta_a`` shifts activations relative to the position's average (what the model
+            builders use, ``capsnet.models.em.TRAINABLE``; docs/em_training.md). ``"standardised"``: the cost standardised over the ``J`` parents of each
             position first, ``logistic(lambda (beta_a + (mean_k cost_k - cost_j) / std_k cost_k))``
             (gyang274's capsulesEM; not in the paper): the logit is of order 1 in every layer, so
             ``beta_a`` is a real offset and ``lambda`` a real temperature (use it with
@@ -892,9 +898,11 @@ def em_routing(
         truncate_gradient: treat the Gaussians and activations that each E-step reads as
             constants, so the gradient runs through the last iteration only: its M-step, and its
             assignments ``R`` as functions of the votes and child activations (unlike
-            ``detach_intermediate``, ``R`` keeps that gradient). Unrolled EM multiplies the
-            gradient by every iteration's Jacobian, which grows it tens of times per iteration
-            here; truncation is a named option, not the paper's choice. Default False.
+            ``detach_intermediate``, ``R`` keeps that gradient; with ``detach_intermediate`` as
+            well it changes nothing). Unrolled EM multiplies the gradient by every iteration's
+            Jacobian: on ``em_mnist`` at initialisation the full gradient is 1.1-2x the truncated
+            one with 2 iterations and up to ~20x with 3. Truncation is a named option, not the
+            paper's choice, and learned worse (docs/em_training.md). Default False.
         stats: a list to append one dict of floats per iteration to (the instruments for
             training logs): ``a_mean``, ``a_std`` of the parent activations; ``var_floor_fraction``,
             the fraction of parent variances within 1% of ``var_floor``; ``r_entropy``, the mean
