@@ -18,7 +18,7 @@ giving the network it used for it. Recipe: Adam, spread loss with the margin ris
 from 0.2 to 0.9 (the paper), fan-in lambda schedule, weight decay 2e-7 (public codes), shifts of
 up to 2 pixels; 5,000 training digits held out for validation. The CPU budgets use batch 32, a
 100-step warm-up to lr 1e-3 and half a cosine to the end of the run (the dynamic-routing recipe's
-shape; lr 3e-3 learned worse in 300-step probes, docs/em_training.md).
+shape; with 3 iterations lr 3e-3 learned worse in 300-step probes, docs/em_training.md).
 """
 
 from capsnet.models.em import PAPER

@@ -352,3 +352,15 @@ def test_checkpoints_from_before_the_trainable_default_load_with_the_paper_param
     save_checkpoint(old, tmp_path / "run" / "last.pt")
     with pytest.raises(CheckpointError, match="model_kwargs.activation=paper"):
         train(cfg, data_root=tmp_path, out_dir=tmp_path / "run", progress=False, final_test=False, resume=True)
+
+
+def test_routing_statistics_reach_the_training_log(tmp_path):
+    from capsnet.train import TrainConfig, train
+
+    cfg = TrainConfig(model="em_tiny", model_kwargs=dict(image_size=28, num_classes=10, routing_stats=True),
+                      dataset="synthetic", dataset_kwargs=dict(train_size=16, val_size=8, test_size=8, image_size=28, num_classes=10),
+                      objective="spread", batch_size=8, epochs=1, log_every=1, figures=False)
+    train(cfg, data_root=tmp_path, out_dir=tmp_path / "run", progress=False, final_test=False)
+    logged = (tmp_path / "run" / "metrics.csv").read_text()
+    for key in ("routing/caps1/it1/r_entropy", "routing/classes/it3/var_floor_fraction", "grad_norm/classes/beta_a"):
+        assert f",{key}," in logged, key
