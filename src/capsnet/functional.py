@@ -202,7 +202,7 @@ def spread_loss(activations: Tensor, targets: Tensor, *, margin: float) -> Tenso
     """Spread loss, Eq. 3 of Hinton, Sabour & Frosst 2018, summed over classes, mean over the batch.
 
     ``L = sum_{i != t} max(0, m - (a_t - a_i))^2``; the margin ``m`` follows a schedule
-    from 0.2 to 0.9 (see :func:`capsnet.train.schedules.spread_margin`).
+    from 0.2 to 0.9 (see :func:`capsnet.schedules.spread_margin`).
 
     Shape:
         activations: ``(B, J)``; targets: ``(B,)`` integer labels; returns a scalar.
