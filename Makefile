@@ -18,7 +18,7 @@ $(BIN)/capsnet: pyproject.toml
 install: $(BIN)/capsnet
 
 demo: install
-	$(BIN)/capsnet train --config configs/mnist.py:demo --out runs/demo --download
+	$(BIN)/capsnet train --config configs/mnist.py:demo --out runs/demo --download --resume
 
 test: install
 	$(BIN)/python -m pytest -q
