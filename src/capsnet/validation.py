@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["assert_on_device", "check_dtype", "check_images", "check_keywords", "check_labels", "keyword_hints"]
+__all__ = ["assert_on_device", "check_dtype", "check_images", "check_keywords", "check_labels", "check_votes", "keyword_hints"]
 
 
 def check_dtype(x: Tensor, dtype: torch.dtype, *, name: str) -> None:
@@ -61,6 +61,23 @@ def check_images(x: Tensor, channels: int, size: tuple[int, int], *, dtype: torc
     if not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{name} holds {bad} NaN or infinite value(s); clean the data before the model sees it")
+
+
+def check_votes(votes: Tensor) -> None:
+    """Raise ``ValueError`` unless ``votes`` are routing votes: a floating ``(B, I, J, D)`` tensor, no empty axis but B.
+
+    Shape:
+        votes: ``(B, I, J, D)``.
+    """
+    if votes.dim() != 4:
+        raise ValueError(f"votes must be (B, I, J, D), got shape {tuple(votes.shape)}")
+    if min(votes.shape[1:]) < 1:
+        raise ValueError(
+            f"votes must have at least one input capsule, parent and pose dimension, (B, I >= 1, J >= 1, D >= 1); "
+            f"got shape {tuple(votes.shape)}"
+        )
+    if not votes.dtype.is_floating_point:
+        raise ValueError(f"votes must be a floating tensor, got dtype {votes.dtype}; convert them with votes.float()")
 
 
 def check_labels(y: Tensor, batch: int, num_classes: int, *, name: str = "labels") -> None:

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from ..functional import squash
 from ..precision import float32_under_autocast
+from ..validation import check_votes
 
 __all__ = ["RoutingResult", "dynamic_routing"]
 
@@ -92,15 +93,7 @@ def dynamic_routing(
 
 
 def _check_routing_args(votes: Tensor, iterations: int) -> None:
-    if votes.dim() != 4:
-        raise ValueError(f"votes must be (B, I, J, D), got shape {tuple(votes.shape)}")
-    if min(votes.shape[1:]) < 1:
-        raise ValueError(
-            f"votes must have at least one input capsule, parent and pose dimension, (B, I >= 1, J >= 1, D >= 1); "
-            f"got shape {tuple(votes.shape)}"
-        )
-    if not votes.dtype.is_floating_point:
-        raise ValueError(f"votes must be a floating tensor, got dtype {votes.dtype}; convert them with votes.float()")
+    check_votes(votes)
     try:
         count = operator.index(iterations)  # int, numpy integer, 0-d integer tensor
     except TypeError:

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from ..functional import SQUASH_KINDS, squash
 from ..precision import float32_under_autocast
+from ..validation import check_votes
 
 __all__ = ["SelfAttentionRoutingResult", "self_attention_routing"]
 
@@ -88,15 +89,7 @@ def self_attention_routing(
 
 
 def _check_args(votes: Tensor, prior: Optional[Tensor], scale: Optional[float], squash_kind: str) -> None:
-    if votes.dim() != 4:
-        raise ValueError(f"votes must be (B, I, J, D), got shape {tuple(votes.shape)}")
-    if min(votes.shape[1:]) < 1:
-        raise ValueError(
-            f"votes must have at least one input capsule, parent and pose dimension, (B, I >= 1, J >= 1, D >= 1); "
-            f"got shape {tuple(votes.shape)}"
-        )
-    if not votes.dtype.is_floating_point:
-        raise ValueError(f"votes must be a floating tensor, got dtype {votes.dtype}; convert them with votes.float()")
+    check_votes(votes)
     if prior is not None:
         if prior.shape != votes.shape[1:3]:
             raise ValueError(
