@@ -343,6 +343,9 @@ def _check_beta(beta: Tensor, name: str, num_patches: int, types: int) -> None:
 #: Elements of one chunk of votes in the chunked reads (about 1 MB of float32): large enough to
 #: amortise Python overhead, small enough that the chunk's temporaries stay in cache.
 _CHUNK_ELEMENTS = 1 << 18
+#: The same on a GPU (about 256 MB): there the cost is one kernel launch per operation and chunk,
+#: not cache misses, so every layer of the registered models is read in one chunk.
+_CHUNK_ELEMENTS_GPU = 1 << 26
 
 
 class _VoteReader:
@@ -369,7 +372,9 @@ class _VoteReader:
         slots, batch, num_patches, types, dim = shape
         self.x, self.factors, self.centre = centred, factors, centre  # X (I, N, D); c (N, D)
         self.shape = (slots, batch * num_patches * types, dim)
-        step = max(1, _CHUNK_ELEMENTS // (batch * num_patches * types * dim))
+        device = (centred if centred is not None else centre).device
+        limit = _CHUNK_ELEMENTS if device.type == "cpu" else _CHUNK_ELEMENTS_GPU
+        step = max(1, limit // (batch * num_patches * types * dim))
         # A chunk of factored votes is whole bmm groups (G groups of I / G children each).
         self.per_group = 1 if factors is None else slots // factors[0].shape[0]
         self.step = -(-step // self.per_group) * self.per_group
