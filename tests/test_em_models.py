@@ -364,3 +364,23 @@ def test_routing_statistics_reach_the_training_log(tmp_path):
     logged = (tmp_path / "run" / "metrics.csv").read_text()
     for key in ("routing/caps1/it1/r_entropy", "routing/classes/it3/var_floor_fraction", "grad_norm/classes/beta_a"):
         assert f",{key}," in logged, key
+
+
+def test_em_mnist_config_routes_twice_and_keeps_the_papers_three_as_variants():
+    """The CPU budgets route with 2 iterations at lr 2e-3; ``_it3`` and ``:paper`` keep the paper's 3."""
+    from pathlib import Path
+
+    from capsnet.models.em import PAPER
+    from capsnet.train import load_config
+
+    path = str(Path(__file__).resolve().parents[1] / "configs" / "mnist_em.py")
+    for variant in ("epoch1", "epoch3", "short", "fashion_epoch3"):
+        cfg = load_config(f"{path}:{variant}")
+        assert (cfg.model_kwargs["iterations"], cfg.lr, cfg.batch_size) == (2, 2e-3, 32), variant
+        it3 = load_config(f"{path}:{variant}_it3")
+        assert (it3.model_kwargs["iterations"], it3.lr, it3.max_steps, it3.epochs) == (3, 1e-3, cfg.max_steps, cfg.epochs)
+    paper = load_config(f"{path}:paper")
+    assert paper.model_kwargs == dict(iterations=3, **PAPER)
+    assert load_config(path).model_kwargs["iterations"] == 2
+    with pytest.raises(ValueError, match="unknown variant 'nope'"):
+        load_config(f"{path}:nope")
