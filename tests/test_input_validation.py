@@ -210,7 +210,7 @@ def test_config_file_errors_of_the_python_api_are_value_errors(tmp_path):
 
 
 def test_dft_convolution_spreads_a_non_finite_pixel_over_its_image_direct_keeps_it_local():
-    # Documented in capsnet.layers.conv.Conv2d and capsnet.layers.dft: the transform mixes
+    # Documented in capsnet.ops.conv.Conv2d and capsnet.ops.dft: the transform mixes
     # every pixel into every frequency, so one NaN / inf pixel makes that image's whole
     # output NaN; the direct convolution spoils only the outputs whose window holds it.
     # Other images of the batch stay finite either way. The CLI and the models refuse

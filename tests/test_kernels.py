@@ -1,4 +1,4 @@
-"""The compiled EM vote reads (capsnet.kernels) against the eager reads they replace.
+"""The compiled EM vote reads (capsnet.ops.kernels) against the eager reads they replace.
 
 Every map is checked against :class:`capsnet.routing.em._VoteReader` in float64 on the same
 factors, for dense factors, grouped children with offsets (the class layer) and 4x4 matrices
@@ -13,7 +13,7 @@ import shutil
 import pytest
 import torch
 
-import capsnet.kernels as kernels
+import capsnet.ops.kernels as kernels
 import capsnet.routing.em as em
 from capsnet import create_model
 from capsnet.functional import spread_loss

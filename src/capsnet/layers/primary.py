@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from ..functional import squash
 from ..validation import check_dtype
-from .conv import Conv2d
+from ..ops.conv import Conv2d
 
 __all__ = ["PrimaryCaps"]
 
