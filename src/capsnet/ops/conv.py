@@ -19,7 +19,7 @@ computed differs. On this project's 2-core CPU (torch 2.13, oneDNN), at batch 12
   weight gradient a batched matmul against the same columns (36-43 against 200-300 ms).
 
 * Large kernels over many channels (PrimaryCaps again): the whole convolution, forward
-  and backward, as a bilinear algorithm over the DFT (:mod:`capsnet.layers.dft`), with
+  and backward, as a bilinear algorithm over the DFT (:mod:`capsnet.ops.dft`), with
   about a third of the multiply-adds. ``algorithm="auto"`` takes it when it saves at least
   half of them for the batch at hand (PrimaryCaps from batch 25 on, never Conv1).
 
@@ -51,7 +51,7 @@ __all__ = ["Conv2d", "WEIGHT_GRADIENTS", "ALGORITHMS"]
 WEIGHT_GRADIENTS = ("auto", "conv", "im2col", "native")
 IM2COL_MAX_ROWS = 256
 #: How the convolution is computed: ``"direct"`` is PyTorch's forward with the weight gradient
-#: of ``weight_grad``; ``"dft"`` the bilinear DFT algorithm of :mod:`capsnet.layers.dft`;
+#: of ``weight_grad``; ``"dft"`` the bilinear DFT algorithm of :mod:`capsnet.ops.dft`;
 #: ``"auto"`` takes ``"dft"`` when it needs at most half the multiply-adds of ``"direct"``
 #: for the batch at hand (:data:`DFT_MIN_SAVING`) and ``weight_grad`` is ``"auto"``.
 ALGORITHMS = ("auto", "direct", "dft")
@@ -132,7 +132,7 @@ class Conv2d(nn.Conv2d):
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
 
     def _use_dft(self, x: Tensor) -> bool:
-        """Whether this call goes to :func:`~capsnet.layers.dft.dft_conv2d` (see :data:`ALGORITHMS`)."""
+        """Whether this call goes to :func:`~capsnet.ops.dft.dft_conv2d` (see :data:`ALGORITHMS`)."""
         if self.algorithm == "direct":
             return False
         if self.algorithm == "dft":
