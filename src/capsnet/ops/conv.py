@@ -40,8 +40,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd import forward_ad
 
+from .._shapes import conv_output_size as _out_size
 from .dft import MAX_GRID as DFT_MAX_GRID
-from .dft import _out_size, dft_conv2d, dft_grid, dft_macs, direct_macs
+from .dft import dft_conv2d, dft_grid, dft_macs, direct_macs
 
 __all__ = ["Conv2d", "WEIGHT_GRADIENTS", "ALGORITHMS"]
 
