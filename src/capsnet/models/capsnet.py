@@ -9,8 +9,8 @@ from torch import Tensor, nn
 
 from ..layers import CapsuleDecoder, Conv2d, DenseCaps, PrimaryCaps
 from ..routing import RoutingResult
+from ..validation import check_images, check_labels
 from .registry import register_model
-from .validation import check_images, check_labels
 
 __all__ = ["CapsNet", "CapsNetOutput", "capsnet_mnist", "capsnet_tiny"]
 
