@@ -16,7 +16,7 @@ import capsnet.train.loop as loop
 from capsnet.cli import main
 from capsnet.train import CheckpointError, TrainConfig, load_checkpoint, train
 from capsnet.train.checkpoint import load_latest, rotate_and_save
-from capsnet.train.metrics import MetricsLogger, read_metrics_csv
+from capsnet.train.logs import MetricsLogger, read_metrics_csv
 
 from conftest import REPO, TINY
 
@@ -71,7 +71,7 @@ FILE_SIZE_LIMIT = textwrap.dedent(
     """
     import resource, signal, sys
     from pathlib import Path
-    from capsnet.train.metrics import MetricsLogger
+    from capsnet.train.logs import MetricsLogger
     out = Path(sys.argv[1])
     logger = MetricsLogger(out, resume_step=10**9)  # keeps the 2,000 rows already there
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, like ENOSPC
@@ -119,7 +119,7 @@ def test_interrupted_csv_rewrite_on_resume_keeps_the_old_file(tmp_path, monkeypa
         return rows
 
     read = read_metrics_csv
-    monkeypatch.setattr("capsnet.train.metrics.read_metrics_csv", rows_with_a_bad_one)
+    monkeypatch.setattr("capsnet.train.logs.read_metrics_csv", rows_with_a_bad_one)
     with pytest.raises(Killed):
         MetricsLogger(out, resume_step=4)
     assert (out / "metrics.csv").read_bytes() == before

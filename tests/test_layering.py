@@ -21,13 +21,12 @@ PACKAGE = SRC / "capsnet"
 #: convolutions, the compiled EM vote reads), below the capsule math of ``routing`` and
 #: ``layers``. ``backends`` and ``_compat`` are planned by issue 15 (the speed-knob settings,
 #: the private-torch shims) and are placed here so that they land on the floor it gives them.
-#: ``kernels`` is the compiled reads' old path (an alias of ``ops.kernels``).
+#: ``kernels`` and ``schedules`` are old paths, aliases of ``ops.kernels`` and ``train.schedules``.
 FLOOR = {
     "functional": "core",
     "validation": "core",
     "precision": "core",
-    "schedules": "core",
-    "metrics": "core",
+    "schedules": "train",
     "allocator": "core",
     "backends": "core",
     "_compat": "core",

@@ -10,7 +10,7 @@ import torch
 
 from capsnet.train import CheckpointError, TrainConfig, load_checkpoint, load_config, save_checkpoint, train
 from capsnet.train.checkpoint import MAGIC, load_latest, rotate_and_save
-from capsnet.train.metrics import read_events, read_metrics_csv
+from capsnet.train.logs import read_events, read_metrics_csv
 
 from conftest import REPO, TINY
 

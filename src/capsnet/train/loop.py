@@ -27,7 +27,7 @@ from .checkpoint import (
 )
 from .config import AMP_DTYPES, EPOCH_SEED_STRIDE, TrainConfig
 from .distributed import Dist
-from .metrics import MetricsLogger
+from .logs import MetricsLogger
 from .objectives import Objective, create_objective
 from .optim import adam
 
