@@ -75,6 +75,26 @@ def test_missing_data_is_a_clear_error(tmp_path, capsys):
     assert "train-images-idx3-ubyte.gz is missing" in err and "CAPSNET_DATA" in err
 
 
+def test_verbose_shows_the_traceback_of_a_refused_command(tmp_path, capsys):
+    args = ["train", "--config", str(REPO / "configs" / "mnist.py"), "--out", str(tmp_path / "r"), "--data", str(tmp_path)]
+    assert main(args) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    assert main(["-v", *args]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "train-images-idx3-ubyte.gz is missing" in err
+
+
+def test_train_loads_the_dataset_once_for_training_and_figures(tmp_path, monkeypatch):
+    import capsnet.train.loop as loop
+
+    calls = []
+    load = loop.load_data
+    monkeypatch.setattr(loop, "load_data", lambda *a, **k: calls.append(a) or load(*a, **k))
+    args = ["train", "--config", str(REPO / "configs" / "mnist.py:smoke"), "--out", str(tmp_path / "run"), "--data", str(tmp_path)]
+    assert main([*args, "--no-progress", "--set", "max_steps=1"]) == 0
+    assert (tmp_path / "run" / "figures" / "reconstructions.png").exists() and len(calls) == 1
+
+
 def test_module_entry_point_lists_models():
     result = subprocess.run([sys.executable, "-m", "capsnet", "models"], capture_output=True, text=True, check=True)
     assert "capsnet_mnist" in result.stdout.split()

@@ -176,3 +176,11 @@ def test_torchrun_max_restarts_continues_from_the_checkpoint(tmp_path):
     _capsnet("train", "--config", SMOKE, "--out", str(straight), "--data", str(tmp_path), *COMMON, "--set", "epochs=40")
     a, b = _weights(straight), _weights(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_without_a_launcher_the_command_line_stays_one_process():
+    from capsnet.train.distributed import Dist
+
+    dist, device = Dist.launch("cpu", {"WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+    assert (dist.enabled, dist.rank, dist.world, dist.is_main, device) == (False, 0, 1, True, "cpu")
+    dist.close()  # no group: nothing to leave

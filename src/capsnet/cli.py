@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from . import __version__
@@ -192,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     def refuse(exc: Exception) -> int:
+        if args.verbose:  # where it came from, for a report
+            traceback.print_exception(type(exc), exc, exc.__traceback__)
         print(f"capsnet {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
@@ -205,19 +208,13 @@ def main(argv: list[str] | None = None) -> int:
         return refuse(exc)
     from .allocator import keep_freed_memory
     from .ops import kernels
+    from .train.distributed import Dist
 
     keep_freed_memory()  # large tensors reused without page faults; CAPSNET_MALLOC=system keeps glibc's defaults
     kernels.configure(**kernel_settings(os.environ))
     if args.threads:
         torch.set_num_threads(args.threads)
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if distributed:  # launched by torchrun: one process per rank
-        import torch.distributed as dist
-
-        if args.device.startswith("cuda"):
-            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-            torch.cuda.set_device(args.device)
-        dist.init_process_group(backend="nccl" if args.device.startswith("cuda") else "gloo")
+    dist, args.device = Dist.launch(args.device, os.environ)  # under torchrun: one process per rank
     try:
         if args.command == "train":
             return _train(args)
@@ -234,28 +231,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"capsnet {args.command}: {str(exc) or 'interrupted'}", file=sys.stderr)
         return 130  # 128 + SIGINT, as a shell reports a process that Ctrl-C stopped
     finally:
-        if distributed:
-            torch.distributed.destroy_process_group()
+        dist.close()
 
 
 def _train(args) -> int:
     from .train import load_config, load_model, train
-    from .train.loop import BEST
+    from .train.distributed import Dist
+    from .train.loop import BEST, load_data_in_rank_order
     from .viz import write_figures
 
     cfg = load_config(args.config, tuple(args.overrides))
     out = _run_dir(args)
+    dist = Dist()
+    data = load_data_in_rank_order(cfg, _data_root(args.data), args.download, dist)  # once: training and figures
     _build_kernels(cfg.model)
     summary = train(
         cfg, data_root=_data_root(args.data), out_dir=out, download=args.download, resume=args.resume,
-        overwrite=args.overwrite, device=args.device, progress=not args.no_progress,
+        overwrite=args.overwrite, device=args.device, progress=not args.no_progress, data=data,
     )
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not dist.is_main:
         return 0  # rank 0 reports and draws
     written = []
     if cfg.figures:
         model, cfg, _ = load_model(out / BEST, device=args.device)
-        written = write_figures(model, _load_data(cfg, args), out / "figures", metrics_csv=out / "metrics.csv", device=args.device)
+        written = write_figures(model, data, out / "figures", metrics_csv=out / "metrics.csv", device=args.device)
     print(json.dumps(summary, indent=2))
     print(f"run directory: {out}")
     print(f"  metrics: {out / 'metrics.json'}  (per-step log: {out / 'metrics.csv'}, TensorBoard: {out / 'tensorboard'})")

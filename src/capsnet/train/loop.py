@@ -273,8 +273,12 @@ def train(
     device: str = "cpu",
     progress: bool = True,
     final_test: bool = True,
+    data: Optional[ExperimentData] = None,
 ) -> dict:
     """Train ``cfg`` into ``out_dir``; returns the summary also written to ``metrics.json``.
+
+    ``data``: the experiment's data when the caller has it (:func:`load_data_in_rank_order`),
+    else it is loaded from ``data_root``.
 
     ``last.pt`` (everything needed to resume, plus ``keep_checkpoints - 1`` older copies)
     is written every ``checkpoint_every`` steps, at the end of each epoch, at the end of the
@@ -302,7 +306,7 @@ def train(
     out = Path(out_dir)
     dist = Dist()
     torch.manual_seed(cfg.seed)
-    data = _load_data_in_rank_order(cfg, data_root, download, dist)
+    data = load_data_in_rank_order(cfg, data_root, download, dist) if data is None else data
     model = build_model(cfg, data).to(device)
     objective = create_objective(cfg.objective, **cfg.objective_kwargs)
     # Only now, with every name and *_kwargs of the config accepted: a refused config leaves no run directory.
@@ -312,7 +316,8 @@ def train(
         return finished if finished is not None else run.train(resumed=resume, progress=progress, final_test=final_test)
 
 
-def _load_data_in_rank_order(cfg: TrainConfig, data_root: str | Path, download: bool, dist: Dist) -> ExperimentData:
+def load_data_in_rank_order(cfg: TrainConfig, data_root: str | Path, download: bool, dist: Dist) -> ExperimentData:
+    """The dataset of ``cfg``; with ``download``, rank 0 fetches and verifies it before the others read it."""
     if download and not dist.is_main:
         dist.barrier()  # rank 0 downloads first; the others then find complete, verified files
     data = load_data(cfg, data_root, download)
