@@ -21,6 +21,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
+from ._compat import assert_async
+
 __all__ = ["assert_on_device", "check_dtype", "check_images", "check_keywords", "check_labels", "check_votes", "keyword_hints"]
 
 
@@ -105,7 +107,7 @@ def assert_on_device(condition: Tensor, message: str) -> None:
     leaves the process's CUDA context unusable, so only the hot path uses it, for inputs the
     data pipeline has already validated. Other devices keep the synchronous ValueError.
     """
-    torch._assert_async(condition, message)
+    assert_async(condition, message)
 
 
 def keyword_hints(target: Callable) -> dict[str, Any]:

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd import forward_ad
 
+from .._compat import convolution_input_grad
 from .._shapes import conv_output_size as _out_size
 from .dft import MAX_GRID as DFT_MAX_GRID
 from .dft import dft_conv2d, dft_grid, dft_macs, direct_macs
@@ -193,9 +194,7 @@ def _input_grad(grad_out: Tensor, x: Tensor, weight: Tensor, stride, padding) ->
     """PyTorch's input gradient, in chunks of images of about :data:`_SLAB_ELEMENTS` input elements
     (oneDNN's temporaries for the whole batch are as large as the input again)."""
     def piece(g: Tensor, xs: Tensor) -> Tensor:
-        return torch.ops.aten.convolution_backward(
-            g, xs, weight, None, stride, padding, (1, 1), False, (0, 0), 1, (True, False, False)
-        )[0]
+        return convolution_input_grad(g, xs, weight, stride, padding)
 
     n = x.shape[0]
     chunks = -(-n // max(1, _SLAB_ELEMENTS // x[0].numel()))
