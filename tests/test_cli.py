@@ -5,10 +5,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from capsnet.cli import main
-
-from conftest import REPO
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -128,11 +127,10 @@ def test_every_smoke_variant_trains_evaluates_and_draws(config, tmp_path):
 def _tiny_checkpoint(path, **change):
     """A capsnet checkpoint file of ``capsnet_tiny`` on synthetic data, without training; ``change`` edits its payload."""
     import torch
+    from conftest import TINY
 
     from capsnet import create_model
     from capsnet.train import TrainConfig, save_checkpoint
-
-    from conftest import TINY
 
     torch.manual_seed(0)
     payload = dict(config=TrainConfig(**TINY).to_dict(), model=create_model("capsnet_tiny").state_dict())
@@ -167,9 +165,9 @@ def test_checkpoint_without_a_rebuildable_model_is_a_checkpoint_error_naming_the
 
 
 def test_checkpoint_under_a_crafted_config_of_another_model_is_refused(tmp_path, capsys):
-    from capsnet.train import TrainConfig
-
     from conftest import TINY
+
+    from capsnet.train import TrainConfig
 
     path = _tiny_checkpoint(tmp_path / "best.pt", config=TrainConfig(**dict(TINY, model="em_tiny")).to_dict())
     assert main(["eval", "--checkpoint", str(path), "--data", str(tmp_path)]) == 2

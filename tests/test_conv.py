@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch.autograd import gradcheck, gradgradcheck
 
 from capsnet.layers import Conv2d
-from capsnet.ops.conv import _Conv2d
 from capsnet.models import create_model
+from capsnet.ops.conv import _Conv2d
 
 # (in_channels, out_channels, kernel, stride, padding, input side)
 SHAPES = [(3, 4, 3, 2, 1, 9), (2, 5, 3, 1, 0, 7), (3, 4, (4, 3), (3, 2), (2, 1), 10), (1, 6, 5, 2, 0, 11), (4, 3, 9, 2, 0, 20)]

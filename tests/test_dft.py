@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch.autograd import gradcheck, gradgradcheck
 
 from capsnet.layers import Conv2d
+from capsnet.models import create_model
 from capsnet.ops import dft
 from capsnet.ops.dft import _DFTConv2d, dft_conv2d, dft_macs, direct_macs, plan
-from capsnet.models import create_model
 
 # (in_channels, out_channels, kernel, stride, padding, (H, W))
 SHAPES = [

@@ -7,13 +7,11 @@ import sys
 import textwrap
 import time
 
-import pytest
 import torch
+from conftest import REPO
 
 from capsnet.train import TrainConfig, load_checkpoint, train
 from capsnet.train.checkpoint import CheckpointError, load_latest
-
-from conftest import REPO
 
 SMOKE = str(REPO / "configs" / "mnist.py:smoke")
 COMMON = ["--no-progress", "--set", "figures=False", "--set", "checkpoint_every=1"]

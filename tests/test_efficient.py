@@ -12,14 +12,13 @@ import math
 
 import pytest
 import torch
+from conftest import REPO
 from torch.autograd import gradcheck
 
 from capsnet import SelfAttentionRoutingResult, create_model, margin_loss, reconstruction_loss, self_attention_routing, squash
 from capsnet.cli import main
 from capsnet.models import CapsNetOutput
 from capsnet.train.config import load_config
-
-from conftest import REPO
 
 PNG = b"\x89PNG\r\n\x1a\n"
 SHAPES = [(1, 1, 1, 1), (1, 3, 2, 4), (2, 5, 3, 4), (3, 16, 10, 16), (2, 12, 4, 2)]  # (B, I, J, D)

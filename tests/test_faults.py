@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import REPO, TINY
 
 import capsnet.train.checkpoint as checkpoint_module
 import capsnet.train.loop as loop
@@ -17,8 +18,6 @@ from capsnet.cli import main
 from capsnet.train import CheckpointError, TrainConfig, load_checkpoint, train
 from capsnet.train.checkpoint import load_latest, rotate_and_save
 from capsnet.train.logs import MetricsLogger, read_metrics_csv
-
-from conftest import REPO, TINY
 
 
 def _train(out, resume=False, final_test=False, **overrides):

@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+from conftest import REPO, TINY
 
 import capsnet.train.loop as loop
 from capsnet import create_model, list_models
@@ -20,11 +21,17 @@ from capsnet.cli import main
 from capsnet.data.base import Split
 from capsnet.models.registry import _MODELS
 from capsnet.train import (
-    CheckpointError, TrainConfig, create_objective, evaluate, load_checkpoint, load_config, load_model, save_checkpoint, train,
+    CheckpointError,
+    TrainConfig,
+    create_objective,
+    evaluate,
+    load_checkpoint,
+    load_config,
+    load_model,
+    save_checkpoint,
+    train,
 )
 from capsnet.validation import keyword_hints
-
-from conftest import REPO, TINY
 
 SMOKE = str(REPO / "configs" / "mnist.py:smoke")
 

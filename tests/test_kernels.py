@@ -19,9 +19,9 @@ import torch
 import capsnet.ops.kernels as kernels
 import capsnet.routing.em as em
 from capsnet import create_model
+from capsnet.cli import kernel_settings
 from capsnet.functional import spread_loss
 from capsnet.layers.matrix import _block_weight
-from capsnet.cli import kernel_settings
 from capsnet.routing.em import ConvGeometry, FactoredVotes, em_routing, to_patches
 
 needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler: the kernels cannot be built")

@@ -181,7 +181,7 @@ def _conforms(value: Any, hint: Any) -> bool:
     if hint is Any:
         return True
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is typing.Union or (hasattr(types, "UnionType") and origin is getattr(types, "UnionType")):
+    if origin is typing.Union or (hasattr(types, "UnionType") and origin is types.UnionType):
         return any(_conforms(value, h) for h in args)
     if origin is typing.Literal:
         return value in args
@@ -219,7 +219,7 @@ def _bounds(low: Optional[float], high: Optional[float]) -> str:
 def _describe(hint: Any) -> str:
     """``int`` -> "an int", ``Optional[float]`` -> "None or a finite number", ... for messages."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is typing.Union or (hasattr(types, "UnionType") and origin is getattr(types, "UnionType")):
+    if origin is typing.Union or (hasattr(types, "UnionType") and origin is types.UnionType):
         return " or ".join(_describe(h) for h in args)
     if origin is typing.Literal:
         return "one of " + ", ".join(repr(a) for a in args)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import torch
 from einops import rearrange
 from torch import Tensor, nn
 
 from .._shapes import conv_output_size
 from ..functional import squash
-from ..validation import check_dtype
 from ..ops.conv import Conv2d
+from ..validation import check_dtype
 
 __all__ = ["PrimaryCaps"]
 

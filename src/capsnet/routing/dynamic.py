@@ -18,7 +18,6 @@ Two implementations of one function:
 from __future__ import annotations
 
 import operator
-
 from typing import NamedTuple, Optional
 
 import torch

@@ -7,8 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..functional import margin_loss, reconstruction_loss, spread_loss
-from ..functional import matched_reconstruction_loss, multi_digit_classes, multi_hot, sigmoid_cross_entropy, two_digit_correct
+from ..functional import margin_loss, matched_reconstruction_loss, multi_digit_classes, multi_hot, reconstruction_loss, sigmoid_cross_entropy, spread_loss, two_digit_correct
 from .schedules import spread_margin
 
 __all__ = ["MultiDigitMarginObjective", "Objective", "SigmoidCrossEntropyObjective", "create_objective"]
