@@ -12,6 +12,7 @@ from capsnet.cli import main
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_train_eval_viz_smoke(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--config", str(REPO / "configs" / "mnist.py:smoke"), "--out", str(out), "--data", str(tmp_path), "--no-progress"]) == 0
@@ -94,6 +95,7 @@ def test_train_loads_the_dataset_once_for_training_and_figures(tmp_path, monkeyp
     assert (tmp_path / "run" / "figures" / "reconstructions.png").exists() and len(calls) == 1
 
 
+@pytest.mark.slow
 def test_module_entry_point_lists_models():
     result = subprocess.run([sys.executable, "-m", "capsnet", "models"], capture_output=True, text=True, check=True)
     assert "capsnet_mnist" in result.stdout.split()
@@ -112,6 +114,7 @@ def test_every_config_has_a_command_and_a_smoke_variant(config):
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.py")))
+@pytest.mark.slow
 def test_every_smoke_variant_trains_evaluates_and_draws(config, tmp_path):
     out = tmp_path / "run"
     code = main(["train", "--config", str(REPO / "configs" / config) + ":smoke", "--out", str(out), "--data", str(tmp_path), "--no-progress"])

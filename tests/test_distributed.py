@@ -7,6 +7,7 @@ import sys
 import textwrap
 import time
 
+import pytest
 import torch
 from conftest import REPO
 
@@ -40,6 +41,7 @@ def _assert_close(a, b, atol):
         assert torch.allclose(a[name], b[name], atol=atol, rtol=0), f"{name}: max diff {(a[name] - b[name]).abs().max()}"
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_on_the_same_global_batch(tmp_path):
     """DDP averages the two half-batch gradients: equal to the full-batch gradient up to float rounding."""
     _capsnet("train", "--config", SMOKE, "--out", str(tmp_path / "one"), "--data", str(tmp_path), *COMMON)
@@ -48,6 +50,7 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path):
     _assert_close(_weights(tmp_path / "one"), _weights(tmp_path / "two"), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_with_a_different_number_of_processes(tmp_path):
     _capsnet("train", "--config", SMOKE, "--out", str(tmp_path / "one"), "--data", str(tmp_path), *COMMON)
     mixed = tmp_path / "mixed"
@@ -96,6 +99,7 @@ def _train_in_child(out, *, threads="1"):
     subprocess.run([sys.executable, "-c", KILLABLE.format(cfg=TINY), str(out)], env=env, check=True, timeout=240)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
     # Both runs in child processes under the same thread count: on AVX-512 CPUs one and two
     # threads round differently, so a run compared with one trained under pytest's own thread
@@ -159,6 +163,7 @@ WORKER_THAT_DIES_ONCE = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_torchrun_max_restarts_continues_from_the_checkpoint(tmp_path):
     out = tmp_path / "run"
     out.mkdir()

@@ -443,6 +443,7 @@ def test_efficient_config_refuses_unknown_variants(config, variant):
         load_config(str(REPO / "configs" / f"{config}:{variant}"))
 
 
+@pytest.mark.slow
 def test_train_eval_viz_smoke_with_efficient_capsnet(tmp_path, capsys):
     out = tmp_path / "run"
     config = str(REPO / "configs" / "mnist_efficient.py:smoke")
@@ -465,6 +466,7 @@ def _train_and_eval(tmp_path, config: str) -> tuple[dict, dict]:
     return summary, json.loads((tmp_path / "e.json").read_text())
 
 
+@pytest.mark.slow
 def test_train_eval_smoke_with_efficient_capsnet_on_multimnist(tmp_path, capsys):
     summary, result = _train_and_eval(tmp_path, "multimnist_efficient.py:smoke")
     assert summary["model"] == "efficient_capsnet_multimnist" and summary["dataset"] == "multimnist"
@@ -474,6 +476,7 @@ def test_train_eval_smoke_with_efficient_capsnet_on_multimnist(tmp_path, capsys)
         assert (tmp_path / "run" / "figures" / name).read_bytes()[:8] == PNG, name
 
 
+@pytest.mark.slow
 def test_train_eval_smoke_with_efficient_capsnet_on_affine_mnist(tmp_path, capsys):
     summary, result = _train_and_eval(tmp_path, "affine_efficient.py:smoke")
     assert summary["model"] == "efficient_capsnet_mnist" and summary["dataset"] == "affine_mnist"

@@ -85,6 +85,7 @@ FILE_SIZE_LIMIT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_a_log_write_that_runs_out_of_space_leaves_whole_lines(tmp_path):
     """The file system stops a write part way (here a file-size limit, as a full disk does): no torn row."""
     out = tmp_path / "run"
@@ -128,6 +129,7 @@ def test_interrupted_csv_rewrite_on_resume_keeps_the_old_file(tmp_path, monkeypa
 # --------------------------------------------------------------------------- one run per directory
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_busy_directory_is_refused(tmp_path):
     """While another process holds the run directory, train() refuses; once it dies, the lock is gone."""
     out = tmp_path / "run"
@@ -316,6 +318,7 @@ WAIT_AT_STEP_5 = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_sigint_to_the_cli_exits_130_naming_the_step_and_resume_finishes(tmp_path):
     """A real SIGINT to ``capsnet train``: exit status 130, one line on stderr and no traceback; ``--resume`` ends the run."""
     out = tmp_path / "run"

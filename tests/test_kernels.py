@@ -366,6 +366,7 @@ def test_configure_refuses_unknown_settings(configure):
 
 @needs_cc
 @pytest.mark.skipif(kernels.fcntl is None, reason="no fcntl: builds are not serialised here")
+@pytest.mark.slow
 def test_the_build_holds_a_lock_beside_the_library_while_it_compiles(configure, monkeypatch, tmp_path):
     configure(cache=tmp_path)
     kernels._library = None
