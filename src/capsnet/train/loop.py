@@ -389,7 +389,7 @@ class _Run:
         self.cfg, self.data, self.model, self.objective = cfg, data, model, objective
         self.out, self.dist, self.device = out, dist, device
         # Fused: one kernel for the whole update instead of a dozen per tensor (the same Adam
-        # formula; on CPU the step of capsnet_mnist fell from ~70 to ~11 ms, docs/performance.md);
+        # formula, several times faster on CPU: docs/performance.md, "Proposed changes");
         # its state made now, below the activations (capsnet.train.optim), unless a checkpoint's is loaded.
         self.optimizer = adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, make_state=found is None)
         self.n = data.size("train")
