@@ -1,5 +1,5 @@
 # Two entry points: `make demo` (train + evaluate a CapsNet on MNIST, write figures)
-# and `make test` (the whole test suite). Both create .venv and install on first use.
+# and `make test` (lint, then the whole test suite). Both create .venv and install on first use.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -21,6 +21,7 @@ demo: install
 	$(BIN)/capsnet train --config configs/mnist.py:demo --out runs/demo --download --resume
 
 test: install
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -65,7 +65,7 @@ def reference_em_routing(votes, activations, beta_a, beta_v, *, lambdas, childre
     for b in range(batch):
         # Init: R_ij = 1 / |parents of child i|.
         R = np.zeros((num_patches, slots, types))
-        for c, edges in parents_of.items():
+        for edges in parents_of.values():
             for (l, i, j) in edges:
                 R[l, i, j] = 1.0 / len(edges)
         for it, lam in enumerate(lambdas):
@@ -108,7 +108,7 @@ def reference_em_routing(votes, activations, beta_a, beta_v, *, lambdas, childre
                 break
             # E-step, one child at a time, normalised over all of its parents.
             R = np.zeros((num_patches, slots, types))
-            for c, edges in parents_of.items():
+            for edges in parents_of.values():
                 logs = []
                 for (l, i, j) in edges:
                     log_p = 0.0

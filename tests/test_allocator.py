@@ -40,6 +40,7 @@ def _run_child(**env):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+@pytest.mark.slow
 def test_freed_tensors_are_reused_without_page_faults():
     out = _run_child(CAPSNET_MALLOC="")
     assert out["applied"] and out["again"]
@@ -49,6 +50,7 @@ def test_freed_tensors_are_reused_without_page_faults():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+@pytest.mark.slow
 def test_capsnet_malloc_system_keeps_the_defaults():
     out = _run_child(CAPSNET_MALLOC="system")
     assert not out["applied"] and not out["again"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY
 
 from capsnet import dynamic_routing
 from capsnet.layers import DenseCaps
@@ -15,8 +16,6 @@ from capsnet.layers.matrix import ConvMatCaps, PrimaryMatCaps
 from capsnet.models import create_model
 from capsnet.train import TrainConfig, train
 from capsnet.train.checkpoint import load_checkpoint
-
-from conftest import TINY
 
 LOW = [torch.bfloat16, torch.float16]
 

@@ -14,6 +14,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 
 from capsnet.data import MNIST, load_dataset, random_shift, write_idx
 from capsnet.data.transforms import (
@@ -29,8 +30,6 @@ from capsnet.data.transforms import (
     translate,
 )
 from capsnet.train.config import load_config
-
-from conftest import REPO
 
 
 def _digits(n: int = 32, size: int = 28, seed: int = 0) -> torch.Tensor:

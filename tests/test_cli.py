@@ -5,14 +5,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from capsnet.cli import main
-
-from conftest import REPO
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_train_eval_viz_smoke(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--config", str(REPO / "configs" / "mnist.py:smoke"), "--out", str(out), "--data", str(tmp_path), "--no-progress"]) == 0
@@ -75,6 +75,27 @@ def test_missing_data_is_a_clear_error(tmp_path, capsys):
     assert "train-images-idx3-ubyte.gz is missing" in err and "CAPSNET_DATA" in err
 
 
+def test_verbose_shows_the_traceback_of_a_refused_command(tmp_path, capsys):
+    args = ["train", "--config", str(REPO / "configs" / "mnist.py"), "--out", str(tmp_path / "r"), "--data", str(tmp_path)]
+    assert main(args) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    assert main(["-v", *args]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "train-images-idx3-ubyte.gz is missing" in err
+
+
+def test_train_loads_the_dataset_once_for_training_and_figures(tmp_path, monkeypatch):
+    import capsnet.train.loop as loop
+
+    calls = []
+    load = loop.load_data
+    monkeypatch.setattr(loop, "load_data", lambda *a, **k: calls.append(a) or load(*a, **k))
+    args = ["train", "--config", str(REPO / "configs" / "mnist.py:smoke"), "--out", str(tmp_path / "run"), "--data", str(tmp_path)]
+    assert main([*args, "--no-progress", "--set", "max_steps=1"]) == 0
+    assert (tmp_path / "run" / "figures" / "reconstructions.png").exists() and len(calls) == 1
+
+
+@pytest.mark.slow
 def test_module_entry_point_lists_models():
     result = subprocess.run([sys.executable, "-m", "capsnet", "models"], capture_output=True, text=True, check=True)
     assert "capsnet_mnist" in result.stdout.split()
@@ -93,6 +114,7 @@ def test_every_config_has_a_command_and_a_smoke_variant(config):
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.py")))
+@pytest.mark.slow
 def test_every_smoke_variant_trains_evaluates_and_draws(config, tmp_path):
     out = tmp_path / "run"
     code = main(["train", "--config", str(REPO / "configs" / config) + ":smoke", "--out", str(out), "--data", str(tmp_path), "--no-progress"])
@@ -108,11 +130,10 @@ def test_every_smoke_variant_trains_evaluates_and_draws(config, tmp_path):
 def _tiny_checkpoint(path, **change):
     """A capsnet checkpoint file of ``capsnet_tiny`` on synthetic data, without training; ``change`` edits its payload."""
     import torch
+    from conftest import TINY
 
     from capsnet import create_model
     from capsnet.train import TrainConfig, save_checkpoint
-
-    from conftest import TINY
 
     torch.manual_seed(0)
     payload = dict(config=TrainConfig(**TINY).to_dict(), model=create_model("capsnet_tiny").state_dict())
@@ -147,9 +168,9 @@ def test_checkpoint_without_a_rebuildable_model_is_a_checkpoint_error_naming_the
 
 
 def test_checkpoint_under_a_crafted_config_of_another_model_is_refused(tmp_path, capsys):
-    from capsnet.train import TrainConfig
-
     from conftest import TINY
+
+    from capsnet.train import TrainConfig
 
     path = _tiny_checkpoint(tmp_path / "best.pt", config=TrainConfig(**dict(TINY, model="em_tiny")).to_dict())
     assert main(["eval", "--checkpoint", str(path), "--data", str(tmp_path)]) == 2

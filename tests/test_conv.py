@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch.autograd import gradcheck, gradgradcheck
 
 from capsnet.layers import Conv2d
-from capsnet.layers.conv import _Conv2d
 from capsnet.models import create_model
+from capsnet.ops.conv import _Conv2d
 
 # (in_channels, out_channels, kernel, stride, padding, input side)
 SHAPES = [(3, 4, 3, 2, 1, 9), (2, 5, 3, 1, 0, 7), (3, 4, (4, 3), (3, 2), (2, 1), 10), (1, 6, 5, 2, 0, 11), (4, 3, 9, 2, 0, 20)]
@@ -122,7 +122,7 @@ def test_capsnet_gradients_do_not_depend_on_strategy():
 def test_several_slabs_channels_last_and_empty_batches(monkeypatch, strategy):
     """Slabs of channels smaller than C (as PrimaryCaps at batch 128), the input gradient in chunks
     of images, channels-last input, batch 0."""
-    monkeypatch.setattr("capsnet.layers.conv._SLAB_ELEMENTS", 500)  # 2 channels per slab, 1 image per chunk here
+    monkeypatch.setattr("capsnet.ops.conv._SLAB_ELEMENTS", 500)  # 2 channels per slab, 1 image per chunk here
     shape = SHAPES[4]
     layer = _layer(shape, strategy)
     for x in (_input(shape), _input(shape).detach().to(memory_format=torch.channels_last).requires_grad_()):

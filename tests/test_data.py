@@ -1,5 +1,4 @@
 import hashlib
-import urllib.error
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""The bilinear DFT convolution (``capsnet.layers.dft``) against ``torch.nn.functional.conv2d``.
+"""The bilinear DFT convolution (``capsnet.ops.dft``) against ``torch.nn.functional.conv2d``.
 
 In float64 the algorithm is exact up to rounding: values, first and second derivatives
 must equal ``F.conv2d``'s to 1e-10 for strides, paddings, rectangular and strided kernels,
@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch.autograd import gradcheck, gradgradcheck
 
 from capsnet.layers import Conv2d
-from capsnet.layers import dft
-from capsnet.layers.dft import _DFTConv2d, dft_conv2d, dft_macs, direct_macs, plan
 from capsnet.models import create_model
+from capsnet.ops import dft
+from capsnet.ops.dft import _DFTConv2d, dft_conv2d, dft_macs, direct_macs, plan
 
 # (in_channels, out_channels, kernel, stride, padding, (H, W))
 SHAPES = [

@@ -9,11 +9,10 @@ import time
 
 import pytest
 import torch
+from conftest import REPO
 
 from capsnet.train import TrainConfig, load_checkpoint, train
 from capsnet.train.checkpoint import CheckpointError, load_latest
-
-from conftest import REPO
 
 SMOKE = str(REPO / "configs" / "mnist.py:smoke")
 COMMON = ["--no-progress", "--set", "figures=False", "--set", "checkpoint_every=1"]
@@ -42,6 +41,7 @@ def _assert_close(a, b, atol):
         assert torch.allclose(a[name], b[name], atol=atol, rtol=0), f"{name}: max diff {(a[name] - b[name]).abs().max()}"
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_on_the_same_global_batch(tmp_path):
     """DDP averages the two half-batch gradients: equal to the full-batch gradient up to float rounding."""
     _capsnet("train", "--config", SMOKE, "--out", str(tmp_path / "one"), "--data", str(tmp_path), *COMMON)
@@ -50,6 +50,7 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path):
     _assert_close(_weights(tmp_path / "one"), _weights(tmp_path / "two"), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_with_a_different_number_of_processes(tmp_path):
     _capsnet("train", "--config", SMOKE, "--out", str(tmp_path / "one"), "--data", str(tmp_path), *COMMON)
     mixed = tmp_path / "mixed"
@@ -98,6 +99,7 @@ def _train_in_child(out, *, threads="1"):
     subprocess.run([sys.executable, "-c", KILLABLE.format(cfg=TINY), str(out)], env=env, check=True, timeout=240)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
     # Both runs in child processes under the same thread count: on AVX-512 CPUs one and two
     # threads round differently, so a run compared with one trained under pytest's own thread
@@ -161,6 +163,7 @@ WORKER_THAT_DIES_ONCE = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_torchrun_max_restarts_continues_from_the_checkpoint(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -176,3 +179,11 @@ def test_torchrun_max_restarts_continues_from_the_checkpoint(tmp_path):
     _capsnet("train", "--config", SMOKE, "--out", str(straight), "--data", str(tmp_path), *COMMON, "--set", "epochs=40")
     a, b = _weights(straight), _weights(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_without_a_launcher_the_command_line_stays_one_process():
+    from capsnet.train.distributed import Dist
+
+    dist, device = Dist.launch("cpu", {"WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+    assert (dist.enabled, dist.rank, dist.world, dist.is_main, device) == (False, 0, 1, True, "cpu")
+    dist.close()  # no group: nothing to leave

@@ -12,14 +12,13 @@ import math
 
 import pytest
 import torch
+from conftest import REPO
 from torch.autograd import gradcheck
 
 from capsnet import SelfAttentionRoutingResult, create_model, margin_loss, reconstruction_loss, self_attention_routing, squash
 from capsnet.cli import main
 from capsnet.models import CapsNetOutput
 from capsnet.train.config import load_config
-
-from conftest import REPO
 
 PNG = b"\x89PNG\r\n\x1a\n"
 SHAPES = [(1, 1, 1, 1), (1, 3, 2, 4), (2, 5, 3, 4), (3, 16, 10, 16), (2, 12, 4, 2)]  # (B, I, J, D)
@@ -444,6 +443,7 @@ def test_efficient_config_refuses_unknown_variants(config, variant):
         load_config(str(REPO / "configs" / f"{config}:{variant}"))
 
 
+@pytest.mark.slow
 def test_train_eval_viz_smoke_with_efficient_capsnet(tmp_path, capsys):
     out = tmp_path / "run"
     config = str(REPO / "configs" / "mnist_efficient.py:smoke")
@@ -466,6 +466,7 @@ def _train_and_eval(tmp_path, config: str) -> tuple[dict, dict]:
     return summary, json.loads((tmp_path / "e.json").read_text())
 
 
+@pytest.mark.slow
 def test_train_eval_smoke_with_efficient_capsnet_on_multimnist(tmp_path, capsys):
     summary, result = _train_and_eval(tmp_path, "multimnist_efficient.py:smoke")
     assert summary["model"] == "efficient_capsnet_multimnist" and summary["dataset"] == "multimnist"
@@ -475,6 +476,7 @@ def test_train_eval_smoke_with_efficient_capsnet_on_multimnist(tmp_path, capsys)
         assert (tmp_path / "run" / "figures" / name).read_bytes()[:8] == PNG, name
 
 
+@pytest.mark.slow
 def test_train_eval_smoke_with_efficient_capsnet_on_affine_mnist(tmp_path, capsys):
     summary, result = _train_and_eval(tmp_path, "affine_efficient.py:smoke")
     assert summary["model"] == "efficient_capsnet_mnist" and summary["dataset"] == "affine_mnist"

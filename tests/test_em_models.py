@@ -239,6 +239,7 @@ def test_unknown_routing_keywords_are_rejected():
         ConvMatCaps(2, 3, iteration=2)
 
 
+@pytest.mark.slow
 def test_smallnorb_is_registered_by_importing_capsnet_data():
     """In a fresh interpreter: no config or caller has to import capsnet.data.smallnorb first."""
     import subprocess

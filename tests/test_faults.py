@@ -10,15 +10,14 @@ import textwrap
 
 import pytest
 import torch
+from conftest import REPO, TINY
 
 import capsnet.train.checkpoint as checkpoint_module
 import capsnet.train.loop as loop
 from capsnet.cli import main
 from capsnet.train import CheckpointError, TrainConfig, load_checkpoint, train
 from capsnet.train.checkpoint import load_latest, rotate_and_save
-from capsnet.train.metrics import MetricsLogger, read_metrics_csv
-
-from conftest import REPO, TINY
+from capsnet.train.logs import MetricsLogger, read_metrics_csv
 
 
 def _train(out, resume=False, final_test=False, **overrides):
@@ -71,7 +70,7 @@ FILE_SIZE_LIMIT = textwrap.dedent(
     """
     import resource, signal, sys
     from pathlib import Path
-    from capsnet.train.metrics import MetricsLogger
+    from capsnet.train.logs import MetricsLogger
     out = Path(sys.argv[1])
     logger = MetricsLogger(out, resume_step=10**9)  # keeps the 2,000 rows already there
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, like ENOSPC
@@ -86,6 +85,7 @@ FILE_SIZE_LIMIT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_a_log_write_that_runs_out_of_space_leaves_whole_lines(tmp_path):
     """The file system stops a write part way (here a file-size limit, as a full disk does): no torn row."""
     out = tmp_path / "run"
@@ -119,7 +119,7 @@ def test_interrupted_csv_rewrite_on_resume_keeps_the_old_file(tmp_path, monkeypa
         return rows
 
     read = read_metrics_csv
-    monkeypatch.setattr("capsnet.train.metrics.read_metrics_csv", rows_with_a_bad_one)
+    monkeypatch.setattr("capsnet.train.logs.read_metrics_csv", rows_with_a_bad_one)
     with pytest.raises(Killed):
         MetricsLogger(out, resume_step=4)
     assert (out / "metrics.csv").read_bytes() == before
@@ -129,6 +129,7 @@ def test_interrupted_csv_rewrite_on_resume_keeps_the_old_file(tmp_path, monkeypa
 # --------------------------------------------------------------------------- one run per directory
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_busy_directory_is_refused(tmp_path):
     """While another process holds the run directory, train() refuses; once it dies, the lock is gone."""
     out = tmp_path / "run"
@@ -317,6 +318,7 @@ WAIT_AT_STEP_5 = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_sigint_to_the_cli_exits_130_naming_the_step_and_resume_finishes(tmp_path):
     """A real SIGINT to ``capsnet train``: exit status 130, one line on stderr and no traceback; ``--resume`` ends the run."""
     out = tmp_path / "run"

@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+from conftest import REPO, TINY
 
 import capsnet.train.loop as loop
 from capsnet import create_model, list_models
@@ -20,11 +21,17 @@ from capsnet.cli import main
 from capsnet.data.base import Split
 from capsnet.models.registry import _MODELS
 from capsnet.train import (
-    CheckpointError, TrainConfig, create_objective, evaluate, load_checkpoint, load_config, load_model, save_checkpoint, train,
+    CheckpointError,
+    TrainConfig,
+    create_objective,
+    evaluate,
+    load_checkpoint,
+    load_config,
+    load_model,
+    save_checkpoint,
+    train,
 )
 from capsnet.validation import keyword_hints
-
-from conftest import REPO, TINY
 
 SMOKE = str(REPO / "configs" / "mnist.py:smoke")
 
@@ -210,7 +217,7 @@ def test_config_file_errors_of_the_python_api_are_value_errors(tmp_path):
 
 
 def test_dft_convolution_spreads_a_non_finite_pixel_over_its_image_direct_keeps_it_local():
-    # Documented in capsnet.layers.conv.Conv2d and capsnet.layers.dft: the transform mixes
+    # Documented in capsnet.ops.conv.Conv2d and capsnet.ops.dft: the transform mixes
     # every pixel into every frequency, so one NaN / inf pixel makes that image's whole
     # output NaN; the direct convolution spoils only the outputs whose window holds it.
     # Other images of the batch stay finite either way. The CLI and the models refuse

@@ -1,37 +1,50 @@
-"""The compiled EM vote reads (capsnet.kernels) against the eager reads they replace.
+"""The compiled EM vote reads (capsnet.ops.kernels) against the eager reads they replace.
 
 Every map is checked against :class:`capsnet.routing.em._VoteReader` in float64 on the same
 factors, for dense factors, grouped children with offsets (the class layer) and 4x4 matrices
 (the convolutional layers); then whole routing and a whole model, compiled against eager; then
-every fallback (kernels off, float64, a compiler that fails).
+every fallback (kernels off, float64, a compiler that fails, is missing or hangs), the build
+lock and the command line's reading of the environment. Tests that compile are skipped where
+there is no C compiler; the fallbacks run everywhere.
 """
 
 from __future__ import annotations
 
 import shutil
+import sys
 
 import pytest
 import torch
 
-import capsnet.kernels as kernels
+import capsnet.ops.kernels as kernels
 import capsnet.routing.em as em
 from capsnet import create_model
+from capsnet.cli import kernel_settings
 from capsnet.functional import spread_loss
 from capsnet.layers.matrix import _block_weight
 from capsnet.routing.em import ConvGeometry, FactoredVotes, em_routing, to_patches
 
-pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler: the kernels cannot be built")
+needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler: the kernels cannot be built")
 
 F32, F64 = torch.float32, torch.float64
 
 
 @pytest.fixture(autouse=True)
-def _follow_environment():
+def _follow_settings():
     kernels.set_enabled(None)
     yield
     kernels.set_enabled(None)
 
 
+@pytest.fixture
+def configure(monkeypatch):
+    """:func:`kernels.configure` for one test: the settings and build state are restored after it."""
+    for name in ("_settings", "_library", "_failed", "_private"):
+        monkeypatch.setattr(kernels, name, getattr(kernels, name))
+    return kernels.configure
+
+
+@needs_cc
 def test_kernels_build_here():
     assert kernels.enabled()
     assert kernels._load() is not None, kernels._failed
@@ -66,6 +79,7 @@ def _readers(kind: str):
     return eager, compiled, shape
 
 
+@needs_cc
 @pytest.mark.parametrize("kind", ["dense", "conv", "class"])
 def test_moments_and_quadratic_match_the_eager_reads(kind):
     eager, compiled, (slots, batch, patches, types, dim) = _readers(kind)
@@ -79,6 +93,7 @@ def test_moments_and_quadratic_match_the_eager_reads(kind):
                                rtol=1e-5, atol=1e-3)  # fmt: skip
 
 
+@needs_cc
 @pytest.mark.parametrize("kind", ["dense", "conv", "class"])
 def test_gradient_chunks_match_the_eager_chunks(kind):
     eager, compiled, (slots, batch, patches, types, dim) = _readers(kind)
@@ -120,6 +135,7 @@ OPTIONS = [{}, dict(activation="centred"), dict(activation="standardised", sched
            dict(activation="centred", truncate_gradient=True)]
 
 
+@needs_cc
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(map(str, o.values())) or "paper")
 def test_compiled_routing_matches_eager_routing_values_and_gradients(options):
     geometry, poses, matrices, act, beta_a, beta_v = _conv_problem()
@@ -132,6 +148,7 @@ def test_compiled_routing_matches_eager_routing_values_and_gradients(options):
         assert err_c <= 4 * err_e + 1e-5 * ref.abs().max().item(), (name, err_c, err_e)
 
 
+@needs_cc
 def test_compiled_routing_gives_the_same_bits_with_one_or_two_threads():
     # Every row is one thread's work, so only the sum of the per-thread matrix gradients may differ.
     # 40 rows: three blocks of 16 rows for moments and quadratic, so both threads get some.
@@ -149,6 +166,7 @@ def test_compiled_routing_gives_the_same_bits_with_one_or_two_threads():
     torch.testing.assert_close(one[4], two[4], rtol=1e-6, atol=1e-6 * one[4].abs().max().item())
 
 
+@needs_cc
 @pytest.mark.parametrize("name", ["em_tiny", "em_small"])
 def test_model_trains_the_same_with_and_without_the_kernels(name):
     torch.manual_seed(0)
@@ -168,7 +186,8 @@ def test_model_trains_the_same_with_and_without_the_kernels(name):
         torch.testing.assert_close(gc, ge, rtol=1e-3, atol=1e-3 * ge.abs().max().item() + 1e-7)
 
 
-def test_readers_fall_back_to_eager_where_the_kernels_do_not_apply(monkeypatch):
+@needs_cc
+def test_readers_fall_back_to_eager_where_the_kernels_do_not_apply(configure):
     poses, transforms, offsets, matrices, shape = _factors("conv")
     centre = em._factored_centre(poses, transforms, offsets, shape)
     f32 = [None if t is None else t.float() for t in (poses, transforms, offsets, matrices, centre)]
@@ -177,18 +196,15 @@ def test_readers_fall_back_to_eager_where_the_kernels_do_not_apply(monkeypatch):
     kernels.set_enabled(False)
     assert kernels.em_votes(*f32, shape) is None
     kernels.set_enabled(None)
-    monkeypatch.setenv("CAPSNET_KERNELS", "0")
+    configure(mode="off")
     assert not kernels.enabled() and kernels.em_votes(*f32, shape) is None
-    monkeypatch.setenv("CAPSNET_KERNELS", "auto")
+    configure(mode="auto")
     assert kernels.enabled()
 
 
-def test_a_compiler_that_fails_warns_once_and_routing_still_runs(monkeypatch, tmp_path):
-    monkeypatch.setattr(kernels, "_library", None)
-    monkeypatch.setattr(kernels, "_failed", None)
-    monkeypatch.setenv("CAPSNET_CACHE", str(tmp_path))  # nothing built there yet
-    monkeypatch.setenv("CC", "false")  # exits 1
-    monkeypatch.setenv("CAPSNET_KERNELS", "auto")
+def test_a_compiler_that_fails_warns_once_and_routing_still_runs(configure, tmp_path):
+    kernels._library = None
+    configure(mode="auto", cache=tmp_path, compiler="false")  # nothing built there yet; false exits 1
     geometry, poses, matrices, act, beta_a, beta_v = _conv_problem()
     with pytest.warns(RuntimeWarning, match="falls back to eager") as caught:
         out = _route(None, poses, matrices, act, beta_a, beta_v, geometry)
@@ -199,12 +215,9 @@ def test_a_compiler_that_fails_warns_once_and_routing_still_runs(monkeypatch, tm
     assert not list(tmp_path.rglob("*.so"))  # no partial library left behind
 
 
-def test_a_compiler_that_fails_is_an_error_when_the_kernels_are_required(monkeypatch, tmp_path):
-    monkeypatch.setattr(kernels, "_library", None)
-    monkeypatch.setattr(kernels, "_failed", None)
-    monkeypatch.setenv("CAPSNET_CACHE", str(tmp_path))
-    monkeypatch.setenv("CC", "no-such-compiler-capsnet")
-    monkeypatch.setenv("CAPSNET_KERNELS", "1")
+def test_a_compiler_that_fails_is_an_error_when_the_kernels_are_required(configure, tmp_path):
+    kernels._library = None
+    configure(mode="required", cache=tmp_path, compiler="no-such-compiler-capsnet")
     for _ in range(2):  # every time, not only the first
         with pytest.raises(RuntimeError, match="CAPSNET_KERNELS=1.*no C compiler"):
             kernels._load()
@@ -217,12 +230,12 @@ def test_matrices_of_the_wrong_shape_raise_value_error():
                    geometry=geometry)  # fmt: skip
 
 
-def test_an_unwritable_cache_falls_back_to_the_temporary_directory(monkeypatch, tmp_path):
+def test_an_unwritable_cache_falls_back_to_the_temporary_directory(configure, monkeypatch, tmp_path):
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")
-    monkeypatch.setenv("CAPSNET_CACHE", str(blocked))  # kernels/ cannot be made under a file
+    configure(cache=blocked)  # kernels/ cannot be made under a file
     monkeypatch.setattr(kernels.tempfile, "tempdir", str(tmp_path / "tmp"))
-    monkeypatch.setattr(kernels, "_private", None)
+    kernels._private = None
     (tmp_path / "tmp").mkdir()
     folder = kernels._cache_dir()
     assert folder.parent == tmp_path / "tmp" and folder.name.startswith("capsnet-kernels-")
@@ -230,6 +243,7 @@ def test_an_unwritable_cache_falls_back_to_the_temporary_directory(monkeypatch, 
     assert kernels._cache_dir() == folder  # one folder per process
 
 
+@needs_cc
 def test_block_transforms_alone_get_their_gradient_on_the_compiled_path():
     # matrices given for speed but without a gradient: the block transforms must still get theirs.
     geometry, poses, matrices, act, beta_a, beta_v = _conv_problem(seed=5)
@@ -245,6 +259,7 @@ def test_block_transforms_alone_get_their_gradient_on_the_compiled_path():
         torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4 * eager.abs().max().item())
 
 
+@needs_cc
 def test_matrices_alone_get_their_gradient_on_both_paths():
     # Block transforms built without a gradient: the 4x4 matrices must still get theirs.
     geometry, poses, matrices, act, beta_a, beta_v = _conv_problem(seed=6)
@@ -269,3 +284,112 @@ def test_activations_of_another_dtype_never_reach_the_kernels():
     with pytest.raises(ValueError, match="activations is torch.bfloat16"):
         em_routing(FactoredVotes(poses, _block_weight(matrices), None, matrices), act.bfloat16(), beta_a, beta_v,
                    geometry=geometry)  # fmt: skip
+
+
+def test_the_private_temporary_folder_is_removed_at_exit(configure, monkeypatch, tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    configure(cache=blocked)
+    monkeypatch.setattr(kernels.tempfile, "tempdir", str(tmp_path))
+    registered = []
+    monkeypatch.setattr(kernels.atexit, "register", registered.append)
+    kernels._private = None
+    folder = kernels._cache_dir()
+    assert folder.is_dir() and registered == [kernels._remove_private]
+    registered[0]()
+    assert not folder.exists() and kernels._private is None
+
+
+def test_without_a_compiler_models_train_exactly_as_with_the_kernels_off(configure, tmp_path):
+    kernels._library = None
+    configure(mode="auto", cache=tmp_path, compiler="no-such-compiler-capsnet")
+    torch.manual_seed(0)
+    model = create_model("em_tiny")
+    x = torch.rand(4, model.in_channels, model.image_size, model.image_size)
+    y = torch.tensor([0, 1, 2, 3]) % model.num_classes
+    results = []
+    for flag in (False, None):
+        kernels.set_enabled(flag)
+        model.zero_grad()
+        with pytest.warns(RuntimeWarning, match="no C compiler") if flag is None else _no_warning():
+            out = model(x, y)
+        spread_loss(out.activations, y, margin=0.2).backward()
+        results.append([out.activations.detach(), *(p.grad.clone() for p in model.parameters())])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    assert not list(tmp_path.rglob("*.so"))
+
+
+def _no_warning():
+    import contextlib
+    import warnings
+
+    @contextlib.contextmanager
+    def block():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            yield
+
+    return block()
+
+
+def test_build_is_explicit_and_follows_the_mode(configure, tmp_path):
+    configure(mode="off", cache=tmp_path, compiler="no-such-compiler-capsnet")
+    with _no_warning():
+        assert kernels.build() is False  # off: nothing is tried
+    configure(mode="auto", cache=tmp_path, compiler="no-such-compiler-capsnet")
+    kernels._library = None
+    with pytest.warns(RuntimeWarning, match="no C compiler"):
+        assert kernels.build() is False
+    configure(mode="required", cache=tmp_path, compiler="no-such-compiler-capsnet")
+    with pytest.raises(RuntimeError, match="required.*no C compiler"):
+        kernels.build()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a shell script as the compiler")
+def test_a_compiler_that_hangs_is_stopped_after_the_timeout(configure, tmp_path):
+    hangs = tmp_path / "hanging-cc"
+    hangs.write_text("#!/bin/sh\nsleep 30\n")
+    hangs.chmod(0o755)
+    kernels._library = None
+    configure(mode="auto", cache=tmp_path / "cache", compiler=str(hangs), timeout=0.5)
+    with pytest.warns(RuntimeWarning, match=r"took more than 0.5 s"):
+        assert kernels.build() is False
+    assert not list((tmp_path / "cache").rglob("*.so"))  # the temporary output is removed too
+
+
+def test_configure_refuses_unknown_settings(configure):
+    with pytest.raises(ValueError, match="mode must be one of"):
+        configure(mode="sometimes")
+    with pytest.raises(ValueError, match="timeout must be > 0"):
+        configure(timeout=0)
+
+
+@needs_cc
+@pytest.mark.skipif(kernels.fcntl is None, reason="no fcntl: builds are not serialised here")
+@pytest.mark.slow
+def test_the_build_holds_a_lock_beside_the_library_while_it_compiles(configure, monkeypatch, tmp_path):
+    configure(cache=tmp_path)
+    kernels._library = None
+    run, held = kernels.subprocess.run, []
+
+    def compiling(command, **kwargs):
+        lock = next((tmp_path / "kernels").glob("*.lock"))
+        with open(lock, "a") as other:  # another process's open file: it must wait
+            try:
+                kernels.fcntl.flock(other.fileno(), kernels.fcntl.LOCK_EX | kernels.fcntl.LOCK_NB)
+            except BlockingIOError:
+                held.append(lock)
+        return run(command, **kwargs)
+
+    monkeypatch.setattr(kernels.subprocess, "run", compiling)
+    assert kernels.build()
+    assert held and held[0].with_suffix(".so").exists()
+    kernels._library, calls = None, len(held)
+    assert kernels.build() and len(held) == calls  # built once: the next process loads it
+
+
+def test_the_command_line_reads_the_kernel_environment():
+    assert kernel_settings({}) == dict(mode="auto", cache=None, compiler="cc")
+    for off in ("0", "false", "Off", "no"):
+        assert kernel_settings({"CAPSNET_KERNELS": off})["mode"] == "off"
+    assert kernel_settings({"CAPSNET_KERNELS": "1", "CAPSNET_CACHE": "/c", "CC": "clang"}) == dict(mode="required", cache="/c", compiler="clang")

@@ -18,16 +18,9 @@ from capsnet.data.multimnist import (
     render_pairs,
     sample_pairs,
 )
-from capsnet.metrics import (
-    MultiDigitMarginObjective,
-    SigmoidCrossEntropyObjective,
-    matched_reconstruction_loss,
-    multi_hot,
-    sigmoid_cross_entropy,
-    two_digit_accuracy,
-    two_digit_correct,
-)
+from capsnet.functional import matched_reconstruction_loss, multi_hot, sigmoid_cross_entropy, two_digit_accuracy, two_digit_correct
 from capsnet.models.multimnist import MultiCapsNetOutput, MultiDigitCapsNet
+from capsnet.train.objectives import MultiDigitMarginObjective, SigmoidCrossEntropyObjective
 
 TINY_CAPS = dict(conv_channels=16, primary_types=4, primary_dim=4, class_dim=8, decoder_hidden=(32,))
 

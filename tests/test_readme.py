@@ -6,7 +6,6 @@ import ast
 import re
 from pathlib import Path
 
-import pytest
 import torch
 
 from capsnet.routing import RoutingResult

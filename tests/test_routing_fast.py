@@ -60,7 +60,7 @@ def test_fast_routing_matches_autograd_path(shape, iterations, detach_intermedia
     fast, grad_fast = _routing_and_grads(dynamic_routing, votes, iterations, **kwargs)
     ref, grad_ref = _routing_and_grads(_dynamic_routing_autograd, votes, iterations, **kwargs)
     for name, a, b in zip(ref._fields, fast, ref):
-        torch.testing.assert_close(a, b, **TOL, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a, b, **TOL, msg=lambda m, name=name: f"{name}: {m}")
         assert a.requires_grad == b.requires_grad, f"{name}.requires_grad differs"
     torch.testing.assert_close(grad_fast, grad_ref, **TOL)
 
@@ -172,11 +172,11 @@ def test_dense_caps_fused_forward_matches_votes_then_autograd_routing(
     fast, grads_fast = _dense_outputs_and_grads(layer, u, DenseCaps.forward)
     ref, grads_ref = _dense_outputs_and_grads(layer, u, _dense_reference)
     for name, a, b in zip(ref._fields, fast, ref):
-        torch.testing.assert_close(a, b, **TOL, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a, b, **TOL, msg=lambda m, name=name: f"{name}: {m}")
         assert a.requires_grad == b.requires_grad, f"{name}.requires_grad differs"
     names = ["u", *(n for n, _ in layer.named_parameters())]
     for name, a, b in zip(names, grads_fast, grads_ref):
-        torch.testing.assert_close(a, b, **TOL, msg=lambda m: f"grad of {name}: {m}")
+        torch.testing.assert_close(a, b, **TOL, msg=lambda m, name=name: f"grad of {name}: {m}")
 
 
 def test_dense_caps_forward_without_grad_equals_forward_with_grad():
@@ -242,4 +242,4 @@ def test_dense_caps_works_under_torch_func_transforms():
     grads = torch.func.grad(loss)(params)
     expected = torch.autograd.grad(_dense_reference(layer, u).poses.pow(2).sum(), list(params.values()))
     for (name, a), b in zip(grads.items(), expected):
-        torch.testing.assert_close(a, b, **TOL, msg=lambda m: f"grad of {name}: {m}")
+        torch.testing.assert_close(a, b, **TOL, msg=lambda m, name=name: f"grad of {name}: {m}")

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from capsnet.schedules import spread_margin
+from capsnet.train.schedules import spread_margin
 
 
 def test_linear_margin_runs_from_start_to_end_and_holds():

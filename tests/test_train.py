@@ -1,19 +1,17 @@
 import errno
-import logging
 import hashlib
+import logging
 import os
 import pickle
 import sys
 
 import pytest
 import torch
+from conftest import REPO, TINY
 
 from capsnet.train import CheckpointError, TrainConfig, load_checkpoint, load_config, save_checkpoint, train
 from capsnet.train.checkpoint import MAGIC, load_latest, rotate_and_save
-from capsnet.train.metrics import read_events, read_metrics_csv
-
-from conftest import REPO, TINY
-
+from capsnet.train.logs import read_events, read_metrics_csv
 
 
 def _weights(path):

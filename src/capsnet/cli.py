@@ -1,7 +1,9 @@
 """Command line: ``capsnet train | eval | viz | models``. The only place that parses arguments.
 
 The data root is ``--data``, else the ``CAPSNET_DATA`` environment variable, else
-``~/.cache/capsnet``; MNIST is read from ``<root>/mnist/*.gz``.
+``~/.cache/capsnet``; MNIST is read from ``<root>/mnist/*.gz``. The environment the library
+takes as arguments is read here too: ``CAPSNET_KERNELS``, ``CAPSNET_CACHE`` and ``CC`` for the
+compiled EM kernels (:func:`kernel_settings`), torchrun's ``WORLD_SIZE`` / ``LOCAL_RANK``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import logging
 import math
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from . import __version__
@@ -26,6 +29,24 @@ PATH_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISD
 
 def _data_root(arg: str | None) -> Path:
     return Path(arg or os.environ.get(DATA_ENV) or DEFAULT_DATA).expanduser()
+
+
+def kernel_settings(environ) -> dict:
+    """:func:`capsnet.ops.kernels.configure`'s arguments from the environment: ``CAPSNET_KERNELS``
+    (``0`` / ``false`` / ``off`` / ``no``: off; ``1``: required, a build failure is an error;
+    else auto), ``CAPSNET_CACHE`` (default ``~/.cache/capsnet``) and ``CC`` (default ``cc``)."""
+    flag = environ.get("CAPSNET_KERNELS", "auto").strip().lower()
+    mode = "off" if flag in ("0", "false", "off", "no") else "required" if flag == "1" else "auto"
+    return dict(mode=mode, cache=environ.get("CAPSNET_CACHE") or None, compiler=environ.get("CC", "cc"))
+
+
+def _build_kernels(model: str) -> None:
+    """Build the EM kernels before an EM model's first step (every rank: they take turns on a lock)."""
+    from .models.em import EM_BUILDERS
+    from .ops import kernels
+
+    if model in EM_BUILDERS:
+        kernels.build()
 
 
 def _threads(text: str) -> int:
@@ -172,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     def refuse(exc: Exception) -> int:
+        if args.verbose:  # where it came from, for a report
+            traceback.print_exception(type(exc), exc, exc.__traceback__)
         print(f"capsnet {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
@@ -184,18 +207,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         return refuse(exc)
     from .allocator import keep_freed_memory
+    from .ops import kernels
+    from .train.distributed import Dist
 
     keep_freed_memory()  # large tensors reused without page faults; CAPSNET_MALLOC=system keeps glibc's defaults
+    kernels.configure(**kernel_settings(os.environ))
     if args.threads:
         torch.set_num_threads(args.threads)
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if distributed:  # launched by torchrun: one process per rank
-        import torch.distributed as dist
-
-        if args.device.startswith("cuda"):
-            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-            torch.cuda.set_device(args.device)
-        dist.init_process_group(backend="nccl" if args.device.startswith("cuda") else "gloo")
+    dist, args.device = Dist.launch(args.device, os.environ)  # under torchrun: one process per rank
     try:
         if args.command == "train":
             return _train(args)
@@ -212,27 +231,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"capsnet {args.command}: {str(exc) or 'interrupted'}", file=sys.stderr)
         return 130  # 128 + SIGINT, as a shell reports a process that Ctrl-C stopped
     finally:
-        if distributed:
-            torch.distributed.destroy_process_group()
+        dist.close()
 
 
 def _train(args) -> int:
     from .train import load_config, load_model, train
-    from .train.loop import BEST
+    from .train.distributed import Dist
+    from .train.loop import BEST, load_data_in_rank_order
     from .viz import write_figures
 
     cfg = load_config(args.config, tuple(args.overrides))
     out = _run_dir(args)
+    dist = Dist()
+    data = load_data_in_rank_order(cfg, _data_root(args.data), args.download, dist)  # once: training and figures
+    _build_kernels(cfg.model)
     summary = train(
         cfg, data_root=_data_root(args.data), out_dir=out, download=args.download, resume=args.resume,
-        overwrite=args.overwrite, device=args.device, progress=not args.no_progress,
+        overwrite=args.overwrite, device=args.device, progress=not args.no_progress, data=data,
     )
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not dist.is_main:
         return 0  # rank 0 reports and draws
     written = []
     if cfg.figures:
         model, cfg, _ = load_model(out / BEST, device=args.device)
-        written = write_figures(model, _load_data(cfg, args), out / "figures", metrics_csv=out / "metrics.csv", device=args.device)
+        written = write_figures(model, data, out / "figures", metrics_csv=out / "metrics.csv", device=args.device)
     print(json.dumps(summary, indent=2))
     print(f"run directory: {out}")
     print(f"  metrics: {out / 'metrics.json'}  (per-step log: {out / 'metrics.csv'}, TensorBoard: {out / 'tensorboard'})")
@@ -247,6 +269,7 @@ def _eval(args) -> int:
 
     model, cfg = _checkpoint_model(args)
     data = _checked_data(model, cfg, args)
+    _build_kernels(cfg.model)
     result = evaluate(model, data, args.split, create_objective(cfg.objective, **cfg.objective_kwargs), batch_size=cfg.eval_batch_size, device=args.device)
     error = None if result["accuracy"] is None else 1 - result["accuracy"]  # None: the split has no samples
     result.update(checkpoint=str(args.checkpoint), dataset=cfg.dataset, split=args.split, error=error)
@@ -273,6 +296,7 @@ def _viz(args) -> int:
     from .viz import write_figures
 
     model, cfg = _checkpoint_model(args)
+    _build_kernels(cfg.model)
     ckpt_dir = Path(args.checkpoint).parent
     out = Path(args.out) if args.out else ckpt_dir / "figures"
     written = write_figures(model, _checked_data(model, cfg, args), out, split=args.split, metrics_csv=ckpt_dir / "metrics.csv", device=args.device)

@@ -8,13 +8,17 @@ capsules, ``J`` output (parent) capsules, ``D`` pose dimension, ``K`` kernel,
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .validation import assert_on_device, check_labels
 
 __all__ = ["safe_norm", "squash", "margin_loss", "reconstruction_loss", "spread_loss"]
+__all__ += ["multi_digit_classes", "multi_hot", "two_digit_correct", "two_digit_accuracy"]
+__all__ += ["matched_reconstruction_loss", "sigmoid_cross_entropy"]
 
 #: Added under the square root of every norm: keeps ``d|s|/ds`` finite at s = 0
 #: (the gradient of a plain norm is 0/0 there, which turns a model's weights NaN).
@@ -202,7 +206,7 @@ def spread_loss(activations: Tensor, targets: Tensor, *, margin: float) -> Tenso
     """Spread loss, Eq. 3 of Hinton, Sabour & Frosst 2018, summed over classes, mean over the batch.
 
     ``L = sum_{i != t} max(0, m - (a_t - a_i))^2``; the margin ``m`` follows a schedule
-    from 0.2 to 0.9 (see :func:`capsnet.schedules.spread_margin`).
+    from 0.2 to 0.9 (see :func:`capsnet.train.schedules.spread_margin`).
 
     Shape:
         activations: ``(B, J)``; targets: ``(B,)`` integer labels; returns a scalar.
@@ -213,3 +217,110 @@ def spread_loss(activations: Tensor, targets: Tensor, *, margin: float) -> Tenso
     a_t = (activations * t).sum(dim=1, keepdim=True)
     per_class = torch.relu(margin - (a_t - activations)).pow(2) * (1.0 - t)
     return per_class.sum() / max(activations.shape[0], 1)
+
+
+# Multi-digit targets (Sabour et al. 2017, Sec. 6, MultiMNIST). Labels may be a
+# capsnet.data.multimnist.MultiDigitTarget (``classes`` (B, K), ``digits`` (B, K, C, H, W))
+# or a plain tensor of classes, (B,) or (B, K).
+
+
+def multi_digit_classes(labels: Any) -> Tensor:
+    """``(B, K)`` integer classes from a MultiDigitTarget or a ``(B,)`` / ``(B, K)`` tensor."""
+    classes = labels.classes if hasattr(labels, "classes") else labels
+    if not isinstance(classes, Tensor):
+        raise ValueError(f"labels must be a tensor of classes or have a `classes` tensor, got {type(labels).__name__}")
+    if classes.dim() == 1:
+        classes = classes[:, None]
+    if classes.dim() != 2 or classes.dtype.is_floating_point or classes.dtype == torch.bool:
+        raise ValueError(f"classes must be (B,) or (B, K) integers, got shape {tuple(classes.shape)} dtype {classes.dtype}")
+    return classes
+
+
+def multi_hot(classes: Tensor, num_classes: int) -> Tensor:
+    """Ones at each sample's classes: the targets ``T_k`` of Eq. 4 for several digits.
+
+    Shape:
+        classes: ``(B, K)`` integers in ``[0, num_classes)``; returns ``(B, num_classes)`` float.
+    """
+    classes = multi_digit_classes(classes)
+    if classes.numel() and (int(classes.min()) < 0 or int(classes.max()) >= num_classes):
+        raise ValueError(f"classes must lie in [0, {num_classes - 1}], got min {int(classes.min())} max {int(classes.max())}")
+    out = torch.zeros(classes.shape[0], num_classes, device=classes.device)
+    return out.scatter_(1, classes.long(), 1.0)
+
+
+def two_digit_correct(scores: Tensor, classes: Tensor) -> Tensor:
+    """Per sample: are the ``K`` highest scores exactly the ``K`` labelled classes, as a set?
+
+    Sabour et al. 2017, Sec. 6: a MultiMNIST image counts as correctly classified when its
+    two most active digit capsules are exactly its two digits (order does not matter).
+    With ``K = 1`` this is ordinary argmax accuracy.
+
+    Shape:
+        scores: ``(B, J)``; classes: ``(B, K)`` distinct integers per row (or ``(B,)``);
+        returns ``(B,)`` bool.
+    """
+    classes = multi_digit_classes(classes)
+    if scores.dim() != 2 or scores.shape[0] != classes.shape[0]:
+        raise ValueError(f"scores must be (B, J) with B = {classes.shape[0]}, got shape {tuple(scores.shape)}")
+    k = classes.shape[1]
+    if k > scores.shape[1]:
+        raise ValueError(f"{k} labelled classes per sample but only {scores.shape[1]} scores")
+    wanted = classes.long().sort(dim=1).values
+    if k > 1 and bool((wanted[:, 1:] == wanted[:, :-1]).any()):
+        raise ValueError("the classes of a sample must all differ (MultiMNIST pairs digits of different classes)")
+    top = scores.topk(k, dim=1).indices.sort(dim=1).values
+    return (top == wanted.to(top.device)).all(dim=1)
+
+
+def two_digit_accuracy(scores: Tensor, classes: Tensor) -> float:
+    """Fraction of samples whose top-``K`` classes are exactly their ``K`` digits (see :func:`two_digit_correct`).
+
+    Shape:
+        scores: ``(B, J)``; classes: ``(B, K)``; returns a Python float.
+    """
+    return float(two_digit_correct(scores, classes).float().mean())
+
+
+def matched_reconstruction_loss(
+    reconstructions: Tensor, masks: Tensor, classes: Tensor, digits: Tensor, *, weight: float = 0.0005
+) -> Tensor:
+    """Reconstruction loss of each masked capsule against the digit of its class (Sec. 6).
+
+    Reconstruction ``k`` was decoded from the capsule of class ``masks[:, k]``; its target
+    is the digit image whose class is ``masks[:, k]``, or a black image when no digit of
+    the sample has that class (a wrongly chosen capsule at test time should draw nothing).
+    In training the masks are the true classes, so reconstruction ``k`` meets digit ``k``.
+    Each term is the summed squared pixel error, mean over the batch, times ``weight``
+    (Sec. 4.1), summed over the ``K`` reconstructions.
+
+    Shape:
+        reconstructions: ``(B, K, C, H, W)``; masks: ``(B, K)``; classes: ``(B, T)``;
+        digits: ``(B, T, C, H, W)``; returns a scalar.
+    """
+    if reconstructions.dim() != 5 or masks.shape != reconstructions.shape[:2]:
+        raise ValueError(
+            f"reconstructions must be (B, K, C, H, W) with masks (B, K), got {tuple(reconstructions.shape)} and {tuple(masks.shape)}"
+        )
+    if digits.dim() != 5 or digits.shape[:2] != classes.shape or digits.shape[2:] != reconstructions.shape[2:]:
+        raise ValueError(
+            f"digits must be (B, T, C, H, W) = (B, T, {', '.join(map(str, reconstructions.shape[2:]))}) with classes (B, T); "
+            f"got {tuple(digits.shape)} and {tuple(classes.shape)}"
+        )
+    match = (masks[:, :, None] == classes[:, None, :]).to(digits.dtype)  # (B, K, T): one 1 at most per row
+    targets = torch.einsum("bkt,btchw->bkchw", match, digits)
+    return weight * (reconstructions - targets).pow(2).flatten(2).sum(dim=2).mean(dim=0).sum()
+
+
+def sigmoid_cross_entropy(logits: Tensor, classes: Tensor) -> Tensor:
+    """Independent sigmoid cross-entropy per class against the multi-hot digits, summed over classes, mean over the batch.
+
+    The loss of the paper's MultiMNIST baseline CNN (Sec. 6: sigmoid cross-entropy).
+
+    Shape:
+        logits: ``(B, J)``; classes: ``(B, K)`` or ``(B,)``; returns a scalar.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be (B, J), got shape {tuple(logits.shape)}")
+    target = multi_hot(classes, logits.shape[1]).to(logits)
+    return F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(dim=1).mean()

@@ -21,6 +21,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
+from ._compat import assert_async
+
 __all__ = ["assert_on_device", "check_dtype", "check_images", "check_keywords", "check_labels", "check_votes", "keyword_hints"]
 
 
@@ -105,7 +107,7 @@ def assert_on_device(condition: Tensor, message: str) -> None:
     leaves the process's CUDA context unusable, so only the hot path uses it, for inputs the
     data pipeline has already validated. Other devices keep the synchronous ValueError.
     """
-    torch._assert_async(condition, message)
+    assert_async(condition, message)
 
 
 def keyword_hints(target: Callable) -> dict[str, Any]:
@@ -179,7 +181,7 @@ def _conforms(value: Any, hint: Any) -> bool:
     if hint is Any:
         return True
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is typing.Union or (hasattr(types, "UnionType") and origin is getattr(types, "UnionType")):
+    if origin is typing.Union or (hasattr(types, "UnionType") and origin is types.UnionType):
         return any(_conforms(value, h) for h in args)
     if origin is typing.Literal:
         return value in args
@@ -217,7 +219,7 @@ def _bounds(low: Optional[float], high: Optional[float]) -> str:
 def _describe(hint: Any) -> str:
     """``int`` -> "an int", ``Optional[float]`` -> "None or a finite number", ... for messages."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is typing.Union or (hasattr(types, "UnionType") and origin is getattr(types, "UnionType")):
+    if origin is typing.Union or (hasattr(types, "UnionType") and origin is types.UnionType):
         return " or ".join(_describe(h) for h in args)
     if origin is typing.Literal:
         return "one of " + ", ".join(repr(a) for a in args)

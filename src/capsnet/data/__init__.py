@@ -1,8 +1,7 @@
 """Datasets (one module per family), batched transforms and the dataset registry."""
 
-from . import mnist, synthetic  # noqa: F401  (register datasets)
-from . import affnist, multimnist  # noqa: F401  (register multimnist, mnist_expanded, affine_mnist, affnist)
-from . import smallnorb  # noqa: F401  (register smallnorb)
+# Imported to register their datasets (mnist, fashion_mnist, synthetic, multimnist, mnist_expanded, affine_mnist, affnist, smallnorb).
+from . import affnist, mnist, multimnist, smallnorb, synthetic  # noqa: F401
 from .base import ExperimentData, Split
 from .errors import DataError
 from .idx import read_idx, write_idx

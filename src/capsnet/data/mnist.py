@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .base import ExperimentData, Split
-from .download import DATA_HINT, download_file, md5sum, verify_md5
+from .download import download_file, md5sum, verify_md5
 from .errors import DataError
 from .idx import read_idx
 from .registry import register_dataset

@@ -14,7 +14,6 @@ testing the central 32x32 crop. Novel-viewpoint splits (Sec. 5.2) as options.
 
 from __future__ import annotations
 
-import functools
 import gzip
 from pathlib import Path
 from typing import Optional

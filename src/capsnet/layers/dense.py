@@ -24,12 +24,10 @@ from ..validation import check_dtype
 __all__ = ["DenseCaps"]
 
 #: Elements of one ``(B, J, slab of I, D)`` slab of votes moved between layouts at a time
-#: (8 MiB in float32; twelve slabs for the MNIST model at batch 128). Measured on 2 CPU
-#: cores: 2-8 MiB slabs were no faster than 32 MiB ones alone and lost on a loaded machine
-#: (session 2); with freed memory kept (capsnet.allocator, session 4) 8 MiB slabs are as
-#: fast (0.955-0.978 of the conv bound against 0.944-0.968) and lower the training peak at
-#: batch 128 (826-833 against 846-862 MB, benchmarks/run.py, alternating runs). One slab
-#: makes full-size temporaries. A speed and memory knob only: results do not depend on it.
+#: (8 MiB in float32; twelve slabs for the MNIST model at batch 128). With freed memory kept
+#: (capsnet.allocator) 8 MiB slabs are as fast as larger ones and lower the training peak
+#: (docs/performance.md, "Where capsnet_mnist's training peak comes from"); one slab makes
+#: full-size temporaries. A speed and memory knob only: results do not depend on it.
 _SLAB_ELEMENTS = 1 << 21
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from .._shapes import conv_output_size
 from ..functional import squash
+from ..ops.conv import Conv2d
 from ..validation import check_dtype
-from .conv import Conv2d
 
 __all__ = ["PrimaryCaps"]
 
@@ -45,7 +45,7 @@ class PrimaryCaps(nn.Module):
 
     def output_size(self, size: int) -> int:
         """Spatial side of the capsule grid for an input of side ``size``."""
-        return (size - self.conv.kernel_size[0]) // self.conv.stride[0] + 1
+        return conv_output_size(size, self.conv.kernel_size[0], self.conv.stride[0])
 
     def forward(self, x: Tensor) -> Tensor:
         channels, (kh, kw) = self.conv.in_channels, self.conv.kernel_size

@@ -25,8 +25,8 @@ from typing import NamedTuple, Optional, Sequence
 
 from torch import Tensor, nn
 
+from ..validation import check_images
 from .registry import register_model
-from .validation import check_images
 
 __all__ = ["BaselineCNN", "CNNOutput", "cnn_affine", "cnn_mnist", "cnn_multimnist"]
 

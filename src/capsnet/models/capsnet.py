@@ -9,8 +9,8 @@ from torch import Tensor, nn
 
 from ..layers import CapsuleDecoder, Conv2d, DenseCaps, PrimaryCaps
 from ..routing import RoutingResult
+from ..validation import check_images, check_labels
 from .registry import register_model
-from .validation import check_images, check_labels
 
 __all__ = ["CapsNet", "CapsNetOutput", "capsnet_mnist", "capsnet_tiny"]
 
@@ -39,7 +39,7 @@ class CapsNet(nn.Module):
     chooses how Conv1 and PrimaryCaps compute their CPU weight gradients
     (:class:`~capsnet.layers.Conv2d`; ``"native"`` is PyTorch's own backward), and
     ``conv_algorithm`` how they convolve (``"auto"``: PrimaryCaps by the DFT algorithm of
-    :mod:`capsnet.layers.dft` at batches of 25 or more, ``"direct"``: PyTorch's). They change
+    :mod:`capsnet.ops.dft` at batches of 25 or more, ``"direct"``: PyTorch's). They change
     speed, not results (beyond rounding).
 
     Shape:

@@ -19,6 +19,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from .._shapes import conv_output_size
 from ..functional import SQUASH_KINDS, squash
 from ..layers import CapsuleDecoder
 from ..routing import RoutingResult, SelfAttentionRoutingResult, self_attention_routing
@@ -65,7 +66,7 @@ class DepthwisePrimaryCaps(nn.Module):
         self.conv = nn.Conv2d(channels, channels, kernel_size, stride=stride, groups=channels)  # depthwise: one kernel per channel
 
     def output_size(self, size: int) -> int:
-        return (size - self.kernel_size) // self.stride + 1 if size >= self.kernel_size else 0
+        return conv_output_size(size, self.kernel_size, self.stride) if size >= self.kernel_size else 0
 
     def forward(self, x: Tensor) -> Tensor:
         s = rearrange(self.conv(x), "b (n d) h w -> b (n h w) d", d=self.dim)  # (B, I, dim)
@@ -181,7 +182,7 @@ class EfficientCapsNet(CapsNet):
         channels, size = in_channels, image_size
         for out, kernel, stride in zip(stem_channels, stem_kernels, stem_strides):
             layers += [nn.Conv2d(channels, out, kernel, stride=stride), nn.ReLU(inplace=True), nn.BatchNorm2d(out)]
-            channels, size = out, (size - kernel) // stride + 1
+            channels, size = out, conv_output_size(size, kernel, stride)
         self.stem = nn.Sequential(*layers)
         self.primary = DepthwisePrimaryCaps(channels, kernel_size=primary_kernel, dim=primary_dim, stride=primary_stride, squash_kind=squash_kind)
         grid = self.primary.output_size(size) if size >= 1 else 0

@@ -13,9 +13,9 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from ..validation import check_images, check_labels
 from .capsnet import CapsNet
 from .registry import register_model
-from .validation import check_images, check_labels
 
 __all__ = ["MultiCapsNetOutput", "MultiDigitCapsNet", "capsnet_multimnist", "check_label_sets"]
 

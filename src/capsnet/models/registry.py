@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from torch import nn
 
-__all__ = ["create_model", "list_models", "register_model"]
+from ..validation import check_keywords
+
+__all__ = ["check_model_kwargs", "create_model", "list_models", "register_model"]
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -33,3 +35,15 @@ def create_model(name: str, **overrides) -> nn.Module:
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; registered models: {', '.join(list_models())}")
     return _MODELS[name](**overrides)
+
+
+def check_model_kwargs(model: str, kwargs: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming the key when a ``model_kwargs`` value does not fit the builder's annotations.
+
+    Read from the model class the builder returns (``capsnet_mnist(**overrides) -> CapsNet``):
+    ``routing_iterations=1.5`` or ``True`` is refused here, before anything is built; the
+    ranges of sizes (``>= 1``) are the constructors' own checks. An unknown ``model`` or key
+    is left to :func:`create_model`, which names it.
+    """
+    if model in _MODELS:
+        check_keywords(_MODELS[model], kwargs, name="model_kwargs")

@@ -18,12 +18,12 @@ Two implementations of one function:
 from __future__ import annotations
 
 import operator
-
 from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
+from .._compat import functorch_transforms_active, softmax_backward
 from ..functional import squash
 from ..precision import float32_under_autocast
 from ..validation import check_votes
@@ -104,7 +104,7 @@ def _check_routing_args(votes: Tensor, iterations: int) -> None:
 
 def _functorch_active() -> bool:
     """Inside ``torch.func.grad`` / ``vmap`` / ...: the hand-written backward has no rules there."""
-    return torch._C._are_functorch_transforms_active()
+    return functorch_transforms_active()
 
 
 def _dynamic_routing_autograd(
@@ -245,7 +245,7 @@ def _routing_vjp(
             grad_c = grad_c + grad_coupling
         # Eq. 3 backward, c * (grad_c - sum_j c grad_c) over J; with the orphan the same
         # formula holds over the real parents because the orphan's logit is a constant.
-        grad_logit = torch._softmax_backward_data(grad_c, step.coupling, 1, step.coupling.dtype)
+        grad_logit = softmax_backward(grad_c, step.coupling, 1)
         # grad_b of iteration t - 1 is a factor too (with v_{t-1}): made in its slot.
         slot = left[:, :, k]
         if grad_b is None:

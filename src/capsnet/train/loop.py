@@ -27,7 +27,7 @@ from .checkpoint import (
 )
 from .config import AMP_DTYPES, EPOCH_SEED_STRIDE, TrainConfig
 from .distributed import Dist
-from .metrics import MetricsLogger
+from .logs import MetricsLogger
 from .objectives import Objective, create_objective
 from .optim import adam
 
@@ -273,8 +273,12 @@ def train(
     device: str = "cpu",
     progress: bool = True,
     final_test: bool = True,
+    data: Optional[ExperimentData] = None,
 ) -> dict:
     """Train ``cfg`` into ``out_dir``; returns the summary also written to ``metrics.json``.
+
+    ``data``: the experiment's data when the caller has it (:func:`load_data_in_rank_order`),
+    else it is loaded from ``data_root``.
 
     ``last.pt`` (everything needed to resume, plus ``keep_checkpoints - 1`` older copies)
     is written every ``checkpoint_every`` steps, at the end of each epoch, at the end of the
@@ -302,7 +306,7 @@ def train(
     out = Path(out_dir)
     dist = Dist()
     torch.manual_seed(cfg.seed)
-    data = _load_data_in_rank_order(cfg, data_root, download, dist)
+    data = load_data_in_rank_order(cfg, data_root, download, dist) if data is None else data
     model = build_model(cfg, data).to(device)
     objective = create_objective(cfg.objective, **cfg.objective_kwargs)
     # Only now, with every name and *_kwargs of the config accepted: a refused config leaves no run directory.
@@ -312,7 +316,8 @@ def train(
         return finished if finished is not None else run.train(resumed=resume, progress=progress, final_test=final_test)
 
 
-def _load_data_in_rank_order(cfg: TrainConfig, data_root: str | Path, download: bool, dist: Dist) -> ExperimentData:
+def load_data_in_rank_order(cfg: TrainConfig, data_root: str | Path, download: bool, dist: Dist) -> ExperimentData:
+    """The dataset of ``cfg``; with ``download``, rank 0 fetches and verifies it before the others read it."""
     if download and not dist.is_main:
         dist.barrier()  # rank 0 downloads first; the others then find complete, verified files
     data = load_data(cfg, data_root, download)
@@ -384,7 +389,7 @@ class _Run:
         self.cfg, self.data, self.model, self.objective = cfg, data, model, objective
         self.out, self.dist, self.device = out, dist, device
         # Fused: one kernel for the whole update instead of a dozen per tensor (the same Adam
-        # formula; on CPU the step of capsnet_mnist fell from ~70 to ~11 ms, docs/performance.md);
+        # formula, several times faster on CPU: docs/performance.md, "Proposed changes");
         # its state made now, below the activations (capsnet.train.optim), unless a checkpoint's is loaded.
         self.optimizer = adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, make_state=found is None)
         self.n = data.size("train")

@@ -7,17 +7,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..functional import margin_loss, reconstruction_loss, spread_loss
-from ..metrics import MultiDigitMarginObjective, SigmoidCrossEntropyObjective
+from ..functional import margin_loss, matched_reconstruction_loss, multi_digit_classes, multi_hot, reconstruction_loss, sigmoid_cross_entropy, spread_loss, two_digit_correct
+from .schedules import spread_margin
 
-__all__ = ["Objective", "create_objective"]
+__all__ = ["MultiDigitMarginObjective", "Objective", "SigmoidCrossEntropyObjective", "create_objective"]
 
 
 class Objective:
     """``loss(output, images, labels, step)`` for training and ``scores(output)`` for accuracy.
 
     ``teacher(labels)`` is what the model gets as ``y`` in training, ``correct(output, labels)``
-    which samples are right: multi-digit objectives (``capsnet.metrics``) override both.
+    which samples are right: multi-digit objectives (MultiMNIST) override both.
     """
 
     def loss(self, output: Any, images: Tensor, labels: Tensor, step: int) -> Tensor:
@@ -56,8 +56,6 @@ class SpreadObjective(Objective):
         self.schedule = schedule
 
     def loss(self, output, images, labels, step):
-        from ..schedules import spread_margin
-
         return spread_loss(output.activations, labels, margin=spread_margin(step, **self.schedule))
 
     def scores(self, output):
@@ -72,6 +70,74 @@ class CrossEntropyObjective(Objective):
 
     def scores(self, output):
         return output.logits
+
+
+def _digits(labels: Any, images: Tensor, k: int) -> Tensor:
+    """Each digit's own image: ``labels.digits``, or the input itself for single-digit labels."""
+    if hasattr(labels, "digits"):
+        return labels.digits
+    if k == 1:
+        return images[:, None]
+    raise ValueError(f"labels with {k} classes per sample need each digit's image (a MultiDigitTarget) for the reconstruction loss")
+
+
+class MultiDigitMarginObjective(Objective):
+    """Margin loss (Eq. 4) on multi-hot targets + ``recon_weight`` x per-digit reconstruction loss (Sec. 6).
+
+    Needs a model whose output has ``reconstructions`` ``(B, K, C, H, W)`` and ``masks``
+    ``(B, K)`` (``capsnet_multimnist``) unless ``recon_weight`` is 0 or it has no decoder.
+    Accuracy is :func:`capsnet.functional.two_digit_correct`.
+
+    Shape:
+        output.lengths: ``(B, J)``; labels: a MultiDigitTarget or ``(B,)`` / ``(B, K)`` classes;
+        loss: a scalar; scores: ``(B, J)``; correct: ``(B,)`` bool; teacher: ``(B, K)`` or ``(B,)``.
+    """
+
+    def __init__(self, *, recon_weight: float = 0.0005, m_pos: float = 0.9, m_neg: float = 0.1, lam: float = 0.5):
+        self.recon_weight, self.m_pos, self.m_neg, self.lam = recon_weight, m_pos, m_neg, lam
+
+    def teacher(self, labels: Any) -> Tensor:
+        """The classes that mask the decoder in training (Sec. 4.1: the true ones)."""
+        return labels.classes if hasattr(labels, "classes") else labels
+
+    def loss(self, output, images: Tensor, labels: Any, step: int) -> Tensor:
+        classes = multi_digit_classes(labels)
+        loss = margin_loss(
+            output.lengths, multi_hot(classes, output.lengths.shape[1]).to(output.lengths), m_pos=self.m_pos, m_neg=self.m_neg, lam=self.lam
+        )
+        if self.recon_weight and output.reconstruction is not None:
+            if getattr(output, "reconstructions", None) is None:
+                raise ValueError("the multi_margin objective needs per-digit `reconstructions` and `masks` (use capsnet_multimnist)")
+            digits = _digits(labels, images, classes.shape[1])
+            loss = loss + matched_reconstruction_loss(output.reconstructions, output.masks, classes, digits, weight=self.recon_weight)
+        return loss
+
+    def scores(self, output) -> Tensor:
+        return output.lengths
+
+    def correct(self, output, labels: Any) -> Tensor:
+        return two_digit_correct(self.scores(output), multi_digit_classes(labels))
+
+
+class SigmoidCrossEntropyObjective(Objective):
+    """Sigmoid cross-entropy on ``output.logits`` against the multi-hot digits: the MultiMNIST baseline CNN (Sec. 6).
+
+    Shape:
+        output.logits: ``(B, J)``; labels as for :class:`MultiDigitMarginObjective`; loss: a
+        scalar; correct: ``(B,)`` bool.
+    """
+
+    def teacher(self, labels: Any) -> Tensor:
+        return labels.classes if hasattr(labels, "classes") else labels
+
+    def loss(self, output, images: Tensor, labels: Any, step: int) -> Tensor:
+        return sigmoid_cross_entropy(output.logits, multi_digit_classes(labels))
+
+    def scores(self, output) -> Tensor:
+        return output.logits
+
+    def correct(self, output, labels: Any) -> Tensor:
+        return two_digit_correct(self.scores(output), multi_digit_classes(labels))
 
 
 _OBJECTIVES = {

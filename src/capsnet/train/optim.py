@@ -4,9 +4,9 @@
 the middle of the first iteration's memory, where the activations of that iteration have
 just been freed. With the heap kept by :func:`capsnet.allocator.keep_freed_memory` those
 long-lived buffers then split the holes the next iterations' large temporaries would reuse,
-and the heap grows. Made before the first forward, they sit below the activations:
-``capsnet_mnist`` at batch 128 peaked at 746-796 MB of RSS over six steps against 799-851
-(seven alternating runs each, docs/performance.md). The state is made through
+and the heap grows. Made before the first forward, they sit below the activations, and the
+training peak is lower (docs/performance.md, session 5's "Adam's state made before the first
+forward"). The state is made through
 ``load_state_dict`` and is what the first ``step`` would make for every parameter that
 needs a gradient (``tests/test_optim.py`` checks trajectories and state are identical); a
 parameter that needs one but never gets one keeps zero moments and step 0, where torch's

@@ -11,7 +11,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from ..train.metrics import read_metrics_csv
+from ..train.logs import read_metrics_csv
 
 __all__ = [
     "POSE_STEPS",

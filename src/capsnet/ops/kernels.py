@@ -10,16 +10,24 @@ a small buffer. It is plain C (no PyTorch headers), compiled once per machine wi
 for the cores). Without OpenMP it is built serial.
 
 Everything falls back to the eager code when the kernels are off or cannot be built, so a
-machine without a compiler loses speed, never results:
+machine without a compiler loses speed, never results. The library reads no environment
+variable; :func:`configure` sets what the command line reads from ``CAPSNET_KERNELS``,
+``CAPSNET_CACHE`` and ``CC``:
 
-* ``CAPSNET_KERNELS=0`` (or :func:`set_enabled`\\ ``(False)``) turns them off; ``=1`` makes a
-  build failure an error instead of a warning;
-* ``CAPSNET_CACHE`` (default ``~/.cache/capsnet``) holds the built library under ``kernels/``;
-* ``CC`` names the compiler (default ``cc``).
+* ``mode``: ``"auto"`` (build on first use, warn once and fall back if that fails), ``"off"``
+  (the eager code; also :func:`set_enabled`\\ ``(False)``) or ``"required"`` (a build failure
+  is an error);
+* ``cache``: the folder (default ``~/.cache/capsnet``) whose ``kernels/`` holds the library;
+* ``compiler``: the C compiler (default ``cc``), given ``timeout`` seconds per run.
+
+:func:`build` builds (or loads) the library now, as the command line does at start. Processes
+that build at once (``torchrun`` ranks) take turns on a lock file beside the library: the first
+compiles, the others load what it wrote.
 """
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import hashlib
 import os
@@ -29,27 +37,70 @@ import subprocess
 import tempfile
 import threading
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
-__all__ = ["EMVotes", "em_votes", "enabled", "set_enabled"]
+try:
+    import fcntl
+except ImportError:  # not POSIX: builders are not serialised (each renames a finished file into place)
+    fcntl = None
+
+__all__ = ["EMVotes", "MODES", "Settings", "build", "configure", "em_votes", "enabled", "set_enabled", "settings"]
 
 _SOURCE = Path(__file__).with_name("em_votes.c")
 _FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=gnu99")
 _OPENMP = ("-fopenmp",), ("-fopenmp-simd",)  # tried in this order
-_ENV = "CAPSNET_KERNELS"
+MODES = ("auto", "off", "required")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How the kernels are built and used; see the module docstring."""
+
+    mode: str = "auto"
+    cache: Optional[Path] = None  # None: ~/.cache/capsnet
+    compiler: str = "cc"
+    timeout: float = 300.0  # seconds per compiler run: a hung compiler must not hang training
+
 
 _lock = threading.Lock()
+_settings = Settings()
 _library: Optional[ctypes.CDLL] = None
 _failed: Optional[str] = None
-_enabled: Optional[bool] = None  # None: follow the environment
+_enabled: Optional[bool] = None  # None: follow the settings' mode
 _private: Optional[Path] = None  # the temporary cache folder, when the cache folder is not writable
 
 
+def configure(
+    *, mode: str = "auto", cache: Union[str, os.PathLike, None] = None, compiler: str = "cc", timeout: float = 300.0
+) -> None:
+    """Set how the kernels are built and used (all of it: unnamed settings return to their defaults).
+
+    A failed build is forgotten, so the next use tries again with the new settings; a library
+    already loaded stays loaded.
+    """
+    global _settings, _failed
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if not compiler:
+        raise ValueError("compiler must name a C compiler, got an empty string")
+    if not timeout > 0:
+        raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+    with _lock:
+        _settings = Settings(mode, None if cache is None else Path(cache), compiler, float(timeout))
+        _failed = None
+
+
+def settings() -> Settings:
+    """The settings in force (see :func:`configure`)."""
+    return _settings
+
+
 def set_enabled(flag: Optional[bool]) -> None:
-    """Use the compiled kernels (True), the eager code (False), or follow ``CAPSNET_KERNELS`` (None)."""
+    """Use the compiled kernels (True), the eager code (False), or follow the settings' mode (None)."""
     global _enabled
     _enabled = flag
 
@@ -58,14 +109,15 @@ def enabled() -> bool:
     """Whether routing should try the compiled kernels now."""
     if _enabled is not None:
         return _enabled
-    return os.environ.get(_ENV, "auto").strip().lower() not in ("0", "false", "off", "no")
+    return _settings.mode != "off"
 
 
 def _cache_dir() -> Path:
-    """``$CAPSNET_CACHE/kernels`` (default ``~/.cache/capsnet/kernels``), or, when that cannot be
+    """``<cache>/kernels`` (default ``~/.cache/capsnet/kernels``), or, when that cannot be
     created (a read-only home), a fresh private folder in the temporary directory: a shared,
-    predictable one would let another user plant the library this process loads."""
-    root = os.environ.get("CAPSNET_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "capsnet")
+    predictable one would let another user plant the library this process loads. The private
+    folder is removed when the process exits."""
+    root = _settings.cache or Path(os.path.expanduser("~")) / ".cache" / "capsnet"
     folder = Path(root) / "kernels"
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -76,7 +128,16 @@ def _cache_dir() -> Path:
     global _private
     if _private is None:
         _private = Path(tempfile.mkdtemp(prefix="capsnet-kernels-"))  # mode 0o700, ours alone
+        atexit.register(_remove_private)
     return _private
+
+
+def _remove_private() -> None:
+    """Delete the private temporary folder (at exit; a loaded library stays mapped)."""
+    global _private
+    if _private is not None:
+        shutil.rmtree(_private, ignore_errors=True)
+        _private = None
 
 
 def _cpu_id() -> str:
@@ -89,8 +150,46 @@ def _cpu_id() -> str:
     return platform.machine() + "".join(info)
 
 
+class _BuildLock:
+    """An exclusive ``flock`` on ``path`` across processes (a no-op without ``fcntl``)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        self.file = open(self.path, "a")  # closed in __exit__
+        if fcntl is not None:
+            fcntl.flock(self.file.fileno(), fcntl.LOCK_EX)  # waits while another process builds
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()  # closing releases the lock
+
+
+def _compile(compiler: str, target: Path, timeout: float) -> None:
+    """Compile :data:`_SOURCE` into ``target``, beside it first and renamed into place: a
+    concurrent reader never loads a partial file."""
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        for openmp in _OPENMP:
+            command = [compiler, *_FLAGS, *openmp, str(_SOURCE), "-o", tmp]
+            try:
+                done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"{compiler} took more than {timeout:g} s on {_SOURCE.name}") from None
+            if done.returncode == 0:
+                break
+        else:
+            raise RuntimeError(f"{compiler} failed on {_SOURCE.name}:\n{done.stderr.strip()}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def _build() -> ctypes.CDLL:
-    compiler = os.environ.get("CC", "cc")
+    compiler, timeout = _settings.compiler, _settings.timeout
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C compiler {compiler!r} on PATH (set CC to one)")
     source = _SOURCE.read_bytes()
@@ -98,20 +197,9 @@ def _build() -> ctypes.CDLL:
     target = _cache_dir() / f"em_votes-{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        # Built beside the target and renamed into place: concurrent builders never load a partial file.
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
-        try:
-            for openmp in _OPENMP:
-                done = subprocess.run([compiler, *_FLAGS, *openmp, str(_SOURCE), "-o", tmp], capture_output=True, text=True)
-                if done.returncode == 0:
-                    break
-            else:
-                raise RuntimeError(f"{compiler} failed on {_SOURCE.name}:\n{done.stderr.strip()}")
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with _BuildLock(target.with_suffix(".lock")):
+            if not target.exists():  # another process may have built it while this one waited
+                _compile(compiler, target, timeout)
     lib = ctypes.CDLL(str(target))
     votes_p, f_p, i64, i32 = ctypes.POINTER(_Votes), ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.capsnet_max_row.restype = ctypes.c_int
@@ -125,11 +213,15 @@ def _build() -> ctypes.CDLL:
     return lib
 
 
+def _required_error(reason: str) -> RuntimeError:
+    return RuntimeError(f"the EM kernels are required (CAPSNET_KERNELS=1, or mode='required') but could not be built: {reason}")
+
+
 def _load() -> Optional[ctypes.CDLL]:
     """The kernels library, built on first call; None (with one warning) if it cannot be built."""
     global _library, _failed
-    if _failed is not None and os.environ.get(_ENV, "").strip() == "1":
-        raise RuntimeError(f"CAPSNET_KERNELS=1 but the EM kernels could not be built: {_failed}")
+    if _failed is not None and _settings.mode == "required":
+        raise _required_error(_failed)
     if _library is not None or _failed is not None:
         return _library
     with _lock:
@@ -138,10 +230,17 @@ def _load() -> Optional[ctypes.CDLL]:
                 _library = _build()
             except (OSError, RuntimeError) as err:
                 _failed = str(err)
-                if os.environ.get(_ENV, "").strip() == "1":
-                    raise RuntimeError(f"CAPSNET_KERNELS=1 but the EM kernels could not be built: {err}") from err
+                if _settings.mode == "required":
+                    raise _required_error(str(err)) from err
                 warnings.warn(f"capsnet: EM routing falls back to eager PyTorch (slower): {err}", RuntimeWarning, stacklevel=3)
     return _library
+
+
+def build() -> bool:
+    """Build (or load) the kernels now rather than at EM routing's first call; whether they are
+    usable. Off: False without building. A failure warns once (``"auto"``) or raises
+    ``RuntimeError`` (``"required"``)."""
+    return enabled() and _load() is not None
 
 
 class _Votes(ctypes.Structure):

@@ -54,6 +54,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._shapes import conv_output_size as _out_size
+
 __all__ = ["DFTPlan", "MAX_GRID", "plan", "dft_conv2d", "dft_grid", "dft_macs", "direct_macs"]
 
 #: Elements of the largest per-slab transform (``M x channels x O`` floats of the kernel's):
@@ -128,10 +130,6 @@ def _matrices(plan: DFTPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     for m in matrices:
         m.setflags(write=False)  # cached: shared by every later call
     return matrices
-
-
-def _out_size(size: int, kernel: int, stride: int, padding: int) -> int:
-    return (size + 2 * padding - kernel) // stride + 1
 
 
 def _plan_for(x_shape, w_shape, stride, padding) -> DFTPlan:

@@ -1,25 +1,24 @@
 """``nn.Conv2d`` with faster CPU algorithms for the CapsNet's convolutions.
 
 The results are the convolution's, equal to PyTorch's up to rounding; how they are
-computed differs. On this project's 2-core CPU (torch 2.13, oneDNN), at batch 128 and
-1-2 threads:
+computed differs where oneDNN's CPU kernels are slow for the CapsNet's shapes (the
+measurements: docs/performance.md, "The convolutions on CPU"; the choice: docs/fast_paths.md):
 
-* PrimaryCaps (256 -> 256, 9x9, stride 2 on 20x20): oneDNN's weight gradient takes
-  0.7-0.9 s against 0.37 s for the forward of the same FLOPs. The weight gradient is
+* PrimaryCaps (256 -> 256, 9x9, stride 2 on 20x20): oneDNN's weight gradient runs at
+  about half the speed of its forward of the same FLOPs. The weight gradient is
   itself a convolution, over the batch instead of the channels::
 
       grad_W[o, c, p, q] = sum_{n, y, x} grad_out[n, o, y, x] * x[n, c, s y + p, s x + q]
                          = conv2d(x^T, grad_out^T, dilation=s)[c, o, p, q]
 
   with ``x^T = x.transpose(0, 1)`` (channels as the batch, the batch as the channels)
-  and the output gradient as the kernel. oneDNN runs that forward convolution in
-  0.40-0.45 s, about twice as fast.
+  and the output gradient as the kernel, which oneDNN runs at the speed of a forward.
 * Conv1 (1 -> 256, 9x9): with one input channel the column matrix is small (81 rows),
-  so the forward is one matmul over ``unfold``-ed columns (57 against 77-87 ms) and the
-  weight gradient a batched matmul against the same columns (36-43 against 200-300 ms).
+  so the forward is one matmul over ``unfold``-ed columns and the weight gradient a
+  batched matmul against the same columns, both faster than oneDNN's.
 
 * Large kernels over many channels (PrimaryCaps again): the whole convolution, forward
-  and backward, as a bilinear algorithm over the DFT (:mod:`capsnet.layers.dft`), with
+  and backward, as a bilinear algorithm over the DFT (:mod:`capsnet.ops.dft`), with
   about a third of the multiply-adds. ``algorithm="auto"`` takes it when it saves at least
   half of them for the batch at hand (PrimaryCaps from batch 25 on, never Conv1).
 
@@ -40,8 +39,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd import forward_ad
 
+from .._compat import convolution_input_grad
+from .._shapes import conv_output_size as _out_size
 from .dft import MAX_GRID as DFT_MAX_GRID
-from .dft import _out_size, dft_conv2d, dft_grid, dft_macs, direct_macs
+from .dft import dft_conv2d, dft_grid, dft_macs, direct_macs
 
 __all__ = ["Conv2d", "WEIGHT_GRADIENTS", "ALGORITHMS"]
 
@@ -51,7 +52,7 @@ __all__ = ["Conv2d", "WEIGHT_GRADIENTS", "ALGORITHMS"]
 WEIGHT_GRADIENTS = ("auto", "conv", "im2col", "native")
 IM2COL_MAX_ROWS = 256
 #: How the convolution is computed: ``"direct"`` is PyTorch's forward with the weight gradient
-#: of ``weight_grad``; ``"dft"`` the bilinear DFT algorithm of :mod:`capsnet.layers.dft`;
+#: of ``weight_grad``; ``"dft"`` the bilinear DFT algorithm of :mod:`capsnet.ops.dft`;
 #: ``"auto"`` takes ``"dft"`` when it needs at most half the multiply-adds of ``"direct"``
 #: for the batch at hand (:data:`DFT_MIN_SAVING`) and ``weight_grad`` is ``"auto"``.
 ALGORITHMS = ("auto", "direct", "dft")
@@ -132,7 +133,7 @@ class Conv2d(nn.Conv2d):
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
 
     def _use_dft(self, x: Tensor) -> bool:
-        """Whether this call goes to :func:`~capsnet.layers.dft.dft_conv2d` (see :data:`ALGORITHMS`)."""
+        """Whether this call goes to :func:`~capsnet.ops.dft.dft_conv2d` (see :data:`ALGORITHMS`)."""
         if self.algorithm == "direct":
             return False
         if self.algorithm == "dft":
@@ -153,7 +154,7 @@ def _im2col_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, p
     kh, kw = weight.shape[2:]
     cols = F.unfold(x, (kh, kw), padding=padding, stride=stride)  # (N, C kh kw, L)
     # One GEMM per image against the same weights (a stride-0 batch): no copy of the columns
-    # or of the output, which matmul's broadcasting makes (45 ms of 100 at batch 128).
+    # or of the output, which matmul's broadcasting makes (about half of its time).
     weights = weight.reshape(1, out_channels, -1).expand(n, -1, -1)
     height = _out_size(x.shape[2], kh, stride[0], padding[0])
     width = _out_size(x.shape[3], kw, stride[1], padding[1])
@@ -170,7 +171,7 @@ def _weight_grad_conv(x: Tensor, grad_out: Tensor, weight_shape, stride, padding
 
     In slabs of input channels (the convolution's batch here), so that the contiguous copy
     of the transposed input that oneDNN makes stays near :data:`_SLAB_ELEMENTS` (whole, it
-    is the size of ``x``: 47 MB for PrimaryCaps at batch 128). Equally fast on 1 thread.
+    is the size of ``x``); slabs were no slower than the whole.
     """
     kh, kw = weight_shape[2:]
     if padding != (0, 0):
@@ -192,9 +193,7 @@ def _input_grad(grad_out: Tensor, x: Tensor, weight: Tensor, stride, padding) ->
     """PyTorch's input gradient, in chunks of images of about :data:`_SLAB_ELEMENTS` input elements
     (oneDNN's temporaries for the whole batch are as large as the input again)."""
     def piece(g: Tensor, xs: Tensor) -> Tensor:
-        return torch.ops.aten.convolution_backward(
-            g, xs, weight, None, stride, padding, (1, 1), False, (0, 0), 1, (True, False, False)
-        )[0]
+        return convolution_input_grad(g, xs, weight, stride, padding)
 
     n = x.shape[0]
     chunks = -(-n // max(1, _SLAB_ELEMENTS // x[0].numel()))
@@ -220,9 +219,9 @@ class _Conv2d(torch.autograd.Function):
         if weight_grad == "im2col":
             out, cols = _im2col_forward(x, weight, bias, stride, padding)
             # The columns only serve the weight gradient. Kept when no larger than the input;
-            # else (any overlapping kernel: the CapsNet's and the EM models' Conv1; 17 MB against
-            # 0.4 MB of images for capsnet_mnist at batch 128) unfolded again in the backward
-            # (7 ms there), which lowers every peak of memory in between.
+            # else (any overlapping kernel: the CapsNet's and the EM models' Conv1, whose
+            # columns are 40 times the images) unfolded again in the backward, a small cost
+            # that lowers every peak of memory in between.
             keep = ctx.needs_input_grad[1] and cols.numel() <= x.numel()
             ctx.save_for_backward(x, weight, *([cols] if keep else []))
         else:
