@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from .._shapes import conv_output_size
 from ..precision import float32_under_autocast
 from ..routing.em import ACTIVATIONS, LAMBDA_SCHEDULES, MASS_EPS, VAR_FLOOR, ConvGeometry, FactoredVotes, em_routing, to_patches
 
@@ -244,7 +245,7 @@ class ConvMatCaps(_EMRouted):
 
     def output_size(self, size: int) -> int:
         """Side of the output grid for an input grid of side ``size`` (VALID padding)."""
-        return (size - self.kernel_size) // self.stride + 1
+        return conv_output_size(size, self.kernel_size, self.stride)
 
     def geometry(self, in_size: tuple[int, int]) -> ConvGeometry:
         """The :class:`~capsnet.routing.em.ConvGeometry` of this layer on an ``in_size`` grid."""

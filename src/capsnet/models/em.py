@@ -26,11 +26,12 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ..layers.conv import Conv2d
+from .._shapes import conv_output_size
 from ..layers.matrix import ClassMatCaps, ConvMatCaps, PrimaryMatCaps, _trunc_normal_
+from ..ops.conv import Conv2d
 from ..routing.em import MASS_EPS, VAR_FLOOR
+from ..validation import check_images, check_labels
 from .registry import register_model
-from .validation import check_images, check_labels
 
 __all__ = ["EM_BUILDERS", "MatrixCapsNet", "MatrixCapsOutput", "PAPER", "TRAINABLE", "em_full", "em_mnist", "em_small", "em_tiny"]
 
@@ -149,9 +150,9 @@ class MatrixCapsNet(nn.Module):
         if conv_padding < 0:
             raise ValueError(f"conv_padding must be >= 0, got {conv_padding}")
         self.in_channels, self.image_size, self.num_classes = in_channels, image_size, num_classes
-        grid0 = (image_size + 2 * conv_padding - conv_kernel) // conv_stride + 1
-        grid1 = (grid0 - caps_kernel) // caps1_stride + 1 if grid0 >= caps_kernel else 0
-        grid2 = (grid1 - caps_kernel) // caps2_stride + 1 if grid1 >= caps_kernel else 0
+        grid0 = conv_output_size(image_size, conv_kernel, conv_stride, conv_padding)
+        grid1 = conv_output_size(grid0, caps_kernel, caps1_stride) if grid0 >= caps_kernel else 0
+        grid2 = conv_output_size(grid1, caps_kernel, caps2_stride) if grid1 >= caps_kernel else 0
         if image_size + 2 * conv_padding < conv_kernel or grid2 < 1:
             raise ValueError(
                 f"image_size {image_size} is too small: Conv1 {conv_kernel}/{conv_stride} then two {caps_kernel}x{caps_kernel} "

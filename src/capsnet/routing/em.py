@@ -43,7 +43,8 @@ from einops import rearrange
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .. import kernels
+from .._shapes import conv_output_size
+from ..ops import kernels
 from ..precision import float32_under_autocast
 
 __all__ = [
@@ -145,7 +146,7 @@ class ConvGeometry(NamedTuple):
     @property
     def out_size(self) -> tuple[int, int]:
         """``(H', W')`` of the parent grid."""
-        return tuple((n - k) // s + 1 for n, k, s in zip(self.in_size, self.kernel, self.stride))
+        return tuple(conv_output_size(n, k, s) for n, k, s in zip(self.in_size, self.kernel, self.stride))
 
     @property
     def num_patches(self) -> int:
@@ -379,7 +380,7 @@ class _VoteReader:
         self.per_group = 1 if factors is None else slots // factors[0].shape[0]
         self.step = -(-step // self.per_group) * self.per_group
         self.terms: list[tuple[Tensor, Tensor, Tensor]] = []  # (left, right1, right2) outer products
-        # The compiled one-pass reads (capsnet.kernels) where they apply, else None: eager chunks.
+        # The compiled one-pass reads (capsnet.ops.kernels) where they apply, else None: eager chunks.
         self.compiled = None if factors is None else kernels.em_votes(*factors, centre, shape)
         self.factors = factors = None if factors is None else factors[:3]  # the eager chunks' (poses, transforms, offsets)
         if factors is not None and self.compiled is None:  # -c for every row (child block, b, l) of a bmm group
