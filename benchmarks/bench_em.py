@@ -48,7 +48,11 @@ def _worker(model_name: str, batch: int, steps: int, warmup: int, threads: int |
         keep_freed_memory()
 
     from capsnet import create_model
+    from capsnet.cli import kernel_settings
     from capsnet.functional import margin_loss, spread_loss
+    from capsnet.ops import kernels
+
+    kernels.configure(**kernel_settings(os.environ))  # CAPSNET_KERNELS=0: the eager vote reads, as the CLI
 
     if threads:
         torch.set_num_threads(threads)

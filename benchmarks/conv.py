@@ -9,7 +9,7 @@ Timed round-robin (as ``routing.py``), medians of wall-clock and process CPU tim
   the images need no gradient) and PrimaryCaps (256 -> 256, 9x9, stride 2; with the input
   gradient), as ``nn.Conv2d`` and as ``capsnet.layers.Conv2d`` with ``algorithm="direct"``
   (PyTorch's forward, the faster weight gradient) and ``"dft"`` (the bilinear DFT algorithm
-  of ``capsnet.layers.dft``);
+  of ``capsnet.ops.dft``);
 * the same convolutions forward under ``no_grad``;
 * the whole ``capsnet_mnist`` training step with ``conv_weight_grad="native"`` (PyTorch's
   convolutions), ``conv_algorithm="direct"`` and the default (``"auto"``: the DFT for
