@@ -185,6 +185,10 @@ class EfficientCapsNet(CapsNet):
             channels, size = out, conv_output_size(size, kernel, stride)
         self.stem = nn.Sequential(*layers)
         self.primary = DepthwisePrimaryCaps(channels, kernel_size=primary_kernel, dim=primary_dim, stride=primary_stride, squash_kind=squash_kind)
+        # Channels-last convolution weights make the stem's convolutions and batch norms run in
+        # the layout oneDNN and cuDNN compute in, instead of converting every call (docs/performance.md).
+        self.stem.to(memory_format=torch.channels_last)
+        self.primary.conv.to(memory_format=torch.channels_last)
         grid = self.primary.output_size(size) if size >= 1 else 0
         if grid < 1:
             raise ValueError(f"image_size {image_size} is too small for the stem {tuple(stem_kernels)} / {tuple(stem_strides)} and primary kernel {primary_kernel} (stride {primary_stride})")
@@ -203,7 +207,7 @@ class EfficientCapsNet(CapsNet):
 
     def encode(self, x: Tensor) -> tuple[Tensor, RoutingResult, Tensor]:
         """Primary capsules ``u`` (B, I, primary_dim), the routing result and the lengths ``|v_j|`` (B, J)."""
-        u = self.primary(self.stem(x))  # (B, 16, 8) on MNIST
+        u = self.primary(self.stem(x.contiguous(memory_format=torch.channels_last)))  # (B, 16, 8) on MNIST
         routed = self.digits(u)  # poses (B, J, 16)
         # Exact |v_j| as in CapsNet: vector_norm's gradient at 0 is 0, not NaN.
         return u, routed, torch.linalg.vector_norm(routed.poses, dim=-1)
