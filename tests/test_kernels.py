@@ -21,7 +21,7 @@ from capsnet import create_model
 from capsnet.cli import kernel_settings
 from capsnet.functional import spread_loss
 from capsnet.layers.matrix import _block_weight
-from capsnet.routing._em_votes import VoteReader, factored_centre
+from capsnet.routing._em_votes import Term, VoteReader, factored_centre
 from capsnet.routing.em import ConvGeometry, FactoredVotes, em_routing, to_patches
 
 needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler: the kernels cannot be built")
@@ -70,7 +70,7 @@ def _factors(kind: str, seed: int = 0):
 def _readers(kind: str):
     poses, transforms, offsets, matrices, shape = _factors(kind)
     centre = factored_centre(poses, transforms, offsets, shape)
-    eager = VoteReader(shape, factors=(poses, transforms, offsets, None), centre=centre)
+    eager = VoteReader(shape, factors=FactoredVotes(poses, transforms, offsets), centre=centre)
     assert eager.compiled is None  # float64: the eager path
     f32 = [None if t is None else t.float() for t in (poses, transforms, offsets, matrices, centre)]
     compiled = kernels.em_votes(*f32, shape)
@@ -99,8 +99,8 @@ def test_gradient_chunks_match_the_eager_chunks(kind):
     eager, compiled, (slots, batch, patches, types, dim) = _readers(kind)
     gen = torch.Generator().manual_seed(2)
     n = batch * patches * types
-    eager.terms = [(torch.randn(slots, n, generator=gen, dtype=F64), torch.randn(n, dim, generator=gen, dtype=F64),
-                    torch.randn(n, dim, generator=gen, dtype=F64)) for _ in range(3)]  # fmt: skip
+    eager.terms = [Term(torch.randn(slots, n, generator=gen, dtype=F64), torch.randn(n, dim, generator=gen, dtype=F64),
+                        torch.randn(n, dim, generator=gen, dtype=F64)) for _ in range(3)]  # fmt: skip
     want = torch.cat([g.clone() for _, g in eager.grad_chunks()])
     terms = [tuple(t.float().contiguous() for t in term) for term in eager.terms]
     got = torch.empty(slots, n, dim)

@@ -25,7 +25,8 @@ from torch import Tensor
 
 from ..ops import kernels
 
-__all__ = ["FactoredVotes", "VoteReader", "factored_centre"]
+__all__ = ["FactoredVotes", "Moments", "Term", "VoteReader", "factored_centre"]
+
 
 class FactoredVotes(NamedTuple):
     """Votes given by their factors, ``V = poses @ transforms`` (+ offsets), never kept whole.
@@ -49,6 +50,25 @@ class FactoredVotes(NamedTuple):
     transforms: Tensor
     offsets: Optional[Tensor] = None
     matrices: Optional[Tensor] = None
+
+
+class Moments(NamedTuple):
+    """What :meth:`VoteReader.moments` returns for weights ``r`` ``(I, N)``: ``(N, D)``, ``(N, D)``, ``(N,)``."""
+
+    m1: Tensor  # sum_i r_i X_i
+    m2: Tensor  # sum_i r_i X_i^2
+    mass: Tensor  # sum_i r_i
+
+
+class Term(NamedTuple):
+    """One outer product of the votes' gradient, ``<left (x) right1, X> + <left (x) right2, X^2>``.
+
+    left: ``(I, B, L, J)`` or ``(I, N)``; right1, right2: ``(N, D)``.
+    """
+
+    left: Tensor
+    right1: Tensor
+    right2: Tensor
 
 
 #: Elements of one chunk of votes in the chunked reads (about 1 MB of float32): large enough to
@@ -79,7 +99,8 @@ class VoteReader:
     one (hundreds of MB, every page faulted in) took longer than the products it saved.
     """
 
-    def __init__(self, shape, *, centred: Optional[Tensor] = None, factors=None, centre: Optional[Tensor] = None):
+    def __init__(self, shape, *, centred: Optional[Tensor] = None, factors: Optional[FactoredVotes] = None,
+                 centre: Optional[Tensor] = None):
         slots, batch, num_patches, types, dim = shape
         self.x, self.factors, self.centre = centred, factors, centre  # X (I, N, D); c (N, D)
         self.shape = (slots, batch * num_patches * types, dim)
@@ -87,12 +108,13 @@ class VoteReader:
         limit = _CHUNK_ELEMENTS if device.type == "cpu" else _CHUNK_ELEMENTS_GPU
         step = max(1, limit // (batch * num_patches * types * dim))
         # A chunk of factored votes is whole bmm groups (G groups of I / G children each).
-        self.per_group = 1 if factors is None else slots // factors[0].shape[0]
+        self.per_group = 1 if factors is None else slots // factors.poses.shape[0]
         self.step = -(-step // self.per_group) * self.per_group
-        self.terms: list[tuple[Tensor, Tensor, Tensor]] = []  # (left, right1, right2) outer products
+        self.terms: list[Term] = []  # the outer products of the votes' gradient
         # The compiled one-pass reads (capsnet.ops.kernels) where they apply, else None: eager chunks.
-        self.compiled = None if factors is None else kernels.em_votes(*factors, centre, shape)
-        self.factors = factors = None if factors is None else factors[:3]  # the eager chunks' (poses, transforms, offsets)
+        self.compiled = None if factors is None else kernels.em_votes(
+            factors.poses, factors.transforms, factors.offsets, factors.matrices, centre, shape
+        )
         if factors is not None and self.compiled is None:  # -c for every row (child block, b, l) of a bmm group
             rows, cols = batch * num_patches, types * dim
             self.neg_centre = (-centre).view(1, rows, cols).expand(self.per_group, rows, cols).reshape(-1, cols)
@@ -109,7 +131,7 @@ class VoteReader:
             if self.x is not None:
                 x = self.x[part]
             else:
-                poses, transforms, offsets = self.factors
+                poses, transforms, offsets = self.factors.poses, self.factors.transforms, self.factors.offsets
                 groups = slice(part.start // self.per_group, part.stop // self.per_group)
                 x = votes[:count]
                 product = x.view(groups.stop - groups.start, poses.shape[1], -1)
@@ -118,10 +140,10 @@ class VoteReader:
                     x += offsets[part].unsqueeze(1)
             yield part, x, buffer[:count]
 
-    def moments(self, r: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def moments(self, r: Tensor) -> Moments:
         """``sum_i r_i X_i``, ``sum_i r_i X_i^2`` (``(N, D)`` each) and ``sum_i r_i`` (``(N,)``) for ``r`` ``(I, N)``."""
         if self.compiled is not None:
-            return self.compiled.moments(r)
+            return Moments(*self.compiled.moments(r))
         m1 = self.centre.new_zeros(self.shape[1:]) if self.x is None else self.x.new_zeros(self.shape[1:])
         m2 = torch.zeros_like(m1)
         for part, x, buf in self._chunks():
@@ -133,7 +155,7 @@ class VoteReader:
             else:
                 m1 += (w * x).sum(0)
                 m2 += (w * x2).sum(0)
-        return m1, m2, r.sum(0)
+        return Moments(m1, m2, r.sum(0))
 
     def quadratic(self, u1: Tensor, u2: Tensor, u0: Tensor) -> Tensor:
         """``u0 + sum_d X u1 + X^2 u2`` for ``u1, u2`` of shape ``(N, D)`` and ``u0`` ``(N,)``; returns ``(I, N)``."""
@@ -154,31 +176,29 @@ class VoteReader:
         if self.compiled is not None:
             yield from self._compiled_grad_chunks()
             return
-        lefts = [t[0].reshape(slots, n) for t in self.terms]
-        (a0, b0), rest = self.terms[0][1:], [(t[1], t[2]) for t in self.terms[1:]]
-        first = None
+        first, *others = [term._replace(left=term.left.reshape(slots, n)) for term in self.terms]
+        scratch = None
         for part, x, buf in self._chunks():
-            if first is None:
-                first = torch.empty_like(buf)
-            g1 = torch.mul(lefts[0][part].unsqueeze(-1), a0, out=first[: x.shape[0]])
-            g2 = torch.mul(lefts[0][part].unsqueeze(-1), b0, out=buf)
-            for left, (right1, right2) in zip(lefts[1:], rest):
-                w = left[part].unsqueeze(-1)
-                g1.addcmul_(w, right1)
-                g2.addcmul_(w, right2)
+            if scratch is None:
+                scratch = torch.empty_like(buf)
+            g1 = torch.mul(first.left[part].unsqueeze(-1), first.right1, out=scratch[: x.shape[0]])
+            g2 = torch.mul(first.left[part].unsqueeze(-1), first.right2, out=buf)
+            for term in others:
+                w = term.left[part].unsqueeze(-1)
+                g1.addcmul_(w, term.right1)
+                g2.addcmul_(w, term.right2)
             yield part, g1.addcmul_(x, g2, value=2.0)  # dX^2/dV = 2 X; c is a constant
 
-
-    def compiled_terms(self):
+    def compiled_terms(self) -> list[Term]:
         """:attr:`terms` with the lefts as ``(I, N)`` (the kernels make everything contiguous float32)."""
         slots, n, _ = self.shape
-        return [(t[0].reshape(slots, n), t[1], t[2]) for t in self.terms]
+        return [term._replace(left=term.left.reshape(slots, n)) for term in self.terms]
 
     def _compiled_grad_chunks(self):
         """:meth:`grad_chunks` by the compiled kernel, same chunks."""
         slots, n, d = self.shape
         terms = self.compiled_terms()
-        out = terms[0][1].new_empty((min(self.step, slots), n, d))
+        out = terms[0].right1.new_empty((min(self.step, slots), n, d))
         for start in range(0, slots, self.step):
             stop = min(start + self.step, slots)
             yield slice(start, stop), self.compiled.gradient(terms, start, stop, out[: stop - start])

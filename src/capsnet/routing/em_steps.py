@@ -22,7 +22,7 @@ patch, ``J`` parent types, ``D`` pose elements (16), ``N = B L J`` all parents.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,8 @@ __all__ = [
     "MASS_EPS",
     "VAR_FLOOR",
     "EMConfig",
+    "Gaussians",
+    "VoteReads",
     "activation_argument",
     "e_step",
     "em_iteration",
@@ -139,6 +141,8 @@ def inverse_temperatures(
 
 
 class EMConfig(NamedTuple):
+    """The options of one :func:`~capsnet.routing.em.em_routing` call, checked, and the votes' shape."""
+
     lambdas: tuple[float, ...]
     activation: str
     cost_scale: float
@@ -151,9 +155,31 @@ class EMConfig(NamedTuple):
     keep_r: bool = False  # R of every iteration (for statistics), not only the last
 
 
+class Gaussians(NamedTuple):
+    """What one M-step fits: the parent Gaussians and the activation logits.
+
+    mu_c: ``(B, L, J, D)`` the means less the centre, ``mu - c``; var, log_var: ``(B, L, J, D)``
+    ``sigma^2`` (floored) and its log; logit: ``(B, L, J)`` ``lambda (...)``, so ``a_j = sigmoid(logit)``.
+    """
+
+    mu_c: Tensor
+    var: Tensor
+    log_var: Tensor
+    logit: Tensor
+
+
+class VoteReads(NamedTuple):
+    """The two reads of the votes that the steps make (see the module docstring): ``moments(r, it)``
+    for the M-step of iteration ``it``, ``quadratic(u1, u2, u0, it)`` for the E-step that reads
+    the Gaussians of iteration ``it``."""
+
+    moments: Callable[[Tensor, int], tuple[Tensor, Tensor, Tensor]]
+    quadratic: Callable[[Tensor, Tensor, Tensor, int], Tensor]
+
+
 def m_step(moments, it: int, ra: Tensor, b_a: Tensor, b_v: Tensor, lam: float, centre: Tensor, cfg: EMConfig):
     """M-step of Procedure 1 on ``ra = R_ij a_i``: parent Gaussians ``(mu - c, sigma^2, ln sigma^2)``
-    and activation logits."""
+    and activation logits, as :class:`Gaussians`."""
     slots, batch, num_patches, types, dim = cfg.shape
     ra = ra.expand(slots, batch, num_patches, types)
     # sum_i R a (V - c), sum_i R a (V - c)^2: (N, D); and the mass sum_i R_ij a_i: (N,)
@@ -169,7 +195,7 @@ def m_step(moments, it: int, ra: Tensor, b_a: Tensor, b_v: Tensor, lam: float, c
     log_var = torch.log(var)
     # cost^h = (beta_v + log sigma^h) sum_i R_ij, with log sigma = log(sigma^2) / 2.
     cost = (b_v + 0.5 * log_var) * (mass.unsqueeze(-1) * cfg.cost_scale)
-    return mu_c, var, log_var, lam * activation_argument(cost.sum(-1), b_a, cfg.activation)
+    return Gaussians(mu_c, var, log_var, lam * activation_argument(cost.sum(-1), b_a, cfg.activation))
 
 
 def activation_argument(cost: Tensor, b_a: Tensor, activation: str) -> Tensor:
@@ -193,14 +219,16 @@ def activation_argument(cost: Tensor, b_a: Tensor, activation: str) -> Tensor:
     return b_a + (mean - cost) / spread
 
 
-def e_step(quadratic, it: int, mu_c: Tensor, var: Tensor, log_var: Tensor, logit: Tensor, a_in: Tensor, need_r: bool,
-            cfg: EMConfig) -> tuple[Optional[Tensor], Tensor]:
+def e_step(quadratic, it: int, gaussians: Gaussians, a_in: Tensor, need_r: bool, cfg: EMConfig) -> tuple[Optional[Tensor], Tensor]:
     """E-step of Procedure 1: ``R_ij = a_j p_ij / sum_k a_k p_ik`` over every parent ``k`` of child ``i``.
+
+    ``gaussians`` are those of iteration ``it``, read by ``quadratic``.
 
     Returns ``R`` (None unless ``need_r``) and ``R_ij a_i``, what the next M-step uses: both
     ``(I, B, L, J)``, the product taken with the per-child factor so it costs no extra pass.
     """
     slots, batch, num_patches, types, dim = cfg.shape
+    mu_c, var, log_var, logit = gaussians
     if cfg.truncate_gradient:  # the previous iteration's Gaussians and activations are constants here
         mu_c, var, log_var, logit = mu_c.detach(), var.detach(), log_var.detach(), logit.detach()
     # ln p_ij = -sum_h (V - mu)^2 / (2 sigma^2) - sum_h ln(2 pi sigma^2) / 2, expanded in X = V - c:
@@ -225,18 +253,18 @@ def e_step(quadratic, it: int, mu_c: Tensor, var: Tensor, log_var: Tensor, logit
     return r, e * (scale * a_in)  # and R_ij a_i, the per-child factor taken first
 
 
-def em_iteration(moments, quadratic, it: int, prev, a_in: Tensor, beta_a: Tensor, beta_v: Tensor, centre: Tensor, cfg: EMConfig):
+def em_iteration(reads: VoteReads, it: int, prev: Optional[Gaussians], a_in: Tensor, beta_a: Tensor, beta_v: Tensor,
+                 centre: Tensor, cfg: EMConfig) -> tuple[Optional[Tensor], Gaussians]:
     """Iteration ``it`` of Procedure 1 on the small tensors: the E-step from the previous
     Gaussians ``prev`` (the uniform init when ``it == 0``), then the M-step.
 
-    ``moments`` and ``quadratic`` are the only vote reads. a_in ``(I, B, L, 1)``, beta ``(J,)``
-    or ``(L, J)``, centre ``(B, L, J, D)``; returns ``R (I, B, L, J)`` (or a broadcastable init;
-    None before the last iteration unless ``cfg.keep_r``, for statistics) and the Gaussians ``(mu - c, sigma^2,
-    ln sigma^2, logit)``.
+    ``reads`` are the only vote reads. a_in ``(I, B, L, 1)``, beta ``(J,)`` or ``(L, J)``, centre
+    ``(B, L, J, D)``; returns ``R (I, B, L, J)`` (or a broadcastable init; None before the last
+    iteration unless ``cfg.keep_r``, for statistics) and the iteration's :class:`Gaussians`.
     """
     slots, batch, num_patches, types, dim = cfg.shape
     if it > 0:
-        r, ra = e_step(quadratic, it - 1, *prev, a_in, cfg.keep_r or it == len(cfg.lambdas) - 1, cfg)
+        r, ra = e_step(reads.quadratic, it - 1, prev, a_in, cfg.keep_r or it == len(cfg.lambdas) - 1, cfg)
     else:
         if cfg.geometry is None:  # Procedure 1 init: R_ij = 1 / (number of parents of child i)
             r = a_in.new_full((slots, 1, num_patches, 1), 1.0 / types)
@@ -246,12 +274,12 @@ def em_iteration(moments, quadratic, it: int, prev, a_in: Tensor, beta_a: Tensor
         ra = r * a_in  # R_ij <- R_ij a_i
     b_a = beta_a if beta_a.dim() == 1 else beta_a.unsqueeze(0)  # (J,) or (1, L, J)
     b_v = (beta_v if beta_v.dim() == 1 else beta_v.unsqueeze(0)).unsqueeze(-1)  # (J, 1) or (1, L, J, 1)
-    return r, m_step(moments, it, ra, b_a, b_v, cfg.lambdas[it], centre, cfg)
+    return r, m_step(reads.moments, it, ra, b_a, b_v, cfg.lambdas[it], centre, cfg)
 
 
-def iteration_stats(r: Tensor, gaussians, cfg: EMConfig) -> dict[str, float]:
+def iteration_stats(r: Tensor, gaussians: Gaussians, cfg: EMConfig) -> dict[str, float]:
     """What one iteration did, for training logs (see ``stats`` of :func:`em_routing`)."""
-    _, var, _, logit = gaussians
+    var, logit = gaussians.var, gaussians.logit
     a = torch.sigmoid(logit)
     r = r.expand(cfg.shape[:4])
     types = cfg.shape[3]
@@ -270,7 +298,6 @@ def iteration_stats(r: Tensor, gaussians, cfg: EMConfig) -> dict[str, float]:
     }
 
 
-def routing_outputs(r: Tensor, gaussians, centre: Tensor, cfg: EMConfig):
+def routing_outputs(r: Tensor, gaussians: Gaussians, centre: Tensor, cfg: EMConfig) -> tuple[Tensor, Tensor, Tensor]:
     """``mu (B, L, J, D)``, ``a (B, L, J)`` and ``R (I, B, L, J)`` of the last M-step."""
-    mu_c, _, _, logit = gaussians
-    return mu_c + centre, torch.sigmoid(logit), r.expand(cfg.shape[:4])
+    return gaussians.mu_c + centre, torch.sigmoid(gaussians.logit), r.expand(cfg.shape[:4])
