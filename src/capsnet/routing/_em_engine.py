@@ -126,6 +126,12 @@ class EMRoutingFunction(torch.autograd.Function):
     as backward); then it builds the votes' gradient from the recorded outer products. Plain
     autograd would instead keep every iteration's intermediates and allocate and add one
     vote-sized gradient per read.
+
+    Backward is ``once_differentiable``: it runs without a graph of its own, so no second
+    derivative (an error, or routing's share silently missing where the incoming gradient is
+    a constant), and the Function, defined with ``forward(ctx, ...)`` and no ``setup_context``
+    / ``vmap`` / ``jvp``, works under no ``torch.func`` transform nor forward-mode AD. See
+    :func:`~capsnet.routing.em.em_routing` for the reference path that has all of these.
     """
 
     @staticmethod

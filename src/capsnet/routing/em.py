@@ -130,9 +130,22 @@ def em_routing(
     child ``i``, in log space). Gradients flow through every iteration unless
     ``detach_intermediate``; nothing is kept between calls.
 
-    The votes are read once per step in chunks (see :class:`~capsnet.routing._em_votes.VoteReader`): the E-step's
-    Gaussian is expanded so no ``(B, L, I, J, D)`` temporary is built per iteration, and the
-    votes' gradient is accumulated in one pass.
+    The votes are read once per step in chunks (see :class:`~capsnet.routing._em_votes.VoteReader`):
+    the E-step's Gaussian is expanded so no ``(B, L, I, J, D)`` temporary is built per
+    iteration, and the votes' gradient is accumulated in one pass.
+
+    Differentiable once. The backward pass is hand-written and marked ``once_differentiable``
+    (:class:`~capsnet.routing._em_engine.EMRoutingFunction`), which rules out: second
+    derivatives (``create_graph=True`` then a second backward raises ``RuntimeError: trying to
+    differentiate twice`` where the gradient reaching routing carries a graph, and where it does
+    not, as for a loss linear in routing's outputs, routing's share of the second derivative is
+    silently missing, so ``gradgradcheck`` and Hessian-vector products are not available);
+    ``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``, ... raise ``RuntimeError``: the
+    Function has no ``setup_context``); forward-mode AD (``NotImplementedError``: no ``jvp``).
+    Unlike :func:`~capsnet.routing.dynamic_routing`, the library has no autograd path to fall
+    back on; ``autograd_em_routing_dense`` in ``tests/em_reference.py`` is Procedure 1 in plain
+    differentiable torch (fully connected layers: no geometry, ``beta`` ``(J,)``), the test
+    reference for the gradients, and serves all three.
 
     Args:
         votes: ``V_ij`` in patch layout, ``(B, L, I, J, D)``. A view of an ``(I, B, L, J, D)``

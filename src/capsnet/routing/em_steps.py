@@ -61,7 +61,7 @@ MASS_EPS = 1e-6
 #: Named inverse-temperature schedules, see :func:`inverse_temperatures`.
 LAMBDA_SCHEDULES = ("fan_in", "linear", "authors")
 
-#: How the M-step turns the cost into the activation logit, see :func:`em_routing`.
+#: How the M-step turns the cost into the activation logit, see :func:`~capsnet.routing.em.em_routing`.
 #: ``"paper"``: ``lambda (beta_a - sum_h cost^h)`` (Procedure 1); ``"centred"``:
 #: ``lambda (beta_a + mean_k cost_k - cost_j)`` over the parents ``k`` of one position;
 #: ``"standardised"``: ``lambda (beta_a + (mean_k cost_k - cost_j) / std_k cost_k)`` (gyang274's capsulesEM).
@@ -84,7 +84,7 @@ def inverse_temperatures(
 ) -> tuple[float, ...]:
     """The inverse temperature ``lambda`` of each routing iteration (the paper: "a fixed schedule").
 
-    ``"fan_in"`` (default of :func:`em_routing`): ``lambda_it = final_lambda (it + 1) / iterations
+    ``"fan_in"`` (default of :func:`~capsnet.routing.em.em_routing`): ``lambda_it = final_lambda (it + 1) / iterations
     / fan_in`` with ``final_lambda = 1/2`` and ``fan_in = D x (children per parent)``. The paper's
     cost ``sum_h (beta_v + log sigma^h) sum_i R_ij`` is a sum over ``D`` pose elements and over
     the mass of all children of a parent, so its spread grows with both: tens of nats in a
@@ -105,7 +105,7 @@ def inverse_temperatures(
     ``"authors"``: the formula the authors gave on OpenReview and both public codes use,
     ``lambda_it = final_lambda (1 - 0.95^(it + 1))``, ``final_lambda = 0.01``
     (5.0e-4, 9.75e-4, 1.43e-3 for three iterations). It only trains together with the IBM cost
-    scaling (which :func:`em_routing` applies with this schedule) and IBM's large negative
+    scaling (which :func:`~capsnet.routing.em.em_routing` applies with this schedule) and IBM's large negative
     beta_a initialisation (which the layers apply).
 
     A sequence of ``iterations`` non-negative floats is used as given.
@@ -278,7 +278,7 @@ def em_iteration(reads: VoteReads, it: int, prev: Optional[Gaussians], a_in: Ten
 
 
 def iteration_stats(r: Tensor, gaussians: Gaussians, cfg: EMConfig) -> dict[str, float]:
-    """What one iteration did, for training logs (see ``stats`` of :func:`em_routing`)."""
+    """What one iteration did, for training logs (see ``stats`` of :func:`~capsnet.routing.em.em_routing`)."""
     var, logit = gaussians.var, gaussians.logit
     a = torch.sigmoid(logit)
     r = r.expand(cfg.shape[:4])
