@@ -434,7 +434,7 @@ def test_factored_votes_of_the_wrong_shape_raise_value_error():
 @pytest.mark.parametrize("chunk", [1, 7, 100])
 def test_factored_votes_read_in_small_chunks_match_one_chunk(monkeypatch, chunk):
     # Real layers read their votes in many chunks; the test problems fit in one by default.
-    import capsnet.routing.em as em
+    import capsnet.routing._em_votes as em_votes
 
     geometry, factored, act, beta_a, beta_v = _factored_problem()
 
@@ -445,7 +445,7 @@ def test_factored_votes_read_in_small_chunks_match_one_chunk(monkeypatch, chunk)
         return (*out, poses.grad, transforms.grad)
 
     whole = run()
-    monkeypatch.setattr(em, "_CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(em_votes, "_CHUNK_ELEMENTS", chunk)
     for a, b in zip(run(), whole):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
 
@@ -558,3 +558,19 @@ def test_truncated_gradient_differs_from_the_full_one_only_through_earlier_itera
         single[truncate] = torch.autograd.grad(out.activations.sum() + out.poses.square().sum(), inputs)
     for a, b in zip(single[False], single[True]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_em_routing_is_differentiable_once_and_says_so_where_it_is_not():
+    # The hand-written backward is once_differentiable (em_routing's docstring); the test
+    # reference autograd_em_routing_dense is the path for higher derivatives and torch.func.
+    votes, act, beta_a, beta_v = _problem(None, types=3, slots=4, dim=3, seed=23)
+    v = votes.clone().requires_grad_()
+    (g,) = torch.autograd.grad(em_routing(v, act, beta_a, beta_v).poses.square().sum(), v, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        g.sum().backward()
+    with pytest.raises(RuntimeError, match="setup_context"):
+        torch.func.grad(lambda x: em_routing(x, act, beta_a, beta_v).poses.sum())(votes)
+    lambdas = inverse_temperatures("fan_in", 3, fan_in=_fan_in(votes, None))
+    assert torch.autograd.gradgradcheck(
+        lambda x: autograd_em_routing_dense(x, act, beta_a, beta_v, lambdas=lambdas)[0], (v,), atol=1e-5, fast_mode=True
+    )

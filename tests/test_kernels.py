@@ -1,6 +1,6 @@
 """The compiled EM vote reads (capsnet.ops.kernels) against the eager reads they replace.
 
-Every map is checked against :class:`capsnet.routing.em._VoteReader` in float64 on the same
+Every map is checked against :class:`capsnet.routing._em_votes.VoteReader` in float64 on the same
 factors, for dense factors, grouped children with offsets (the class layer) and 4x4 matrices
 (the convolutional layers); then whole routing and a whole model, compiled against eager; then
 every fallback (kernels off, float64, a compiler that fails, is missing or hangs), the build
@@ -17,11 +17,11 @@ import pytest
 import torch
 
 import capsnet.ops.kernels as kernels
-import capsnet.routing.em as em
 from capsnet import create_model
 from capsnet.cli import kernel_settings
 from capsnet.functional import spread_loss
 from capsnet.layers.matrix import _block_weight
+from capsnet.routing._em_votes import Term, VoteReader, factored_centre
 from capsnet.routing.em import ConvGeometry, FactoredVotes, em_routing, to_patches
 
 needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler: the kernels cannot be built")
@@ -69,8 +69,8 @@ def _factors(kind: str, seed: int = 0):
 
 def _readers(kind: str):
     poses, transforms, offsets, matrices, shape = _factors(kind)
-    centre = em._factored_centre(poses, transforms, offsets, shape)
-    eager = em._VoteReader(shape, factors=(poses, transforms, offsets, None), centre=centre)
+    centre = factored_centre(poses, transforms, offsets, shape)
+    eager = VoteReader(shape, factors=FactoredVotes(poses, transforms, offsets), centre=centre)
     assert eager.compiled is None  # float64: the eager path
     f32 = [None if t is None else t.float() for t in (poses, transforms, offsets, matrices, centre)]
     compiled = kernels.em_votes(*f32, shape)
@@ -99,8 +99,8 @@ def test_gradient_chunks_match_the_eager_chunks(kind):
     eager, compiled, (slots, batch, patches, types, dim) = _readers(kind)
     gen = torch.Generator().manual_seed(2)
     n = batch * patches * types
-    eager.terms = [(torch.randn(slots, n, generator=gen, dtype=F64), torch.randn(n, dim, generator=gen, dtype=F64),
-                    torch.randn(n, dim, generator=gen, dtype=F64)) for _ in range(3)]  # fmt: skip
+    eager.terms = [Term(torch.randn(slots, n, generator=gen, dtype=F64), torch.randn(n, dim, generator=gen, dtype=F64),
+                        torch.randn(n, dim, generator=gen, dtype=F64)) for _ in range(3)]  # fmt: skip
     want = torch.cat([g.clone() for _, g in eager.grad_chunks()])
     terms = [tuple(t.float().contiguous() for t in term) for term in eager.terms]
     got = torch.empty(slots, n, dim)
@@ -189,7 +189,7 @@ def test_model_trains_the_same_with_and_without_the_kernels(name):
 @needs_cc
 def test_readers_fall_back_to_eager_where_the_kernels_do_not_apply(configure):
     poses, transforms, offsets, matrices, shape = _factors("conv")
-    centre = em._factored_centre(poses, transforms, offsets, shape)
+    centre = factored_centre(poses, transforms, offsets, shape)
     f32 = [None if t is None else t.float() for t in (poses, transforms, offsets, matrices, centre)]
     assert kernels.em_votes(*f32, shape) is not None
     assert kernels.em_votes(poses, transforms, offsets, matrices, centre, shape) is None  # float64

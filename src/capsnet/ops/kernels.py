@@ -1,7 +1,7 @@
 """Optional compiled CPU kernels, built on first use with the system C compiler.
 
 EM routing reads its factored votes about ten times per layer and training step
-(:class:`capsnet.routing.em._VoteReader`); in eager PyTorch each read is several passes over
+(:class:`capsnet.routing._em_votes.VoteReader`); in eager PyTorch each read is several passes over
 vote-sized data. ``em_votes.c`` does each read in one pass, multiplying every vote row out in
 a small buffer. It is plain C (no PyTorch headers), compiled once per machine with ``cc -O3
 -march=native -fopenmp`` into a cache folder and loaded with :mod:`ctypes`. It links
@@ -272,7 +272,7 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 class EMVotes:
     """Factored votes ``X = poses @ transforms - centre + offsets`` read by the compiled kernels.
 
-    Same maps as :class:`capsnet.routing.em._VoteReader` (``moments``, ``quadratic`` and the
+    Same maps as :class:`capsnet.routing._em_votes.VoteReader` (``moments``, ``quadratic`` and the
     gradient chunks), same shapes: ``I`` child slots, ``N = rows J`` parents, ``D`` pose elements.
     The tensors are kept (contiguous float32 CPU) for as long as this object lives.
     """
