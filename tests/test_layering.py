@@ -21,7 +21,7 @@ PACKAGE = SRC / "capsnet"
 #: convolutions, the compiled EM vote reads), below the capsule math of ``routing`` and
 #: ``layers``. ``backends`` and ``_compat`` are planned by issue 15 (the speed-knob settings,
 #: the private-torch shims) and are placed here so that they land on the floor it gives them.
-#: ``kernels`` and ``schedules`` are old paths, aliases of ``ops.kernels`` and ``train.schedules``.
+#: ``schedules`` is an old path, an alias of ``train.schedules``.
 FLOOR = {
     "functional": "core",
     "validation": "core",
@@ -32,7 +32,6 @@ FLOOR = {
     "_compat": "core",
     "_shapes": "core",
     "ops": "ops",
-    "kernels": "ops",
     "routing": "routing",
     "layers": "layers",
     "models": "models",
