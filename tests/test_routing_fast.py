@@ -1,7 +1,7 @@
 """The fast routing paths against the plain autograd path they replace.
 
 ``dynamic_routing`` and ``DenseCaps.forward`` use hand-written backward passes
-(``capsnet.routing.dynamic._DynamicRouting``, ``capsnet.layers.dense._DenseRouting``).
+(``capsnet.routing.dynamic._DynamicRouting``, ``capsnet.routing.dense._DenseRouting``).
 Here they must give the same values and the same gradients, to 1e-10 in float64, as
 ``_dynamic_routing_autograd`` (Procedure 1 in plain tensor ops, differentiated by
 autograd) applied to the votes of ``DenseCaps.votes``. The forward of that reference is
@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.autograd import gradcheck, gradgradcheck
 
-import capsnet.layers.dense as dense_module
+import capsnet.routing.dense as dense_module
 from capsnet import dynamic_routing
 from capsnet.layers import DenseCaps
 from capsnet.routing.dynamic import _dynamic_routing_autograd
