@@ -84,24 +84,50 @@ def imports(source: str, module: str, *, is_package: bool, known: set[str]) -> l
     ``from pkg import name`` is an import of ``pkg.name`` when that is a module in ``known``,
     else of ``pkg`` itself (``name`` is an attribute).
     """
-    package = module if is_package else module.rpartition(".")[0]
     found = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                parts = package.split(".")
-                if node.level - 1 >= len(parts):
-                    raise ValueError(f"{module} line {node.lineno}: relative import goes above the top package")
-                base = ".".join(parts[: len(parts) - (node.level - 1)] + ([node.module] if node.module else []))
-            else:
-                base = node.module
+            base = _from_base(node, module, is_package=is_package)
             targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
         else:
             continue
         found += [Import(node.lineno, t) for t in dict.fromkeys(targets) if t.split(".")[0] == "capsnet"]
     return sorted(found, key=lambda imp: imp.line)  # ast.walk is breadth-first
+
+
+def _from_base(node: ast.ImportFrom, module: str, *, is_package: bool) -> str:
+    """The absolute module of ``from X import ...`` in ``module``, a relative ``X`` resolved."""
+    if not node.level:
+        return node.module
+    package = module if is_package else module.rpartition(".")[0]
+    parts = package.split(".")
+    if node.level - 1 >= len(parts):
+        raise ValueError(f"{module} line {node.lineno}: relative import goes above the top package")
+    return ".".join(parts[: len(parts) - (node.level - 1)] + ([node.module] if node.module else []))
+
+
+def private_names(source: str, module: str, *, is_package: bool, owner: str) -> list[Import]:
+    """The private names of package ``owner`` that ``source`` imports: ``_name`` attributes or modules on the dotted path.
+
+    ``from capsnet.routing.dynamic import _route`` gives ``capsnet.routing.dynamic._route``;
+    ``from ..routing._em_votes import VoteReader`` gives ``capsnet.routing._em_votes.VoteReader``.
+    """
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = _from_base(node, module, is_package=is_package)
+            targets = [f"{base}.{a.name}" for a in node.names]
+        else:
+            continue
+        for target in targets:
+            inside = target.split(".")[len(owner.split(".")) :]
+            if (target + ".").startswith(owner + ".") and any(p.startswith("_") and not p.endswith("__") for p in inside):
+                found.append(Import(node.lineno, target))
+    return sorted(found, key=lambda imp: imp.line)
 
 
 def floor_of(module: str) -> str:
@@ -160,7 +186,19 @@ def test_ops_import_no_capsule_math():
     assert not found, "\n".join(found)
 
 
-# The checker itself, on synthetic sources: it must be able to fail.
+def test_nothing_outside_routing_imports_a_private_name_of_routing():
+    # The fast paths of routing (hand-written backwards, vote slabs) stay behind its public
+    # functions: a module over routing calls dense_routing, never _DenseRouting or _route.
+    found = [
+        f"{path.relative_to(SRC.parent)}:{imp.line}: imports {imp.target}"
+        for path in FILES
+        if module_name(path).split(".")[1:2] != ["routing"]
+        for imp in private_names(path.read_text(), module_name(path), is_package=path.name == "__init__.py", owner="capsnet.routing")
+    ]
+    assert not found, "\n".join(found) + "\nmake what they need public in capsnet.routing, or keep it there"
+
+
+# The checkers themselves, on synthetic sources: they must be able to fail.
 
 KNOWN_SYNTHETIC = {
     "capsnet",
@@ -208,3 +246,25 @@ def test_relative_imports_resolve_to_package_paths():
     assert [i.target for i in found] == ["capsnet.layers.dense", "capsnet.functional", "capsnet", "capsnet.routing.dynamic"]
     found = imports("from . import dense\n", "capsnet.layers.other", is_package=False, known=KNOWN_SYNTHETIC)
     assert [i.target for i in found] == ["capsnet.layers.dense"]
+
+
+def test_private_name_checker_flags_underscore_names_and_modules_of_routing():
+    source = (
+        "from ..routing.dynamic import RoutingResult, _route\n"
+        "from capsnet.routing._em_votes import VoteReader\n"
+        "import capsnet.routing._em_engine\n"
+        "from ..routing import dense_routing, __all__\n"
+        "from ..functional import _private_but_not_routing\n"
+    )
+    found = private_names(source, "capsnet.layers.dense", is_package=False, owner="capsnet.routing")
+    assert [(i.line, i.target) for i in found] == [
+        (1, "capsnet.routing.dynamic._route"),
+        (2, "capsnet.routing._em_votes.VoteReader"),
+        (3, "capsnet.routing._em_engine"),
+    ]
+
+
+def test_private_name_checker_resolves_relative_imports_inside_routing():
+    found = private_names("from .dynamic import _route\n", "capsnet.routing.dense", is_package=False, owner="capsnet.routing")
+    assert [i.target for i in found] == ["capsnet.routing.dynamic._route"]  # the test skips routing's own modules
+    assert private_names("from .routing import dense_routing\n", "capsnet", is_package=True, owner="capsnet.routing") == []

@@ -1,7 +1,7 @@
 """The fast routing paths against the plain autograd path they replace.
 
-``dynamic_routing`` and ``DenseCaps.forward`` use hand-written backward passes
-(``capsnet.routing.dynamic._DynamicRouting``, ``capsnet.routing.dense._DenseRouting``).
+``dynamic_routing`` and ``dense_routing`` (``DenseCaps.forward``) use hand-written backward
+passes (``capsnet.routing.dynamic._DynamicRouting``, ``capsnet.routing.dense._DenseRouting``).
 Here they must give the same values and the same gradients, to 1e-10 in float64, as
 ``_dynamic_routing_autograd`` (Procedure 1 in plain tensor ops, differentiated by
 autograd) applied to the votes of ``DenseCaps.votes``. The forward of that reference is
@@ -16,8 +16,9 @@ import torch
 from torch.autograd import gradcheck, gradgradcheck
 
 import capsnet.routing.dense as dense_module
-from capsnet import dynamic_routing
+from capsnet import dense_routing, dynamic_routing
 from capsnet.layers import DenseCaps
+from capsnet.routing import dense_votes
 from capsnet.routing.dynamic import _dynamic_routing_autograd
 
 SHAPES = [(1, 3, 2, 4), (2, 5, 3, 4), (3, 8, 10, 16), (2, 12, 4, 2)]  # (B, I, J, D)
@@ -243,3 +244,107 @@ def test_dense_caps_works_under_torch_func_transforms():
     expected = torch.autograd.grad(_dense_reference(layer, u).poses.pow(2).sum(), list(params.values()))
     for (name, a), b in zip(grads.items(), expected):
         torch.testing.assert_close(a, b, **TOL, msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
+# --------------------------------------------------------------------------- dense_routing
+
+
+def _dense_inputs(*, batch=3, in_caps=7, in_dim=3, out_caps=4, out_dim=5, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.randn(batch, in_caps, in_dim, generator=gen, dtype=torch.float64)
+    weight = torch.randn(out_caps, in_caps, out_dim, in_dim, generator=gen, dtype=torch.float64) * 0.5
+    bias = torch.randn(out_caps, 1, out_dim, generator=gen, dtype=torch.float64)
+    return u, weight, bias
+
+
+def _outputs_and_grads(fn, inputs):
+    inputs = [t.clone().requires_grad_(True) for t in inputs]
+    result = fn(*inputs)
+    return result, torch.autograd.grad(_loss(result, _upstream(result)), inputs)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("leaky", [False, True])
+@pytest.mark.parametrize("detach_intermediate", [False, True])
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_dense_routing_is_the_layers_forward_bit_for_bit(iterations, detach_intermediate, leaky, bias):
+    layer = _dense(iterations=iterations, detach_intermediate=detach_intermediate, leaky=leaky, bias=bias)
+    u = torch.randn(3, 7, 3, dtype=torch.float64)
+    options = dict(iterations=iterations, detach_intermediate=detach_intermediate, leaky=leaky)
+    module, grads_module = _dense_outputs_and_grads(layer, u, DenseCaps.forward)
+    inputs = [u, *(p.detach() for p in layer.parameters())]
+    functional, grads_functional = _outputs_and_grads(lambda *t: dense_routing(*t, **options), inputs)
+    for a, b in zip((*functional, *grads_functional), (*module, *grads_module)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("leaky", [False, True])
+@pytest.mark.parametrize("detach_intermediate", [False, True])
+@pytest.mark.parametrize("iterations", ITERATIONS)
+def test_dense_routing_matches_dynamic_routing_of_einsum_votes(iterations, detach_intermediate, leaky, bias):
+    u, weight, b = _dense_inputs()
+    inputs = [u, weight, b] if bias else [u, weight]
+    options = dict(detach_intermediate=detach_intermediate, leaky=leaky)
+
+    def reference(u, weight, b=None):
+        votes = torch.einsum("jide,bie->bijd", weight, u) + (b.transpose(0, 1) if b is not None else 0)  # (B, I, J, D)
+        return dynamic_routing(votes, iterations, **options)
+
+    fast, grads_fast = _outputs_and_grads(lambda *t: dense_routing(*t, iterations=iterations, **options), inputs)
+    ref, grads_ref = _outputs_and_grads(reference, inputs)
+    for name, a, b in zip(ref._fields, fast, ref):
+        torch.testing.assert_close(a, b, **TOL, msg=lambda m, name=name: f"{name}: {m}")
+    for name, a, b in zip(["u", "weight", "bias"], grads_fast, grads_ref):
+        torch.testing.assert_close(a, b, **TOL, msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
+def test_dense_routing_gradcheck_float64():
+    u, weight, bias = (t.requires_grad_(True) for t in _dense_inputs(batch=2, in_caps=4, in_dim=2, out_caps=3, out_dim=3))
+    assert gradcheck(lambda *t: tuple(dense_routing(*t, iterations=3)), (u, weight, bias))
+    assert gradgradcheck(lambda *t: dense_routing(*t, iterations=2).poses, (u, weight, bias))
+
+
+@pytest.mark.parametrize("leaky", [False, True])
+def test_dense_routing_reference_path_matches_the_fused_path(leaky):
+    inputs = _dense_inputs()
+    fused, grads_fused = _outputs_and_grads(lambda *t: dense_routing(*t, leaky=leaky), inputs)
+    ref, grads_ref = _outputs_and_grads(lambda *t: dense_routing(*t, leaky=leaky, fused=False), inputs)
+    for a, b in zip((*fused, *grads_fused), (*ref, *grads_ref)):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch's own, on first use of forward AD
+def test_dense_routing_forward_mode_ad_takes_the_reference_path_or_torch_func():
+    import torch.autograd.forward_ad as fwAD
+
+    u, weight, bias = _dense_inputs()
+    tangent = torch.randn_like(u)
+    expected = torch.func.jvp(lambda u: dense_routing(u, weight, bias).poses, (u,), (tangent,))[1]
+    weight.requires_grad_(True)  # what a layer's parameter does: the fused path cannot take dual tensors then
+    with fwAD.dual_level():
+        poses = dense_routing(fwAD.make_dual(u, tangent), weight, bias, fused=False).poses
+        got = fwAD.unpack_dual(poses).tangent
+    torch.testing.assert_close(got, expected, **TOL)
+
+
+def test_dense_routing_takes_the_bias_as_j_d_or_j_1_d():
+    u, weight, bias = _dense_inputs()
+    assert all(torch.equal(a, b) for a, b in zip(dense_routing(u, weight, bias), dense_routing(u, weight, bias[:, 0])))
+    assert torch.equal(dense_votes(u, weight, bias[:, 0]), dense_votes(u, weight, bias))
+
+
+@pytest.mark.parametrize(
+    "shapes, match",
+    [
+        (((3, 7, 3), (4, 7, 5, 2), None), r"u must be \(B, I, E\) = \(B, 7, 2\)"),
+        (((3, 7, 3), (4, 7, 5), None), r"weight must be \(J, I, D, E\)"),
+        (((3, 7, 3), (4, 7, 5, 3), (4, 5, 1)), r"bias must be \(J, D\) = \(4, 5\)"),
+    ],
+)
+def test_dense_routing_rejects_shapes_that_do_not_fit(shapes, match):
+    u, weight, bias = (torch.zeros(s, dtype=torch.float64) if s is not None else None for s in shapes)
+    with pytest.raises(ValueError, match=match):
+        dense_routing(u, weight, bias)
+    with pytest.raises(ValueError, match=r"iterations must be an integer >= 1"):
+        dense_routing(*_dense_inputs(), iterations=0)

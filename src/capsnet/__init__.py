@@ -4,7 +4,7 @@ from importlib import metadata as _metadata
 
 from .functional import margin_loss, reconstruction_loss, safe_norm, spread_loss, squash
 from .models import create_model, list_models, register_model
-from .routing import EMRoutingResult, RoutingResult, SelfAttentionRoutingResult, dynamic_routing, em_routing, self_attention_routing
+from .routing import EMRoutingResult, RoutingResult, SelfAttentionRoutingResult, dense_routing, dynamic_routing, em_routing, self_attention_routing
 
 try:  # pyproject.toml's static version is the one source; installing writes it into the metadata
     __version__ = _metadata.version("capsnet")
@@ -16,6 +16,7 @@ __all__ = [
     "RoutingResult",
     "SelfAttentionRoutingResult",
     "create_model",
+    "dense_routing",
     "dynamic_routing",
     "em_routing",
     "list_models",

@@ -7,9 +7,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..routing.dense import _DenseRouting, _votes, _weight_by_child
-from ..routing.dynamic import RoutingResult, _dynamic_routing_autograd, _functorch_active, _route
 from ..precision import float32_under_autocast
+from ..routing import RoutingResult, dense_routing, dense_votes
 from ..validation import check_dtype
 
 __all__ = ["DenseCaps"]
@@ -19,11 +18,10 @@ class DenseCaps(nn.Module):
     """Every input capsule ``i`` predicts every output capsule ``j`` through its own matrix ``W_ij``.
 
     Votes ``u_hat_{j|i} = W_ij u_i`` (Eq. 2) come from weights that carry no batch
-    axis; the parents come from routing by agreement. ``forward`` computes exactly
-    ``dynamic_routing(self.votes(u).transpose(1, 2), ...)`` (to rounding), fused: the
-    votes are made per child as one matmul over the batch, and one hand-written
-    backward (:class:`_DenseRouting`) returns the gradients of ``u``, ``W`` and the bias
-    without autograd's full-size intermediate gradients.
+    axis; the parents come from routing by agreement (Procedure 1, Sabour et al. 2017).
+    ``forward`` is :func:`~capsnet.routing.dense_routing` over the layer's parameters: to
+    rounding, ``dynamic_routing(self.votes(u).transpose(1, 2), ...)``, with the votes and
+    the routing fused.
 
     Args:
         in_caps, in_dim: number ``I`` and dimension of the input capsules.
@@ -78,21 +76,11 @@ class DenseCaps(nn.Module):
     def votes(self, u: Tensor) -> Tensor:
         """Predictions ``u_hat_{j|i} = W_ij u_i`` as a ``(B, J, I, D)`` tensor: the readable form of what ``forward`` fuses."""
         self._check_input(u)
-        u_hat = torch.einsum("jide,bie->bjid", self.weight, u)
-        if self.bias is not None:
-            u_hat = u_hat + self.bias
-        return u_hat
+        return dense_votes(u, self.weight, self.bias)
 
-    @float32_under_autocast
+    @float32_under_autocast  # the input check sees the float32 tensors routing will see
     def forward(self, u: Tensor) -> RoutingResult:
         self._check_input(u)
-        routing = dict(detach_intermediate=self.detach_intermediate, leaky=self.leaky, eps=0.0)
-        if _functorch_active():
-            return _dynamic_routing_autograd(self.votes(u).transpose(1, 2), self.iterations, **routing)
-        inputs = [t for t in (u, self.weight, self.bias) if t is not None]
-        if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
-            poses, coupling, logits = _DenseRouting.apply(u, self.weight, self.bias, self.iterations, routing)
-        else:
-            u_hat = _votes(u, _weight_by_child(self.weight), self.weight.shape[0], self.bias)
-            poses, coupling, logits, _ = _route(u_hat, self.iterations, leaky=self.leaky, eps=0.0)
-        return RoutingResult(poses=poses, coupling=coupling.transpose(1, 2), logits=logits.transpose(1, 2))
+        return dense_routing(
+            u, self.weight, self.bias, iterations=self.iterations, detach_intermediate=self.detach_intermediate, leaky=self.leaky
+        )

@@ -1,13 +1,128 @@
-"""The fused DigitCaps engine: votes (Eq. 2) and routing (Procedure 1) as one function of ``(u, W, bias)``."""
+"""Fully connected routing-by-agreement from the capsules themselves: DigitCaps' votes and routing in one function.
+
+:func:`dense_routing` computes ``dynamic_routing(dense_votes(u, W, bias).transpose(1, 2))``
+(Sabour, Frosst & Hinton 2017: the votes of Eq. 2, then Procedure 1), fused: the votes are
+made per child as one matmul over the batch, slab by slab, and one hand-written backward
+(:class:`_DenseRouting`) returns the gradients of ``u``, ``W`` and the bias without
+autograd's full-size intermediate gradients. :class:`~capsnet.layers.DenseCaps` is the
+module over it. ``tests/test_routing_fast.py`` holds the fused path to the reference path
+(``fused=False``) to 1e-10 in float64.
+"""
 
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .dynamic import _dynamic_routing_autograd, _outputs_differentiable, _present, _route, _routing_vjp, _Step
+from ..precision import float32_under_autocast
+from ..validation import check_dtype
+from .dynamic import (
+    RoutingResult,
+    _check_iterations,
+    _dynamic_routing_autograd,
+    _functorch_active,
+    _outputs_differentiable,
+    _present,
+    _route,
+    _routing_vjp,
+    _Step,
+)
+
+__all__ = ["dense_routing", "dense_votes"]
+
+
+def dense_votes(u: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """Predictions ``u_hat_{j|i} = W_ij u_i`` (Eq. 2, Sabour et al. 2017), plus ``bias_j`` if given, as one ``einsum``.
+
+    The weights carry no batch axis. This is the readable form of what :func:`dense_routing`
+    fuses; the ``(B, J, I, D)`` layout is the one routing reads (``.transpose(1, 2)`` gives
+    :func:`~capsnet.routing.dynamic_routing`'s ``(B, I, J, D)``).
+
+    Shape:
+        u: ``(B, I, E)``; weight: ``(J, I, D, E)``; bias: ``(J, D)``, ``(J, 1, D)`` or None;
+        returns ``(B, J, I, D)``.
+    """
+    bias = _check_dense_args(u, weight, bias)
+    u_hat = torch.einsum("jide,bie->bjid", weight, u)
+    if bias is not None:
+        u_hat = u_hat + bias
+    return u_hat
+
+
+@float32_under_autocast
+def dense_routing(
+    u: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    iterations: int = 3,
+    detach_intermediate: bool = False,
+    leaky: bool = False,
+    eps: float = 0.0,
+    fused: bool = True,
+) -> RoutingResult:
+    """Every child capsule ``u_i`` votes for every parent through its own ``W_ij``; the parents come from routing by agreement.
+
+    Votes ``u_hat_{j|i} = W_ij u_i`` (+ ``bias_j``, as the official code; the paper has
+    none), then Procedure 1 of Sabour et al. 2017 from logits ``b_ij = 0``: each iteration
+    ``c_i = softmax(b_i)`` over parents (Eq. 3), ``s_j = sum_i c_ij u_hat_{j|i}`` (Eq. 2),
+    ``v_j = squash(s_j)`` (Eq. 1), ``b_ij += u_hat_{j|i} . v_j``. Equal (to rounding) to
+    ``dynamic_routing(dense_votes(u, weight, bias).transpose(1, 2), iterations, ...)``.
+
+    The fused path never holds more than the votes at full size, forward or backward.
+    Second derivatives (``create_graph=True``) and ``torch.func`` transforms work: they go
+    through the reference path by themselves. What the fused backward rules out is
+    forward-mode AD with dual tensors (``torch.autograd.forward_ad``) when an input requires
+    a gradient: pass ``fused=False`` for that (``torch.func.jvp`` needs nothing).
+
+    Args:
+        u: child capsules ``u_i``.
+        weight: the matrices ``W_ij``; no batch axis.
+        bias: optional per-parent bias added to every vote, ``(J, D)`` or ``(J, 1, D)``.
+        iterations, detach_intermediate, leaky, eps: as :func:`~capsnet.routing.dynamic_routing`
+            (3, False, False, 0: the paper's procedure).
+        fused: True (default), the fused path; False, the reference path: the votes of
+            :func:`dense_votes`, then Procedure 1 in plain tensor ops differentiated by
+            autograd (every autograd feature; ``2r - 1`` full-size intermediate gradients).
+            The same results to rounding, so a speed and memory choice only.
+
+    Shape:
+        u: ``(B, I, E)``; weight: ``(J, I, D, E)``; returns a :class:`~capsnet.routing.RoutingResult`
+        with poses ``(B, J, D)``, coupling and logits ``(B, I, J)``.
+    """
+    bias = _check_dense_args(u, weight, bias)
+    _check_iterations(iterations)
+    iterations = operator.index(iterations)
+    routing = dict(detach_intermediate=detach_intermediate, leaky=leaky, eps=eps)
+    if not fused or _functorch_active():  # the hand-written backward has no torch.func rules
+        return _dynamic_routing_autograd(dense_votes(u, weight, bias).transpose(1, 2), iterations, **routing)
+    inputs = [t for t in (u, weight, bias) if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        poses, coupling, logits = _DenseRouting.apply(u, weight, bias, iterations, routing)
+    else:
+        u_hat = _votes(u, _weight_by_child(weight), weight.shape[0], bias)
+        poses, coupling, logits, _ = _route(u_hat, iterations, leaky=leaky, eps=eps)
+    return RoutingResult(poses=poses, coupling=coupling.transpose(1, 2), logits=logits.transpose(1, 2))
+
+
+def _check_dense_args(u: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Optional[Tensor]:
+    """Raise ``ValueError`` unless the shapes and dtypes fit :func:`dense_routing`; the bias as ``(J, 1, D)``."""
+    if weight.dim() != 4 or min(weight.shape) < 1:
+        raise ValueError(f"weight must be (J, I, D, E) with no empty axis, got shape {tuple(weight.shape)}")
+    n_out, n_in, dim, in_dim = weight.shape
+    if u.dim() != 3 or u.shape[1:] != (n_in, in_dim):
+        raise ValueError(f"u must be (B, I, E) = (B, {n_in}, {in_dim}) for weight {tuple(weight.shape)}, got shape {tuple(u.shape)}")
+    check_dtype(u, weight.dtype, name="u")
+    if bias is not None:
+        if bias.shape not in ((n_out, dim), (n_out, 1, dim)):
+            raise ValueError(f"bias must be (J, D) = ({n_out}, {dim}) or (J, 1, D), got shape {tuple(bias.shape)}")
+        check_dtype(bias, weight.dtype, name="bias")
+        bias = bias.unsqueeze(1) if bias.dim() == 2 else bias
+    return bias
+
 
 #: Elements of one ``(B, J, slab of I, D)`` slab of votes moved between layouts at a time
 #: (8 MiB in float32; twelve slabs for the MNIST model at batch 128). With freed memory kept
@@ -121,10 +236,7 @@ class _DenseRouting(torch.autograd.Function):
     def _differentiable_backward(ctx, inputs, grads) -> tuple:
         """``create_graph=True``: autograd through the unfused reference (the saved inputs keep their history)."""
         u, weight, bias = inputs
-        u_hat = torch.einsum("jide,bie->bjid", weight, u)  # as DenseCaps.votes
-        if bias is not None:
-            u_hat = u_hat + bias
-        ref = _dynamic_routing_autograd(u_hat.transpose(1, 2), ctx.iterations, **ctx.routing)
+        ref = _dynamic_routing_autograd(dense_votes(u, weight, bias).transpose(1, 2), ctx.iterations, **ctx.routing)
         outputs, present = _present((ref.poses, ref.coupling.transpose(1, 2), ref.logits.transpose(1, 2)), grads)
         wanted = [t for t, need in zip(inputs, ctx.needs_input_grad) if need]
         found = iter(torch.autograd.grad(outputs, wanted, present, create_graph=True, allow_unused=True))

@@ -94,6 +94,10 @@ def dynamic_routing(
 
 def _check_routing_args(votes: Tensor, iterations: int) -> None:
     check_votes(votes)
+    _check_iterations(iterations)
+
+
+def _check_iterations(iterations: int) -> None:
     try:
         count = operator.index(iterations)  # int, numpy integer, 0-d integer tensor
     except TypeError:
