@@ -1,4 +1,4 @@
-"""Fully connected routing-by-agreement from the capsules themselves: DigitCaps' votes and routing in one function.
+"""DigitCaps as a function: every child capsule votes for every parent (Eq. 2), then routing by agreement.
 
 :func:`dense_routing` computes ``dynamic_routing(dense_votes(u, W, bias).transpose(1, 2))``
 (Sabour, Frosst & Hinton 2017: the votes of Eq. 2, then Procedure 1), fused: the votes are
