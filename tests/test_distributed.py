@@ -16,7 +16,8 @@ from capsnet.train.checkpoint import CheckpointError, load_latest
 from conftest import REPO
 
 SMOKE = str(REPO / "configs" / "mnist.py:smoke")
-COMMON = ["--no-progress", "--set", "figures=False", "--set", "checkpoint_every=1"]
+# amp=None: float32 on every CPU (amp="auto" is bf16 with AMX-BF16; these runs are compared to 1e-5).
+COMMON = ["--no-progress", "--set", "figures=False", "--set", "checkpoint_every=1", "--set", "amp=None"]
 
 
 def _env():
@@ -68,6 +69,7 @@ TINY = dict(
     log_every=1,
     figures=False,
     max_steps=60,
+    amp=None,  # float32 on every CPU, as COMMON
 )
 
 KILLABLE = textwrap.dedent(
