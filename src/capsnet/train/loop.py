@@ -410,8 +410,8 @@ class _Run:
         self.device_type = torch.device(device).type
         self.amp = resolve_amp(cfg.amp, device)  # "auto": bf16 on CPUs with AMX-BF16 (capsnet.precision)
         self.amp_dtype = getattr(torch, AMP_DTYPES[self.amp]) if self.amp else None
-        if cfg.amp == "auto":
-            log.info("amp='auto' on %s: %s", device, self.amp or "float32")
+        if cfg.amp == "auto":  # metrics.json and the checkpoints record it too
+            log.debug("amp='auto' on %s: %s", device, self.amp or "float32")
         # Loss scaling only for float16 (bfloat16 has float32's range); a no-op when disabled.
         self.scaler = torch.amp.GradScaler(self.device_type, enabled=self.amp == "fp16")
         self.generator = torch.Generator().manual_seed(cfg.seed)
