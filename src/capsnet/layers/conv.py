@@ -23,20 +23,20 @@ computed differs. On this project's 2-core CPU (torch 2.13, oneDNN), at batch 12
   about a third of the multiply-adds. ``algorithm="auto"`` takes it when it saves at least
   half of them for the batch at hand (PrimaryCaps from batch 25 on, never Conv1).
 
+* Under CPU bfloat16 autocast (``amp="bf16"``), ``"auto"`` and ``"direct"`` convolve in
+  bfloat16 like autocast's ``nn.Conv2d`` (oneDNN's AMX kernels, float32 accumulation), with
+  the weight gradient above and, for strided kernels, the input gradient as one stride-1
+  convolution per polyphase component (:func:`_input_grad_phases`): oneDNN's bf16 input
+  gradient of PrimaryCaps takes 0.40 s at batch 128, the four phase convolutions 0.16 s,
+  against 0.58 s in float32. The whole PrimaryCaps step then takes 0.41 s in bf16 against
+  0.63 s by the float32 DFT (``benchmarks/bf16.py``). ``"dft"`` runs the DFT in float32.
+
 ``benchmarks/run.py`` measures the effect on whole models; ``tests/test_conv.py`` holds
 values and gradients (first and second order) to ``F.conv2d`` in float64. Off CPU, for
 groups, dilation, non-zero padding modes, under ``torch.func`` transforms and under float16
 autocast the layer is a plain ``nn.Conv2d``; ``"auto"`` keeps the direct algorithm for half
 precisions (the DFT's rounding error there is about twice oneDNN's). With dual tensors
 (forward-mode AD) the layer is ``nn.Conv2d`` too.
-
-* Under CPU bfloat16 autocast (``amp="bf16"``), ``"auto"`` and ``"direct"`` convolve in
-  bfloat16 like autocast's ``nn.Conv2d`` (oneDNN's AMX kernels, float32 accumulation), with
-  the weight gradient above and, for strided kernels, the input gradient as one stride-1
-  convolution per polyphase component (:func:`_input_grad_phases`): oneDNN's bf16 input
-  gradient of PrimaryCaps takes 0.40 s at batch 128, the four phase convolutions 0.16 s,
-  against 0.58 s in float32. The whole PrimaryCaps step then takes 0.40 s in bf16 against
-  0.61 s by the float32 DFT (``benchmarks/bf16.py``). ``"dft"`` runs the DFT in float32.
 """
 
 from __future__ import annotations
