@@ -217,6 +217,17 @@ def test_conv2d_under_bf16_autocast_matches_nn_conv2d(algorithm, stride, padding
         torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
 
 
+def test_conv2d_under_bf16_autocast_leaves_float64_and_float16_autocast_to_nn_conv2d():
+    conv = Conv2d(3, 4, 5, stride=2).double()
+    x = torch.randn(2, 3, 11, 11, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv(x).dtype == torch.float64  # autocast does not cast float64; neither does the layer
+    conv, ref = conv.float(), torch.nn.Conv2d(3, 4, 5, stride=2)
+    ref.load_state_dict(conv.state_dict())
+    with torch.autocast("cpu", dtype=torch.float16):  # float16 autocast: exactly nn.Conv2d's
+        assert torch.equal(conv(x.float()), ref(x.float()))
+
+
 @pytest.mark.parametrize("kernel, stride, padding, size", [(9, 2, 0, 20), (3, 2, 1, 7), (5, 3, 2, 11), (4, 2, 0, 9), (1, 2, 0, 6)])
 def test_polyphase_input_gradient_equals_the_convolutions(kernel, stride, padding, size):
     """The bf16 path's input gradient (one stride-1 convolution per phase) is the exact gradient, in float64."""

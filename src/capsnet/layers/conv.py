@@ -121,7 +121,7 @@ class Conv2d(nn.Conv2d):
             and self.padding_mode == "zeros"
             and not isinstance(self.padding, str)
             and not torch._C._are_functorch_transforms_active()
-            and _autocast_dtype(x) in (None, torch.bfloat16)  # float16 autocast: nn.Conv2d's casts and kernels
+            and (not torch.is_autocast_enabled(x.device.type) or _bf16_autocast(x))  # else autocast's nn.Conv2d
             # Forward-mode AD (dual tensors): the custom backwards have no forward derivative.
             and not any(forward_ad.unpack_dual(t).tangent is not None for t in (x, self.weight))
         )
@@ -129,7 +129,7 @@ class Conv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         if not self._fast(x):
             return super().forward(x)
-        if _autocast_dtype(x) is not None:
+        if _bf16_autocast(x):
             return self._autocast_forward(x)
         if self._use_dft(x):
             return dft_conv2d(x, self.weight, self.bias, self.stride, self.padding)
@@ -150,8 +150,8 @@ class Conv2d(nn.Conv2d):
         with torch.autocast(x.device.type, enabled=False):
             if self.algorithm == "dft":
                 return dft_conv2d(x.float(), self.weight.float(), None if self.bias is None else self.bias.float(), self.stride, self.padding)
-            low = torch.get_autocast_dtype(x.device.type)
-            return self._direct(x.to(low), self.weight.to(low), None if self.bias is None else self.bias.to(low))
+            bf16 = torch.bfloat16
+            return self._direct(x.to(bf16), self.weight.to(bf16), None if self.bias is None else self.bias.to(bf16))
 
     def _use_dft(self, x: Tensor) -> bool:
         """Whether this call goes to :func:`~capsnet.layers.dft.dft_conv2d` (see :data:`ALGORITHMS`)."""
@@ -169,11 +169,14 @@ class Conv2d(nn.Conv2d):
         return dft_macs(*shapes) * DFT_MIN_SAVING <= direct_macs(*shapes)
 
 
-def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
-    """The dtype autocast casts convolutions to on ``x``'s device, or None when autocast is off there."""
-    if not torch.is_autocast_enabled(x.device.type):
-        return None
-    return torch.get_autocast_dtype(x.device.type)
+def _bf16_autocast(x: Tensor) -> bool:
+    """Whether bfloat16 autocast is on for ``x``'s device and would cast ``x`` (float32, or bf16 already;
+    autocast leaves float64 alone)."""
+    return (
+        torch.is_autocast_enabled(x.device.type)
+        and torch.get_autocast_dtype(x.device.type) == torch.bfloat16
+        and x.dtype in (torch.float32, torch.bfloat16)
+    )
 
 
 def _im2col_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding) -> tuple[Tensor, Tensor]:
@@ -248,6 +251,7 @@ def _input_grad(grad_out: Tensor, x: Tensor, weight: Tensor, stride, padding) ->
     convolutions in half precision :func:`_input_grad_phases` instead."""
     if x.dtype in (torch.bfloat16, torch.float16) and stride != (1, 1):
         return _input_grad_phases(grad_out, x.shape, weight, stride, padding)
+
     def piece(g: Tensor, xs: Tensor) -> Tensor:
         return torch.ops.aten.convolution_backward(
             g, xs, weight, None, stride, padding, (1, 1), False, (0, 0), 1, (True, False, False)
