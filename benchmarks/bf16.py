@@ -9,7 +9,9 @@ Timed round-robin in one process (as ``routing.py``; medians of wall-clock and C
   forward under ``no_grad``: ``nn.Conv2d`` and the DFT in fp32 (today's fp32 path), and in
   bf16 ``nn.Conv2d`` under autocast (oneDNN), ``capsnet.layers.Conv2d`` under autocast (the
   bf16 direct convolution with the faster weight and input gradients) and the DFT on bf16
-  tensors (bf16 transforms and products). Beside each: the relative error (Frobenius norm)
+  tensors (bf16 transforms and products), in slabs of channels (as in fp32: the sum over
+  slabs in bf16) and in one slab (every channel sum inside one matmul, which accumulates
+  in float32 and rounds once). Beside each: the relative error (Frobenius norm)
   of the output and both gradients against float64.
 * Conv1 (1 -> 256, 9x9; the images need no gradient): ``Conv2d`` in fp32 and under autocast,
   ``nn.Conv2d`` under autocast.
@@ -42,6 +44,7 @@ import capsnet.allocator  # noqa: E402
 import capsnet.train.optim  # noqa: E402
 from capsnet.layers import Conv2d, DenseCaps  # noqa: E402
 from capsnet.layers.decoder import CapsuleDecoder  # noqa: E402
+from capsnet.layers import dft  # noqa: E402
 from capsnet.layers.dft import dft_conv2d  # noqa: E402
 from capsnet.precision import cpu_bf16_units  # noqa: E402
 
@@ -53,7 +56,7 @@ def _autocast(on: bool):
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b).norm() / b.norm())
+    return float((a.detach().double() - b).norm() / b.norm())
 
 
 def primary_caps(batch: int, repeats: int) -> list[dict]:
@@ -63,19 +66,27 @@ def primary_caps(batch: int, repeats: int) -> list[dict]:
     layer = torch.nn.Conv2d(256, 256, 9, stride=2)
     fast = Conv2d(256, 256, 9, stride=2)
     fast.load_state_dict(layer.state_dict())
-    dft = Conv2d(256, 256, 9, stride=2, algorithm="dft")
-    dft.load_state_dict(layer.state_dict())
+    dft_layer = Conv2d(256, 256, 9, stride=2, algorithm="dft")
+    dft_layer.load_state_dict(layer.state_dict())
     grad_y = torch.randn(batch, 256, 6, 6)
 
     def bf16_dft(xi, w, b):  # the DFT's transforms and products on bf16 tensors
         return dft_conv2d(xi.to(BF16), w.to(BF16), b.to(BF16), 2)
 
+    def bf16_dft_one_slab(xi, w, b):
+        slab, dft._SLAB_ELEMENTS = dft._SLAB_ELEMENTS, 1 << 40  # forward and backward in one slab
+        try:
+            return _OneSlab.apply(xi.to(BF16), w.to(BF16), b.to(BF16))
+        finally:
+            dft._SLAB_ELEMENTS = slab
+
     options = {  # name: (forward of (x, layer), layer, autocast)
         "fp32 nn.Conv2d": (lambda xi, m: m(xi), layer, False),
-        "fp32 DFT (fp32 default)": (lambda xi, m: m(xi), dft, False),
+        "fp32 DFT (fp32 default)": (lambda xi, m: m(xi), dft_layer, False),
         "bf16 nn.Conv2d (autocast)": (lambda xi, m: m(xi), layer, True),
         "bf16 Conv2d direct (amp=bf16)": (lambda xi, m: m(xi), fast, True),
         "bf16 DFT (bf16 products)": (lambda xi, m: bf16_dft(xi, m.weight, m.bias), layer, False),
+        "bf16 DFT, one slab": (lambda xi, m: bf16_dft_one_slab(xi, m.weight, m.bias), layer, False),
     }
     # float64 reference: values, input and weight gradients
     x64 = x.double().requires_grad_(True)
@@ -109,6 +120,25 @@ def primary_caps(batch: int, repeats: int) -> list[dict]:
         for name, (wall, cpu) in interleaved(steps, repeats).items():
             next(r for r in rows if r["option"] == name)[f"{mode}_ms"] = 1e3 * wall
     return rows
+
+
+class _OneSlab(torch.autograd.Function):
+    """PrimaryCaps by the DFT with every input channel in one slab, forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        ctx.save_for_backward(x, w)
+        return dft._forward(x, w, b, dft._plan_for(x.shape, w.shape, (2, 2), (0, 0)), (0, 0))
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, w = ctx.saved_tensors
+        slab, dft._SLAB_ELEMENTS = dft._SLAB_ELEMENTS, 1 << 40
+        try:
+            grad_x, grad_w = dft._backward(grad_y.contiguous(), x, w, dft._plan_for(x.shape, w.shape, (2, 2), (0, 0)), (0, 0), True, True)
+        finally:
+            dft._SLAB_ELEMENTS = slab
+        return grad_x, grad_w, grad_y.sum((0, 2, 3))
 
 
 def conv1(batch: int, repeats: int) -> list[dict]:
