@@ -11,7 +11,7 @@ Timed round-robin in one process (as ``routing.py``; medians of wall-clock and C
   bf16 direct convolution with the faster weight and input gradients) and the DFT on bf16
   tensors (bf16 transforms and products), in slabs of channels (as in fp32: the sum over
   slabs in bf16) and in one slab (every channel sum inside one matmul, which accumulates
-  in float32 and rounds once). Beside each: the relative error (Frobenius norm)
+  in float32 and rounds once: what ``Conv2d(algorithm="dft")`` does under autocast). Beside each: the relative error (Frobenius norm)
   of the output and both gradients against float64.
 * Conv1 (1 -> 256, 9x9; the images need no gradient): ``Conv2d`` in fp32 and under autocast,
   ``nn.Conv2d`` under autocast.
@@ -24,6 +24,7 @@ Prints a table and writes ``benchmarks/results/<date>-<host>-bf16.json`` (``--ou
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -70,23 +71,21 @@ def primary_caps(batch: int, repeats: int) -> list[dict]:
     dft_layer.load_state_dict(layer.state_dict())
     grad_y = torch.randn(batch, 256, 6, 6)
 
-    def bf16_dft(xi, w, b):  # the DFT's transforms and products on bf16 tensors
+    def bf16_dft(xi, w, b):  # the DFT's transforms and products on bf16 tensors (one slab: capsnet's choice)
         return dft_conv2d(xi.to(BF16), w.to(BF16), b.to(BF16), 2)
 
-    def bf16_dft_one_slab(xi, w, b):
-        slab, dft._SLAB_ELEMENTS = dft._SLAB_ELEMENTS, 1 << 40  # forward and backward in one slab
-        try:
-            return _OneSlab.apply(xi.to(BF16), w.to(BF16), b.to(BF16))
-        finally:
-            dft._SLAB_ELEMENTS = slab
+    def bf16_dft_slabs(xi, w, b):  # the same in fp32's slabs: the sums over slabs add in bf16
+        with _fp32_slabs():
+            y = _SlabbedDFT.apply(xi.to(BF16), w.to(BF16), b.to(BF16))
+        return y
 
     options = {  # name: (forward of (x, layer), layer, autocast)
         "fp32 nn.Conv2d": (lambda xi, m: m(xi), layer, False),
         "fp32 DFT (fp32 default)": (lambda xi, m: m(xi), dft_layer, False),
         "bf16 nn.Conv2d (autocast)": (lambda xi, m: m(xi), layer, True),
         "bf16 Conv2d direct (amp=bf16)": (lambda xi, m: m(xi), fast, True),
-        "bf16 DFT (bf16 products)": (lambda xi, m: bf16_dft(xi, m.weight, m.bias), layer, False),
-        "bf16 DFT, one slab": (lambda xi, m: bf16_dft_one_slab(xi, m.weight, m.bias), layer, False),
+        "bf16 DFT in slabs (bf16 sums)": (lambda xi, m: bf16_dft_slabs(xi, m.weight, m.bias), layer, False),
+        "bf16 DFT, one slab (Conv2d dft)": (lambda xi, m: bf16_dft(xi, m.weight, m.bias), layer, False),
     }
     # float64 reference: values, input and weight gradients
     x64 = x.double().requires_grad_(True)
@@ -122,8 +121,19 @@ def primary_caps(batch: int, repeats: int) -> list[dict]:
     return rows
 
 
-class _OneSlab(torch.autograd.Function):
-    """PrimaryCaps by the DFT with every input channel in one slab, forward and backward."""
+@contextlib.contextmanager
+def _fp32_slabs():
+    """``capsnet.layers.dft`` with float32's slabs of channels for every dtype."""
+    slabs = dft._slabs
+    dft._slabs = lambda channels, p, out_channels, dtype: slabs(channels, p, out_channels, torch.float32)
+    try:
+        yield
+    finally:
+        dft._slabs = slabs
+
+
+class _SlabbedDFT(torch.autograd.Function):
+    """PrimaryCaps by the DFT in float32's slabs, forward and backward."""
 
     @staticmethod
     def forward(ctx, x, w, b):
@@ -133,11 +143,8 @@ class _OneSlab(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, w = ctx.saved_tensors
-        slab, dft._SLAB_ELEMENTS = dft._SLAB_ELEMENTS, 1 << 40
-        try:
+        with _fp32_slabs():
             grad_x, grad_w = dft._backward(grad_y.contiguous(), x, w, dft._plan_for(x.shape, w.shape, (2, 2), (0, 0)), (0, 0), True, True)
-        finally:
-            dft._SLAB_ELEMENTS = slab
         return grad_x, grad_w, grad_y.sum((0, 2, 3))
 
 
@@ -195,16 +202,20 @@ def whole_model(batch: int, repeats: int) -> list[dict]:
     images, labels = _bench.synthetic_batch(model, batch, torch.device("cpu"))
     optimizer = capsnet.train.optim.adam(model.parameters())
     train_steps, infer_steps = {}, {}
-    for name, cast in (("fp32", False), ("bf16 (amp=bf16)", True)):
+    for name, cast in (("fp32", False), ("bf16 (amp=bf16)", True), ("bf16, PrimaryCaps by the bf16 DFT", True)):
 
-        def train(cast=cast):
+        algorithm = "dft" if "DFT" in name else "auto"  # Conv1 stays "auto" (direct)
+
+        def train(cast=cast, algorithm=algorithm):
+            model.primary.conv.algorithm = algorithm
             with _autocast(cast):
                 loss = _bench.natural_loss(model(images, labels), images, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
 
-        def infer(cast=cast):
+        def infer(cast=cast, algorithm=algorithm):
+            model.primary.conv.algorithm = algorithm
             with torch.no_grad(), _autocast(cast):
                 model(images)
 

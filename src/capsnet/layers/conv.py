@@ -29,7 +29,10 @@ computed differs. On this project's 2-core CPU (torch 2.13, oneDNN), at batch 12
   convolution per polyphase component (:func:`_input_grad_phases`): oneDNN's bf16 input
   gradient of PrimaryCaps takes 0.40 s at batch 128, the four phase convolutions 0.16 s,
   against 0.58 s in float32. The whole PrimaryCaps step then takes 0.41 s in bf16 against
-  0.63 s by the float32 DFT (``benchmarks/bf16.py``). ``"dft"`` runs the DFT in float32.
+  0.63 s by the float32 DFT (``benchmarks/bf16.py``). The DFT runs on the bf16 casts too
+  (one slab of channels: float32 sums inside each matmul), at about twice the direct bf16
+  rounding error; ``"auto"`` takes it where it is faster, from a saving of
+  :data:`BF16_DFT_MIN_SAVING` (PrimaryCaps from batch 64: 0.30 against 0.43 s at batch 128).
 
 ``benchmarks/run.py`` measures the effect on whole models; ``tests/test_conv.py`` holds
 values and gradients (first and second order) to ``F.conv2d`` in float64. Off CPU, for
@@ -64,6 +67,11 @@ IM2COL_MAX_ROWS = 256
 #: for the batch at hand (:data:`DFT_MIN_SAVING`) and ``weight_grad`` is ``"auto"``.
 ALGORITHMS = ("auto", "direct", "dft")
 DFT_MIN_SAVING = 2.0
+#: Under bfloat16 autocast ``"auto"`` takes the DFT (on the bf16 casts) only when it saves this
+#: many multiply-adds: the direct convolution runs on AMX there, and the DFT's kernel transform
+#: is a fixed cost per call. PrimaryCaps, forward + backward, 1 thread: direct faster up to
+#: batch 48 (a saving of 2.53x), the DFT from batch 64 (2.71x; 0.30 against 0.43 s at 128).
+BF16_DFT_MIN_SAVING = 2.6
 _SLAB_ELEMENTS = 1 << 22
 
 
@@ -145,28 +153,31 @@ class Conv2d(nn.Conv2d):
         return F.conv2d(x, weight, bias, self.stride, self.padding)
 
     def _autocast_forward(self, x: Tensor) -> Tensor:
-        """Under CPU bfloat16 autocast: the direct algorithm on bfloat16 casts (what autocast does
-        for ``nn.Conv2d``), or, for ``algorithm="dft"``, the DFT in float32 (see the module docstring)."""
+        """Under CPU bfloat16 autocast: on bfloat16 casts (what autocast does for ``nn.Conv2d``), the
+        direct algorithm or the DFT (:data:`BF16_DFT_MIN_SAVING`; see the module docstring)."""
+        use_dft = self._use_dft(x, autocast=True)
+        bf16 = torch.bfloat16
+        x, weight, bias = x.to(bf16), self.weight.to(bf16), None if self.bias is None else self.bias.to(bf16)
         with torch.autocast(x.device.type, enabled=False):
-            if self.algorithm == "dft":
-                return dft_conv2d(x.float(), self.weight.float(), None if self.bias is None else self.bias.float(), self.stride, self.padding)
-            bf16 = torch.bfloat16
-            return self._direct(x.to(bf16), self.weight.to(bf16), None if self.bias is None else self.bias.to(bf16))
+            if use_dft:
+                return dft_conv2d(x, weight, bias, self.stride, self.padding)
+            return self._direct(x, weight, bias)
 
-    def _use_dft(self, x: Tensor) -> bool:
-        """Whether this call goes to :func:`~capsnet.layers.dft.dft_conv2d` (see :data:`ALGORITHMS`)."""
+    def _use_dft(self, x: Tensor, *, autocast: bool = False) -> bool:
+        """Whether this call goes to :func:`~capsnet.layers.dft.dft_conv2d` (see :data:`ALGORITHMS`);
+        ``autocast``: under bf16 autocast, where both operands become bf16 casts."""
         if self.algorithm == "direct":
             return False
         if self.algorithm == "dft":
             return True
-        if x.dtype not in (torch.float32, torch.float64) or self.weight.dtype != x.dtype:
-            return False  # half precisions: the DFT's rounding is about twice oneDNN's
+        if not autocast and (x.dtype not in (torch.float32, torch.float64) or self.weight.dtype != x.dtype):
+            return False  # half-precision tensors: the DFT's rounding is about twice oneDNN's
         shapes = (x.shape, self.weight.shape, self.stride, self.padding)
         if any(_out_size(x.shape[2 + k], self.kernel_size[k], self.stride[k], self.padding[k]) < 1 for k in range(2)):
             return False  # too small: nn.Conv2d's own error
         if dft_grid(*shapes) > DFT_MAX_GRID:
             return False
-        return dft_macs(*shapes) * DFT_MIN_SAVING <= direct_macs(*shapes)
+        return dft_macs(*shapes) * (BF16_DFT_MIN_SAVING if autocast else DFT_MIN_SAVING) <= direct_macs(*shapes)
 
 
 def _bf16_autocast(x: Tensor) -> bool:
