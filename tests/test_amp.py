@@ -217,6 +217,16 @@ def test_conv2d_under_bf16_autocast_matches_nn_conv2d(algorithm, stride, padding
         torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
 
 
+@pytest.mark.parametrize("batch, dft", [(32, False), (48, False), (64, True), (128, True)])
+def test_primary_caps_under_bf16_takes_the_dft_only_where_it_is_measured_faster(batch, dft):
+    """The choice alone (shapes only): under bf16 autocast the DFT from batch 64, in float32 from batch 25."""
+    conv = Conv2d(256, 256, 9, stride=2)
+    x = torch.empty(batch, 256, 20, 20, device="meta")
+    assert conv._use_dft(x, autocast=True) == dft
+    assert conv._use_dft(x) and conv._use_dft(x.to(torch.bfloat16), autocast=True) == dft
+    assert not conv._use_dft(x.to(torch.bfloat16)), "bf16 tensors without autocast keep the direct algorithm"
+
+
 def test_conv2d_under_bf16_autocast_leaves_float64_and_float16_autocast_to_nn_conv2d():
     conv = Conv2d(3, 4, 5, stride=2).double()
     x = torch.randn(2, 3, 11, 11, dtype=torch.float64)
