@@ -7,16 +7,18 @@ Timed round-robin in one process (as ``routing.py``; medians of wall-clock and C
 
 * PrimaryCaps (256 -> 256, 9x9, stride 2), forward + backward with the input gradient, and
   forward under ``no_grad``: ``nn.Conv2d`` and the DFT in fp32 (today's fp32 path), and in
-  bf16 ``nn.Conv2d`` under autocast (oneDNN), ``capsnet.layers.Conv2d`` under autocast (the
-  bf16 direct convolution with the faster weight and input gradients) and the DFT on bf16
-  tensors (bf16 transforms and products), in slabs of channels (as in fp32: the sum over
-  slabs in bf16) and in one slab (every channel sum inside one matmul, which accumulates
-  in float32 and rounds once: what ``Conv2d(algorithm="dft")`` does under autocast). Beside each: the relative error (Frobenius norm)
-  of the output and both gradients against float64.
+  bf16 ``nn.Conv2d`` under autocast (oneDNN), ``capsnet.layers.Conv2d`` under autocast with
+  ``algorithm="direct"`` (the bf16 direct convolution with the faster weight and input
+  gradients) and the DFT on bf16 tensors (bf16 transforms and products), in slabs of
+  channels (as in fp32: the sums over slabs in bf16) and in one slab (every channel sum
+  inside one matmul, which accumulates in float32 and rounds once: what ``Conv2d`` runs under
+  autocast from batch 64). Beside each: the relative error (Frobenius norm) of the output and
+  both gradients against float64.
 * Conv1 (1 -> 256, 9x9; the images need no gradient): ``Conv2d`` in fp32 and under autocast,
   ``nn.Conv2d`` under autocast.
 * DigitCaps (the fused routing, float32 under autocast by design) and the decoder, fp32 and
-  under autocast; the whole training step and the inference forward, fp32 and bf16.
+  under autocast; the whole training step and the inference forward, fp32, bf16 (what
+  ``amp="bf16"`` runs) and bf16 with PrimaryCaps' direct algorithm.
 
 Prints a table and writes ``benchmarks/results/<date>-<host>-bf16.json`` (``--out``).
 """
@@ -65,8 +67,8 @@ def primary_caps(batch: int, repeats: int) -> list[dict]:
     torch.manual_seed(0)
     x = torch.randn(batch, 256, 20, 20)
     layer = torch.nn.Conv2d(256, 256, 9, stride=2)
-    fast = Conv2d(256, 256, 9, stride=2)
-    fast.load_state_dict(layer.state_dict())
+    fast_direct = Conv2d(256, 256, 9, stride=2, algorithm="direct")
+    fast_direct.load_state_dict(layer.state_dict())
     dft_layer = Conv2d(256, 256, 9, stride=2, algorithm="dft")
     dft_layer.load_state_dict(layer.state_dict())
     grad_y = torch.randn(batch, 256, 6, 6)
@@ -83,9 +85,9 @@ def primary_caps(batch: int, repeats: int) -> list[dict]:
         "fp32 nn.Conv2d": (lambda xi, m: m(xi), layer, False),
         "fp32 DFT (fp32 default)": (lambda xi, m: m(xi), dft_layer, False),
         "bf16 nn.Conv2d (autocast)": (lambda xi, m: m(xi), layer, True),
-        "bf16 Conv2d direct (amp=bf16)": (lambda xi, m: m(xi), fast, True),
+        "bf16 Conv2d direct": (lambda xi, m: m(xi), fast_direct, True),
         "bf16 DFT in slabs (bf16 sums)": (lambda xi, m: bf16_dft_slabs(xi, m.weight, m.bias), layer, False),
-        "bf16 DFT, one slab (Conv2d dft)": (lambda xi, m: bf16_dft(xi, m.weight, m.bias), layer, False),
+        "bf16 DFT, one slab (Conv2d, from batch 64)": (lambda xi, m: bf16_dft(xi, m.weight, m.bias), layer, False),
     }
     # float64 reference: values, input and weight gradients
     x64 = x.double().requires_grad_(True)
@@ -202,9 +204,9 @@ def whole_model(batch: int, repeats: int) -> list[dict]:
     images, labels = _bench.synthetic_batch(model, batch, torch.device("cpu"))
     optimizer = capsnet.train.optim.adam(model.parameters())
     train_steps, infer_steps = {}, {}
-    for name, cast in (("fp32", False), ("bf16 (amp=bf16)", True), ("bf16, PrimaryCaps by the bf16 DFT", True)):
+    for name, cast in (("fp32", False), ("bf16 (amp=bf16)", True), ("bf16, PrimaryCaps direct", True)):
 
-        algorithm = "dft" if "DFT" in name else "auto"  # Conv1 stays "auto" (direct)
+        algorithm = "direct" if "direct" in name else "auto"  # PrimaryCaps' algorithm; Conv1 stays "auto"
 
         def train(cast=cast, algorithm=algorithm):
             model.primary.conv.algorithm = algorithm
