@@ -118,6 +118,12 @@ def synthetic_batch(model, batch: int, device: torch.device, seed: int = 0):
     return images, labels
 
 
+def _autocast(spec: dict) -> torch.autocast:
+    """bf16 autocast for ``precision="bf16"`` (as ``amp="bf16"`` trains), off otherwise."""
+    bf16 = spec.get("precision", "fp32") == "bf16"
+    return torch.autocast(torch.device(spec["device"]).type, dtype=torch.bfloat16, enabled=bf16)
+
+
 def measure_model(spec: dict) -> dict:
     device = torch.device(spec["device"])
     if spec.get("reference_routing"):
@@ -133,7 +139,8 @@ def measure_model(spec: dict) -> dict:
         optimizer = capsnet.train.optim.adam(model.parameters())  # as capsnet.train builds it
 
         def step():
-            loss = natural_loss(model(images, labels), images, labels)
+            with _autocast(spec):
+                loss = natural_loss(model(images, labels), images, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -142,7 +149,7 @@ def measure_model(spec: dict) -> dict:
         model.eval()
 
         def step():
-            with torch.no_grad():
+            with torch.no_grad(), _autocast(spec):
                 model(images)
 
     samples = time_steps(step, device=device, warmup=spec["warmup"], repeats=spec["repeats"])
@@ -155,7 +162,7 @@ def measure_model(spec: dict) -> dict:
     # The bound of the same mode, right after, in the same process: a ratio from
     # measurements seconds apart, robust to the load of a shared machine drifting.
     del model, images, labels, step
-    bound = measure_conv_bound({**spec, "mode": spec["mode"]})
+    bound = measure_conv_bound({**spec, "mode": spec["mode"], "precision": "fp32"})  # the fp32 bound, whatever the model ran in
     result["bound"] = {k: bound[k] for k in ("images_per_s", "step_s_median", "step_s")}
     result["ratio_to_bound"] = result["images_per_s"] / bound["images_per_s"]
     return result
@@ -165,7 +172,8 @@ def measure_model(spec: dict) -> dict:
 
 
 def measure_conv_bound(spec: dict) -> dict:
-    """The PrimaryCaps convolution alone: forward + backward (train) or forward under no_grad (infer)."""
+    """The PrimaryCaps convolution alone: forward + backward (train) or forward under no_grad (infer);
+    ``nn.Conv2d`` under bf16 autocast for ``precision="bf16"``."""
     device = torch.device(spec["device"])
     torch.manual_seed(0)
     c = PRIMARY_CONV
@@ -179,12 +187,14 @@ def measure_conv_bound(spec: dict) -> dict:
         def step():
             x.grad = None
             conv.zero_grad(set_to_none=True)
-            conv(x).backward(grad_out)
+            with _autocast(spec):
+                y = conv(x)
+            y.backward(grad_out.to(y.dtype))
 
     else:
 
         def step():
-            with torch.no_grad():
+            with torch.no_grad(), _autocast(spec):
                 conv(x)
 
     samples = time_steps(step, device=device, warmup=spec["warmup"], repeats=spec["repeats"])

@@ -26,7 +26,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench  # noqa: E402
-
 from routing import interleaved, show  # noqa: E402
 from run import cpu_model  # noqa: E402
 

@@ -28,7 +28,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench  # noqa: E402
-
 from run import cpu_model  # noqa: E402
 
 import capsnet  # noqa: E402

@@ -3,6 +3,7 @@
     python benchmarks/run.py                                   # every model, batch 32 and 128
     python benchmarks/run.py --quick                           # batch 32, fewer repeats
     python benchmarks/run.py --models capsnet_mnist --reference-routing
+    python benchmarks/run.py --models capsnet_mnist --precisions fp32,bf16   # + bf16 autocast rows
 
 For each model, mode (train: forward + backward + Adam step with the model's natural
 loss; infer: forward under no_grad) and batch size, one fresh worker process measures
@@ -12,6 +13,12 @@ PrimaryCaps convolution alone (256 -> 256 channels, 9x9, stride 2, on (N, 256, 2
 forward + backward for training, forward under no_grad for inference) and the fp32
 GEMM peak. The input pipeline (uint8 decode, random shift, batching) is measured too;
 it must keep up with training at 10x.
+
+``--precisions`` (default: fp32, plus bf16 on a CPU with bf16 units) measures every model
+also under ``torch.autocast(dtype=torch.bfloat16)``, as ``amp="bf16"`` trains; its ratios
+divide by the **fp32** bounds (measured right after, in the same process), and the bf16
+PrimaryCaps convolution is reported beside the fp32 bounds for reference. The JSON and the
+table name the CPU's bf16 unit (``capsnet.precision.cpu_bf16_units``).
 
 ``--reference-routing`` adds, for every model with a ``DenseCaps`` layer, a row with the
 unfused routing (einsum votes, autograd through Procedure 1): before/after in one run.
@@ -36,11 +43,13 @@ from pathlib import Path
 import torch
 
 import capsnet
+from capsnet.precision import cpu_bf16_units, resolve_amp
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "_bench.py"
 BEGIN, END = "<!-- benchmark:begin -->", "<!-- benchmark:end -->"
 DATA_FACTOR = 10  # the input pipeline must be this many times faster than training
+PRECISIONS = ("fp32", "bf16")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -56,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--system-malloc", action="store_true",
                    help="keep glibc's malloc defaults (default: capsnet.allocator.keep_freed_memory, as the CLI does)")
     p.add_argument("--reference-routing", action="store_true", help="also time DenseCaps models with the unfused routing")
+    p.add_argument("--precisions", default=None,
+                   help="comma-separated: fp32, bf16 (default: fp32, and bf16 too on a CPU with bf16 units)")
     p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--doc", type=Path, default=ROOT / "docs" / "performance.md")
     p.add_argument("--no-doc", action="store_true", help="write the JSON only")
@@ -64,6 +75,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.batch_list = [int(b) for b in (args.batches or ("32" if args.quick else "32,128")).split(",")]
     args.mode_list = [m for m in args.modes.split(",") if m]
+    default = "fp32,bf16" if args.device == "cpu" and cpu_bf16_units() else "fp32"
+    args.precision_list = [m for m in (args.precisions or default).split(",") if m]
+    if set(args.precision_list) - set(PRECISIONS) or "fp32" not in args.precision_list:
+        p.error(f"--precisions takes fp32 (always: the bounds are fp32) and optionally bf16, got {args.precisions!r}")
     if set(args.mode_list) - {"train", "infer"}:
         p.error(f"--modes takes train and/or infer, got {args.modes!r}")
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
@@ -83,7 +98,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run_worker(spec: dict, timeout: float) -> dict:
     """One measurement in a fresh process (so ``ru_maxrss`` is this measurement's peak)."""
     cmd = [sys.executable, str(WORKER.parent / "run.py"), "--worker", json.dumps(spec)]
-    label = " ".join(f"{k}={v}" for k, v in spec.items() if k in ("kind", "model", "mode", "batch", "reference_routing"))
+    label = " ".join(f"{k}={v}" for k, v in spec.items() if k in ("kind", "model", "mode", "batch", "precision", "reference_routing"))
     print(f"  {label} ...", end="", flush=True)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
@@ -132,6 +147,8 @@ def machine(args) -> dict:
         "python": platform.python_version(),
         "threads": args.threads or torch.get_num_threads(),
         "device": args.device,
+        "cpu_bf16_units": cpu_bf16_units(),  # amx_bf16, avx512_bf16 or None (bf16 emulated)
+        "amp_auto": resolve_amp("auto", args.device) or "fp32",
         "command": "python benchmarks/run.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "loadavg_start": os.getloadavg()[0],
         "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "THP_MEM_ALLOC_ENABLE") if k in os.environ},
@@ -154,15 +171,18 @@ def run(args) -> dict:
     if args.reference_routing:
         variants += [(name, True) for name in args.model_list if has_dense_caps(name)]
     for batch in args.batch_list:
-        for mode in args.mode_list:
-            report["bounds"].append(run_worker({"kind": "bound", "mode": mode, "batch": batch, **common}, args.timeout))
+        for precision in args.precision_list:
+            for mode in args.mode_list:
+                spec = {"kind": "bound", "mode": mode, "batch": batch, "precision": precision, **common}
+                report["bounds"].append(run_worker(spec, args.timeout))
         report["data"].append(run_worker({"kind": "data", "batch": batch, **common}, args.timeout))
         for name, reference in variants:
-            for mode in args.mode_list:
-                spec = {"kind": "model", "model": name, "mode": mode, "batch": batch, **common}
-                if reference:
-                    spec["reference_routing"] = True
-                report["models"].append(run_worker(spec, args.timeout))
+            for precision in args.precision_list:
+                for mode in args.mode_list:
+                    spec = {"kind": "model", "model": name, "mode": mode, "batch": batch, "precision": precision, **common}
+                    if reference:
+                        spec["reference_routing"] = True
+                    report["models"].append(run_worker(spec, args.timeout))
     report["machine"]["loadavg_end"] = os.getloadavg()[0]
     summarise(report)
     return report
@@ -207,6 +227,7 @@ def markdown(report: dict) -> str:
         f"| torch | {m['torch']} (capsnet {m['capsnet']}, Python {m['python']}) |",
         f"| threads | {m['threads']} |",
         f"| device | {m['device']} |",
+        f"| CPU bf16 unit | {m.get('cpu_bf16_units') or 'none (bf16 emulated)'}; `amp=\"auto\"` runs {m.get('amp_auto', 'fp32')} |",
         f"| load average (1 min) at start / end | {m['loadavg_start']:.2f} / {m['loadavg_end']:.2f} |",
         f"| warm-up steps / timed repeats | {report['settings']['warmup']} / {report['settings']['repeats']} |",
         f"| malloc | {report['settings'].get('malloc', 'system')} (`kept`: `capsnet.allocator.keep_freed_memory()`, as `capsnet train`) |",
@@ -217,33 +238,37 @@ def markdown(report: dict) -> str:
     lines += ["", f"fp32 GEMM peak ({gemm.get('size', '?')}² matmul): {_fmt(gemm.get('gflops'))} GFLOP/s median, "
               f"{_fmt(gemm.get('gflops_best'))} best.", ""]  # fmt: skip
     lines += [
-        "Bounds (PrimaryCaps convolution alone; train = forward + backward incl. the input gradient, infer = forward, no_grad):",
+        "Bounds (PrimaryCaps convolution alone, `nn.Conv2d`; train = forward + backward incl. the input gradient, infer = "
+        "forward, no_grad; every ratio below divides by the fp32 bound, bf16 is shown for reference):",
         "",
-        "| batch | mode | images/s | GFLOP/s | of GEMM peak | peak memory (MB) |",
-        "| ---: | --- | ---: | ---: | ---: | ---: |",
+        "| batch | mode | precision | images/s | GFLOP/s | of fp32 GEMM peak | peak memory (MB) |",
+        "| ---: | --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for b in report["bounds"]:
+        precision = b["spec"].get("precision", "fp32")
         if "images_per_s" not in b:
-            lines.append(f"| {b['spec']['batch']} | {b['spec']['mode']} | error: {b.get('error')} | | | |")
+            lines.append(f"| {b['spec']['batch']} | {b['spec']['mode']} | {precision} | error: {b.get('error')} | | | |")
             continue
         share = b["gflops"] / gemm["gflops"] if gemm.get("gflops") else None
         lines.append(
-            f"| {b['spec']['batch']} | {b['spec']['mode']} | {b['images_per_s']:.1f} | {b['gflops']:.1f} | {_fmt(share, '.2f')} | {b['peak_memory_mb']:.0f} |"
+            f"| {b['spec']['batch']} | {b['spec']['mode']} | {precision} | {b['images_per_s']:.1f} | {b['gflops']:.1f} | {_fmt(share, '.2f')} "
+            f"| {b['peak_memory_mb']:.0f} |"
         )
     mem = "peak GPU memory allocated (MB)" if m["device"].startswith("cuda") else "peak RSS (MB)"
     lines += [
         "",
-        "Models (ratio: images/s over the bound of the same mode and batch, measured right after in the same worker process):",
+        "Models (ratio: images/s over the fp32 bound of the same mode and batch, measured right after in the same worker process):",
         "",
-        f"| model | batch | train images/s | train / conv bound | infer images/s | infer / forward bound | {mem} train | {mem} infer |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| model | precision | batch | train images/s | train / conv bound | infer images/s | infer / forward bound | {mem} train | {mem} infer |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     rows: dict[tuple, dict] = {}
     for r in report["models"]:
         s = r["spec"]
         name = s["model"] + (" (reference routing)" if s.get("reference_routing") else "")
-        rows.setdefault((s["batch"], name), {})[s["mode"]] = r
-    for (batch, name), modes in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        precision = s.get("precision", "fp32")
+        rows.setdefault((s["batch"], name, PRECISIONS.index(precision)), {})[s["mode"]] = r
+    for (batch, name, precision), modes in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][2])):
         cells = []
         for mode in ("train", "infer"):
             r = modes.get(mode, {})
@@ -252,7 +277,7 @@ def markdown(report: dict) -> str:
             else:
                 cells.append((_fmt(r.get("images_per_s")), _fmt(r.get("ratio_to_bound"), ".2f"), _fmt(r.get("peak_memory_mb"), ".0f")))
         (ti, tr, tm), (ii, ir, im) = cells
-        lines.append(f"| {name} | {batch} | {ti} | {tr} | {ii} | {ir} | {tm} | {im} |")
+        lines.append(f"| {name} | {PRECISIONS[precision]} | {batch} | {ti} | {tr} | {ii} | {ir} | {tm} | {im} |")
     lines += ["", "Input pipeline (uint8 decode, random shift of up to 2 px, batching from an in-memory tensor):", ""]
     lines += ["| batch | images/s | slowest model's margin (pipeline / training images/s) |", "| ---: | ---: | ---: |"]
     for d in report["data"]:

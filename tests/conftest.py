@@ -24,6 +24,14 @@ def _deterministic():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _float32_by_default(monkeypatch):
+    """``amp="auto"`` (the config default) resolves to float32 in tests on every CPU, as on one
+    without bf16 units, so that results do not depend on the machine; tests of bf16 ask for it
+    (``amp="bf16"``) or force the detector (tests/test_amp.py)."""
+    monkeypatch.setattr("capsnet.precision.cpu_bf16_units", lambda: None)
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread for the test: EM routing is many small ops, and on a shared 2-core

@@ -15,7 +15,8 @@ from capsnet.train import TrainConfig, load_checkpoint, train
 from capsnet.train.checkpoint import CheckpointError, load_latest
 
 SMOKE = str(REPO / "configs" / "mnist.py:smoke")
-COMMON = ["--no-progress", "--set", "figures=False", "--set", "checkpoint_every=1"]
+# amp=None: float32 on every CPU (amp="auto" is bf16 with AMX-BF16; these runs are compared to 1e-5).
+COMMON = ["--no-progress", "--set", "figures=False", "--set", "checkpoint_every=1", "--set", "amp=None"]
 
 
 def _env():
@@ -69,6 +70,7 @@ TINY = dict(
     log_every=1,
     figures=False,
     max_steps=60,
+    amp=None,  # float32 on every CPU, as COMMON
 )
 
 KILLABLE = textwrap.dedent(

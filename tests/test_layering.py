@@ -21,12 +21,10 @@ PACKAGE = SRC / "capsnet"
 #: convolutions, the compiled EM vote reads), below the capsule math of ``routing`` and
 #: ``layers``. ``backends`` and ``_compat`` are planned by issue 15 (the speed-knob settings,
 #: the private-torch shims) and are placed here so that they land on the floor it gives them.
-#: ``schedules`` is an old path, an alias of ``train.schedules``.
 FLOOR = {
     "functional": "core",
     "validation": "core",
     "precision": "core",
-    "schedules": "train",
     "allocator": "core",
     "backends": "core",
     "_compat": "core",

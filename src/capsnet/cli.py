@@ -270,7 +270,8 @@ def _eval(args) -> int:
     model, cfg = _checkpoint_model(args)
     data = _checked_data(model, cfg, args)
     _build_kernels(cfg.model)
-    result = evaluate(model, data, args.split, create_objective(cfg.objective, **cfg.objective_kwargs), batch_size=cfg.eval_batch_size, device=args.device)
+    result = evaluate(model, data, args.split, create_objective(cfg.objective, **cfg.objective_kwargs), batch_size=cfg.eval_batch_size, device=args.device,
+                      amp=cfg.amp)
     error = None if result["accuracy"] is None else 1 - result["accuracy"]  # None: the split has no samples
     result.update(checkpoint=str(args.checkpoint), dataset=cfg.dataset, split=args.split, error=error)
     text = json.dumps(_finite_or_null(result), indent=2, allow_nan=False)

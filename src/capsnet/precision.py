@@ -6,6 +6,10 @@ softmax over parents and EM's Gaussian log-likelihoods and variance floors need 
 range and precision, and the fused routing functions contract tensors of one dtype. So the
 routing entry points cast their inputs to float32 and run with autocast off; their outputs
 are float32, and autocast casts them down again for the next layer that wants it.
+
+Which precision ``amp="auto"`` means on a device is :func:`resolve_amp`'s choice: bfloat16 on a
+CPU with AMX-BF16 tiles (:func:`cpu_bf16_units`), where it is measured faster than float32
+(docs/performance.md, "bf16 on CPU"), float32 everywhere else.
 """
 
 from __future__ import annotations
@@ -16,9 +20,43 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["float32_under_autocast"]
+__all__ = ["cpu_bf16_units", "float32_under_autocast", "resolve_amp"]
 
 _LOW = (torch.float16, torch.bfloat16)
+
+
+#: CPU bfloat16 units that ``amp="auto"`` trains with. AMX-BF16 (Intel Sapphire Rapids and
+#: later): measured faster than float32 for capsnet_mnist (docs/performance.md). AVX512-BF16
+#: alone (AMD Zen 4, Intel Cooper Lake) has bf16 dot products but no tiles; not measured yet,
+#: so ``auto`` keeps float32 there (``amp="bf16"`` still runs it).
+AUTO_BF16_UNITS = ("amx_bf16",)
+
+
+def cpu_bf16_units() -> Optional[str]:
+    """The CPU's best bfloat16 unit: ``"amx_bf16"``, ``"avx512_bf16"``, or None (bf16 is then emulated).
+
+    From ``torch.cpu.get_capabilities()`` (cpuinfo's CPUID flags, the ones ``lscpu`` lists as
+    ``amx_bf16`` and ``avx512_bf16``): what oneDNN dispatches its bf16 kernels on.
+    ``torch.backends.cpu.get_cpu_capability()`` names only the vector width (``"AVX512"``) and
+    ``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` is true on every AVX-512 CPU, units or not.
+    """
+    caps = torch.cpu.get_capabilities()
+    for unit in ("amx_bf16", "avx512_bf16"):
+        if caps.get(unit, False):
+            return unit
+    return None
+
+
+def resolve_amp(amp: Optional[str], device: str | torch.device) -> Optional[str]:
+    """The precision a config's ``amp`` runs in on ``device``: None (float32), ``"bf16"`` or ``"fp16"``.
+
+    ``"auto"``: ``"bf16"`` on a CPU whose bf16 unit is in :data:`AUTO_BF16_UNITS`, None elsewhere
+    (on CUDA too, where float32 stays the default: the GPU choice is made there, not here).
+    Other values are returned unchanged.
+    """
+    if amp != "auto":
+        return amp
+    return "bf16" if torch.device(device).type == "cpu" and cpu_bf16_units() in AUTO_BF16_UNITS else None
 
 
 def _device_of(values) -> Optional[torch.device]:

@@ -77,7 +77,7 @@ def _block_weight(weight: Tensor) -> Tensor:
 
 
 def _check_grid(poses: Tensor, activations: Tensor, types: int, size: Optional[tuple[int, int]], who: str) -> None:
-    shape = "(B, H, W, {t}, 4, 4)".format(t=types) if size is None else f"(B, {size[0]}, {size[1]}, {types}, 4, 4)"
+    shape = f"(B, H, W, {types}, 4, 4)" if size is None else f"(B, {size[0]}, {size[1]}, {types}, 4, 4)"
     if poses.dim() != 6 or poses.shape[3:] != (types, POSE, POSE):
         raise ValueError(f"{who} expects poses {shape}, got {tuple(poses.shape)}")
     if size is not None and tuple(poses.shape[1:3]) != tuple(size):

@@ -22,12 +22,23 @@ measurements: docs/performance.md, "The convolutions on CPU"; the choice: docs/f
   about a third of the multiply-adds. ``algorithm="auto"`` takes it when it saves at least
   half of them for the batch at hand (PrimaryCaps from batch 25 on, never Conv1).
 
+* Under CPU bfloat16 autocast (``amp="bf16"``), ``"auto"`` and ``"direct"`` convolve in
+  bfloat16 like autocast's ``nn.Conv2d`` (oneDNN's AMX kernels, float32 accumulation), with
+  the weight gradient above and, for strided kernels, the input gradient as one stride-1
+  convolution per polyphase component (:func:`_input_grad_phases`): oneDNN's bf16 input
+  gradient of PrimaryCaps takes 0.40 s at batch 128, the four phase convolutions 0.16 s,
+  against 0.58 s in float32. The whole PrimaryCaps step then takes 0.41 s in bf16 against
+  0.63 s by the float32 DFT (``benchmarks/bf16.py``). The DFT runs on the bf16 casts too
+  (one slab of channels: float32 sums inside each matmul), at about twice the direct bf16
+  rounding error; ``"auto"`` takes it where it is faster, from a saving of
+  :data:`BF16_DFT_MIN_SAVING` (PrimaryCaps from batch 64: 0.30 against 0.43 s at batch 128).
+
 ``benchmarks/run.py`` measures the effect on whole models; ``tests/test_conv.py`` holds
 values and gradients (first and second order) to ``F.conv2d`` in float64. Off CPU, for
-groups, dilation, non-zero padding modes, under ``torch.func`` transforms and under
-``torch.autocast`` the layer is a plain ``nn.Conv2d``; ``"auto"`` also keeps the direct
-algorithm for half precisions (the DFT's rounding error there is about twice oneDNN's).
-With dual tensors (forward-mode AD) the layer is ``nn.Conv2d`` too.
+groups, dilation, non-zero padding modes, under ``torch.func`` transforms and under float16
+autocast the layer is a plain ``nn.Conv2d``; ``"auto"`` keeps the direct algorithm for half
+precisions (the DFT's rounding error there is about twice oneDNN's). With dual tensors
+(forward-mode AD) the layer is ``nn.Conv2d`` too.
 """
 
 from __future__ import annotations
@@ -39,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd import forward_ad
 
-from .._compat import convolution_input_grad
+from .._compat import convolution_input_grad, functorch_transforms_active
 from .._shapes import conv_output_size as _out_size
 from .dft import MAX_GRID as DFT_MAX_GRID
 from .dft import dft_conv2d, dft_grid, dft_macs, direct_macs
@@ -57,6 +68,11 @@ IM2COL_MAX_ROWS = 256
 #: for the batch at hand (:data:`DFT_MIN_SAVING`) and ``weight_grad`` is ``"auto"``.
 ALGORITHMS = ("auto", "direct", "dft")
 DFT_MIN_SAVING = 2.0
+#: Under bfloat16 autocast ``"auto"`` takes the DFT (on the bf16 casts) only when it saves this
+#: many multiply-adds: the direct convolution runs on AMX there, and the DFT's kernel transform
+#: is a fixed cost per call. PrimaryCaps, forward + backward, 1 thread: direct faster up to
+#: batch 48 (a saving of 2.53x), the DFT from batch 64 (2.71x; 0.30 against 0.43 s at 128).
+BF16_DFT_MIN_SAVING = 2.6
 _SLAB_ELEMENTS = 1 << 22
 
 
@@ -113,8 +129,8 @@ class Conv2d(nn.Conv2d):
             and self.dilation == (1, 1)
             and self.padding_mode == "zeros"
             and not isinstance(self.padding, str)
-            and not torch._C._are_functorch_transforms_active()
-            and not torch.is_autocast_enabled(x.device.type)  # autocast's casts and kernels: nn.Conv2d's
+            and not functorch_transforms_active()
+            and (not torch.is_autocast_enabled(x.device.type) or _bf16_autocast(x))  # else autocast's nn.Conv2d
             # Forward-mode AD (dual tensors): the custom backwards have no forward derivative.
             and not any(forward_ad.unpack_dual(t).tangent is not None for t in (x, self.weight))
         )
@@ -122,30 +138,57 @@ class Conv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         if not self._fast(x):
             return super().forward(x)
+        if _bf16_autocast(x):
+            return self._autocast_forward(x)
         if self._use_dft(x):
             return dft_conv2d(x, self.weight, self.bias, self.stride, self.padding)
-        args = (self.stride, self.padding, self.weight_grad)
-        inputs = (x, self.weight) if self.bias is None else (x, self.weight, self.bias)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
-            return _Conv2d.apply(x, self.weight, self.bias, *args)
-        if self.weight_grad == "im2col":
-            return _im2col_forward(x, self.weight, self.bias, self.stride, self.padding)[0]
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+        return self._direct(x, self.weight, self.bias)
 
-    def _use_dft(self, x: Tensor) -> bool:
-        """Whether this call goes to :func:`~capsnet.ops.dft.dft_conv2d` (see :data:`ALGORITHMS`)."""
+    def _direct(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        args = (self.stride, self.padding, self.weight_grad)
+        inputs = (x, weight) if bias is None else (x, weight, bias)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+            return _Conv2d.apply(x, weight, bias, *args)
+        if self.weight_grad == "im2col":
+            return _im2col_forward(x, weight, bias, self.stride, self.padding)[0]
+        return F.conv2d(x, weight, bias, self.stride, self.padding)
+
+    def _autocast_forward(self, x: Tensor) -> Tensor:
+        """Under CPU bfloat16 autocast: on bfloat16 casts (what autocast does for ``nn.Conv2d``), the
+        direct algorithm or the DFT (:data:`BF16_DFT_MIN_SAVING`; see the module docstring)."""
+        use_dft = self._use_dft(x, autocast=True)
+        bf16 = torch.bfloat16
+        x, weight, bias = x.to(bf16), self.weight.to(bf16), None if self.bias is None else self.bias.to(bf16)
+        with torch.autocast(x.device.type, enabled=False):
+            if use_dft:
+                return dft_conv2d(x, weight, bias, self.stride, self.padding)
+            return self._direct(x, weight, bias)
+
+    def _use_dft(self, x: Tensor, *, autocast: bool = False) -> bool:
+        """Whether this call goes to :func:`~capsnet.ops.dft.dft_conv2d` (see :data:`ALGORITHMS`);
+        ``autocast``: under bf16 autocast, where both operands become bf16 casts."""
         if self.algorithm == "direct":
             return False
         if self.algorithm == "dft":
             return True
-        if x.dtype not in (torch.float32, torch.float64) or self.weight.dtype != x.dtype:
-            return False  # half precisions: the DFT's rounding is about twice oneDNN's
+        if not autocast and (x.dtype not in (torch.float32, torch.float64) or self.weight.dtype != x.dtype):
+            return False  # half-precision tensors: the DFT's rounding is about twice oneDNN's
         shapes = (x.shape, self.weight.shape, self.stride, self.padding)
         if any(_out_size(x.shape[2 + k], self.kernel_size[k], self.stride[k], self.padding[k]) < 1 for k in range(2)):
             return False  # too small: nn.Conv2d's own error
         if dft_grid(*shapes) > DFT_MAX_GRID:
             return False
-        return dft_macs(*shapes) * DFT_MIN_SAVING <= direct_macs(*shapes)
+        return dft_macs(*shapes) * (BF16_DFT_MIN_SAVING if autocast else DFT_MIN_SAVING) <= direct_macs(*shapes)
+
+
+def _bf16_autocast(x: Tensor) -> bool:
+    """Whether bfloat16 autocast is on for ``x``'s device and would cast ``x`` (float32, or bf16 already;
+    autocast leaves float64 alone)."""
+    return (
+        torch.is_autocast_enabled(x.device.type)
+        and torch.get_autocast_dtype(x.device.type) == torch.bfloat16
+        and x.dtype in (torch.float32, torch.bfloat16)
+    )
 
 
 def _im2col_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding) -> tuple[Tensor, Tensor]:
@@ -189,9 +232,38 @@ def _weight_grad_conv(x: Tensor, grad_out: Tensor, weight_shape, stride, padding
     return grad
 
 
+def _input_grad_phases(grad_out: Tensor, x_shape, weight: Tensor, stride, padding) -> Tensor:
+    """The input gradient of a strided convolution as one stride-1 convolution per polyphase component.
+
+    Pixel ``(s i + a, s j + b)`` of the (padded) input meets only the taps ``(s p + a, s q + b)``::
+
+        grad_x[n, c, s i + a, s j + b] = sum_{o, p, q} grad_out[n, o, i - p, j - q] w[o, c, s p + a, s q + b]
+
+    a full correlation of ``grad_out`` with the flipped, transposed sub-kernel ``w[:, :, a::s, b::s]``.
+    Same multiply-adds as the transposed convolution, but as forward convolutions, which oneDNN
+    runs 2.4x faster in bfloat16 (see the module docstring). Differentiable ops only.
+    """
+    n, channels, height, width = x_shape
+    (sh, sw), (ph, pw) = stride, padding
+    grad = grad_out.new_zeros(n, channels, height + 2 * ph, width + 2 * pw)
+    for a in range(min(sh, weight.shape[2])):
+        for b in range(min(sw, weight.shape[3])):
+            part = weight[:, :, a::sh, b::sw]  # (O, C, kp, kq)
+            kp, kq = part.shape[2:]
+            full = F.conv2d(grad_out, part.flip(2, 3).transpose(0, 1), padding=(kp - 1, kq - 1))  # (N, C, H' + kp - 1, W' + kq - 1)
+            phase = grad[:, :, a::sh, b::sw]
+            rows, cols = min(full.shape[2], phase.shape[2]), min(full.shape[3], phase.shape[3])
+            phase[:, :, :rows, :cols] = full[:, :, :rows, :cols]
+    return grad[:, :, ph : ph + height, pw : pw + width]
+
+
 def _input_grad(grad_out: Tensor, x: Tensor, weight: Tensor, stride, padding) -> Tensor:
     """PyTorch's input gradient, in chunks of images of about :data:`_SLAB_ELEMENTS` input elements
-    (oneDNN's temporaries for the whole batch are as large as the input again)."""
+    (oneDNN's temporaries for the whole batch are as large as the input again); for strided
+    convolutions in half precision :func:`_input_grad_phases` instead."""
+    if x.dtype in (torch.bfloat16, torch.float16) and stride != (1, 1):
+        return _input_grad_phases(grad_out, x.shape, weight, stride, padding)
+
     def piece(g: Tensor, xs: Tensor) -> Tensor:
         return convolution_input_grad(g, xs, weight, stride, padding)
 

@@ -30,6 +30,9 @@ The backward is the same three kinds of matmul, transposed; nothing is kept for 
 ``x`` and ``w``. Forward and backward work in slabs of input channels, so the transforms
 (the kernel's is the largest, ``M x C' x O``) exist one slab at a time; what remains
 whole is the ``(M, N, O)`` products, their gradient, and the input and its gradient.
+In bfloat16 (``Conv2d`` under CPU autocast) all channels form one slab, so that each sum
+over channels stays inside one matmul (float32 accumulation, one rounding); the result is
+within about twice the rounding error of the direct bf16 convolution (``benchmarks/bf16.py``).
 
 The transforms are dense ``M x P Q`` matrices, so the algorithm is for small grids
 (:data:`MAX_GRID`), i.e. for large kernels with large strides on small maps.
@@ -209,8 +212,15 @@ def _kernel_transform(tw: Tensor, w: Tensor, p: DFTPlan) -> Tensor:
     return torch.mm(tw, _rows(_phases(_kernel_fit(w, p), p, p.kernel)).T).view(p.components, -1, w.shape[0])
 
 
-def _slabs(channels: int, p: DFTPlan, out_channels: int) -> list[tuple[int, int]]:
-    """Ranges of input channels whose kernel transform has about :data:`_SLAB_ELEMENTS` elements (equal slabs)."""
+def _slabs(channels: int, p: DFTPlan, out_channels: int, dtype: torch.dtype) -> list[tuple[int, int]]:
+    """Ranges of input channels whose kernel transform has about :data:`_SLAB_ELEMENTS` elements (equal slabs).
+
+    Half precisions get one slab: then each sum over channels is one matmul, which oneDNN
+    accumulates in float32 and rounds once; slabs would add their products in bf16 (1.3x the
+    error, and slower: ``benchmarks/bf16.py``).
+    """
+    if dtype in (torch.bfloat16, torch.float16):
+        return [(0, channels)]
     size = max(1, _SLAB_ELEMENTS // (p.components * out_channels * p.stride[0] * p.stride[1]))
     count = -(-channels // size)
     size = -(-channels // count)
@@ -222,7 +232,7 @@ def _forward(x: Tensor, w: Tensor, bias: Optional[Tensor], p: DFTPlan, padding) 
     tx, tw, ty = _transforms(p, x)
     x = _fit(x, p, padding)
     products = x.new_empty(p.components, n, o)
-    for k, (start, stop) in enumerate(_slabs(x.shape[1], p, o)):
+    for k, (start, stop) in enumerate(_slabs(x.shape[1], p, o, x.dtype)):
         # This slab's polyphase input and kernel as rows, then their transforms (M, c s s, N or O).
         x_m, w_m = _input_transform(tx, x[:, start:stop], p), _kernel_transform(tw, w[:, start:stop], p)
         torch.baddbmm(products, x_m.transpose(1, 2), w_m, beta=1 if k else 0, out=products)  # (M, N, O)
@@ -244,7 +254,7 @@ def _backward(grad_y: Tensor, x: Tensor, w: Tensor, p: DFTPlan, padding, need_x:
     grad_xf = torch.empty_like(xf) if need_x else None
     grad_w = torch.empty_like(w) if need_w else None
     kh, kw = w.shape[2:]
-    for start, stop in _slabs(xf.shape[1], p, o):
+    for start, stop in _slabs(xf.shape[1], p, o, xf.dtype):
         if need_w:  # needs the input's transform
             x_m = _input_transform(tx, xf[:, start:stop], p)
             grad_w_m = torch.bmm(x_m, grad_products)  # (M, c s s, O)

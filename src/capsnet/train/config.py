@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..models.validation import check_model_kwargs
+from ..models.registry import check_model_kwargs
 from ..validation import check_keywords
 
 __all__ = ["TrainConfig", "load_config"]
@@ -21,6 +21,10 @@ LR_SCHEDULES = ("exponential", "cosine")
 #: Mixed precision (``amp``): None (float32), ``"bf16"`` or ``"fp16"`` (with loss scaling) under
 #: ``torch.autocast`` for the forward pass and the loss; routing stays float32 (:mod:`capsnet.precision`).
 AMP_DTYPES = {None: None, "bf16": "bfloat16", "fp16": "float16"}
+#: ``amp`` values: those of :data:`AMP_DTYPES` and ``"auto"`` (the default), which
+#: :func:`capsnet.precision.resolve_amp` turns into one of them for the device: bf16 on CPUs
+#: with AMX-BF16, float32 elsewhere.
+AMP_CHOICES = (*AMP_DTYPES, "auto")
 #: Seeds lie in ``[0, SEED_LIMIT)``, so that the epoch-order seed above fits in int64.
 SEED_LIMIT = 2**63 // EPOCH_SEED_STRIDE
 #: Ranges of objective keywords that their annotations (``float``, ``int``) do not say:
@@ -53,7 +57,8 @@ class TrainConfig:
     ``lr_decay_steps`` steps (for short, fixed-length runs; None: the run's length after the
     warm-up, from ``epochs`` or ``max_steps``); ``lr_warmup_steps`` ramps the
     learning rate linearly up from ``lr / lr_warmup_steps`` first, under either schedule.
-    ``amp``: mixed precision, see :data:`AMP_DTYPES`.
+    ``amp``: mixed precision, see :data:`AMP_CHOICES` (``"auto"``: bf16 where the CPU has
+    AMX-BF16, float32 elsewhere; ``None`` forces float32).
     """
 
     model: str = "capsnet_mnist"
@@ -80,7 +85,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     figures: bool = True
-    amp: Optional[str] = None
+    amp: Optional[str] = "auto"
 
     def __post_init__(self):
         hints = typing.get_type_hints(type(self))
@@ -104,8 +109,8 @@ class TrainConfig:
             raise ValueError(f"config key 'lr' must be > 0, got {self.lr}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"config key 'lr_schedule' must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-        if self.amp not in AMP_DTYPES:
-            raise ValueError(f"config key 'amp' must be one of {tuple(AMP_DTYPES)}, got {self.amp!r}")
+        if self.amp not in AMP_CHOICES:
+            raise ValueError(f"config key 'amp' must be one of {AMP_CHOICES}, got {self.amp!r}")
         if self.lr_warmup_steps < 0:
             raise ValueError(f"config key 'lr_warmup_steps' must be >= 0, got {self.lr_warmup_steps}")
         if not 0 < self.lr_decay_rate <= 1:
@@ -144,8 +149,8 @@ def _check_split_sizes(dataset_kwargs: dict[str, Any]) -> None:
 
 def _check_objective_kwargs(objective: str, kwargs: dict[str, Any]) -> None:
     """Types from the objective's annotations, ranges from :data:`OBJECTIVE_RANGES`; unknown names are create_objective's."""
-    from ..schedules import spread_margin
     from .objectives import _OBJECTIVES
+    from .schedules import spread_margin
 
     # The spread objective hands its keywords on to the margin schedule.
     target = spread_margin if objective == "spread" else _OBJECTIVES.get(objective)

@@ -21,9 +21,19 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from ..data import ExperimentData, load_dataset
 from ..models import create_model
 from ..models.em import EM_BUILDERS, PAPER
+from ..precision import resolve_amp
 from .checkpoint import (
-    DAMAGED, CheckpointError, DamagedCheckpointError, atomic_write, load_checkpoint, load_latest, remove_temporary_files, rotate_and_save,
-    run_lock, save_checkpoint, set_aside_damaged,
+    DAMAGED,
+    CheckpointError,
+    DamagedCheckpointError,
+    atomic_write,
+    load_checkpoint,
+    load_latest,
+    remove_temporary_files,
+    rotate_and_save,
+    run_lock,
+    save_checkpoint,
+    set_aside_damaged,
 )
 from .config import AMP_DTYPES, EPOCH_SEED_STRIDE, TrainConfig
 from .distributed import Dist
@@ -154,13 +164,15 @@ def load_data(cfg: TrainConfig, data_root: str | Path, download: bool) -> Experi
 
 @torch.no_grad()
 def evaluate(
-    model, data: ExperimentData, split: str, objective: Objective, *, batch_size: int = 256, device="cpu", step: int = 0, dist: Optional[Dist] = None
+    model, data: ExperimentData, split: str, objective: Objective, *, batch_size: int = 256, device="cpu", step: int = 0,
+    dist: Optional[Dist] = None, amp: Optional[str] = None,
 ) -> dict:
     """Accuracy and mean loss of ``model`` on every sample of ``split``, without augmentation.
 
     Returns ``{"accuracy", "loss", "samples"}``; on a split of 0 samples accuracy and loss are
     None (with a warning), not 0.0. Under ``torch.distributed`` each rank evaluates every
-    ``world``-th batch and the counts are summed.
+    ``world``-th batch and the counts are summed. ``amp``: the forward pass and the loss under
+    autocast, as in training (a config's value; ``"auto"`` resolves for ``device``).
     """
     dist = dist or Dist()
     was_training = model.training
@@ -170,9 +182,11 @@ def evaluate(
         if k % dist.world != dist.rank:
             continue
         images, labels = images.to(device), labels.to(device)
-        out = model(images)
+        with _autocast(amp, device):
+            out = model(images)
+            loss = objective.loss(out, images, labels, step)
         correct += float(objective.correct(out, labels).sum())
-        loss_sum += float(objective.loss(out, images, labels, step)) * len(labels)
+        loss_sum += float(loss) * len(labels)
         total += len(labels)
     correct, total, loss_sum = dist.sum([correct, total, loss_sum], device=device)
     model.train(was_training)
@@ -180,6 +194,13 @@ def evaluate(
         log.warning("the %s split has 0 samples: no accuracy or loss to report (None)", split)
         return {"accuracy": None, "loss": None, "samples": 0}
     return {"accuracy": correct / total, "loss": loss_sum / total, "samples": int(total)}
+
+
+def _autocast(amp: Optional[str], device) -> torch.autocast:
+    """``torch.autocast`` for a config's ``amp`` on ``device`` (disabled for float32)."""
+    amp = resolve_amp(amp, device)
+    dtype = getattr(torch, AMP_DTYPES[amp]) if amp else None
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)
 
 
 def _rng_state(generator: torch.Generator) -> dict:
@@ -196,21 +217,23 @@ def _set_rng_state(state: dict, generator: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def numerics() -> dict:
-    """What float results depend on besides the config: the thread count, torch and the CPU.
+def numerics(amp: Optional[str] = None) -> dict:
+    """What float results depend on besides the config: the thread count, torch, the CPU, and
+    the precision ``amp="auto"`` resolved to (``amp``: the resolved value, None for float32).
 
     The same run is bit-identical only under the same values: reductions split over a
     different number of threads, or run by other vector kernels (AVX2, AVX-512, AMX), add
     in a different order and round differently (docs/reliability.md, "Resume").
     """
-    return {"threads": torch.get_num_threads(), "torch": str(torch.__version__), "cpu": str(torch.backends.cpu.get_cpu_capability())}
+    return {"threads": torch.get_num_threads(), "torch": str(torch.__version__), "cpu": str(torch.backends.cpu.get_cpu_capability()),
+            "amp": amp or "fp32"}
 
 
-def _check_numerics(saved: Optional[dict], path: Path) -> None:
-    """Warn when a resumed run cannot continue bit-identically (another thread count or CPU kind)."""
+def _check_numerics(saved: Optional[dict], path: Path, amp: Optional[str] = None) -> None:
+    """Warn when a resumed run cannot continue bit-identically (another thread count, CPU kind or precision)."""
     if not saved:
         return
-    now = numerics()
+    now = numerics(amp)
     changed = {k: (saved[k], now[k]) for k in now if k in saved and saved[k] != now[k]}
     if changed:
         what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
@@ -399,9 +422,12 @@ class _Run:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg, self.total_steps))
         self.device_type = torch.device(device).type
-        self.amp_dtype = getattr(torch, AMP_DTYPES[cfg.amp]) if cfg.amp else None
+        self.amp = resolve_amp(cfg.amp, device)  # "auto": bf16 on CPUs with AMX-BF16 (capsnet.precision)
+        self.amp_dtype = getattr(torch, AMP_DTYPES[self.amp]) if self.amp else None
+        if cfg.amp == "auto":  # metrics.json and the checkpoints record it too
+            log.debug("amp='auto' on %s: %s", device, self.amp or "float32")
         # Loss scaling only for float16 (bfloat16 has float32's range); a no-op when disabled.
-        self.scaler = torch.amp.GradScaler(self.device_type, enabled=cfg.amp == "fp16")
+        self.scaler = torch.amp.GradScaler(self.device_type, enabled=self.amp == "fp16")
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.state = Progress()
         self.saved_step = -1  # the step last.pt holds
@@ -438,7 +464,7 @@ class _Run:
         if state.batch_in_epoch >= self.steps_per_epoch:  # written by an older version before the epoch rolled over
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
         self.saved_step = state.step
-        _check_numerics(ckpt.get("numerics"), path)
+        _check_numerics(ckpt.get("numerics"), path, self.amp)
         self._check_best()
         log.info("resumed from %s at step %d (epoch %d)", path, state.step, state.epoch)
 
@@ -586,7 +612,8 @@ class _Run:
 
     def validate(self) -> None:
         cfg, state = self.cfg, self.state
-        result = evaluate(self.model, self.data, "val", self.objective, batch_size=cfg.eval_batch_size, device=self.device, step=state.step, dist=self.dist)
+        result = evaluate(self.model, self.data, "val", self.objective, batch_size=cfg.eval_batch_size, device=self.device, step=state.step, dist=self.dist,
+                          amp=self.amp)
         accuracy = result["accuracy"]  # None without validation samples (evaluate warned): best.pt then follows the last step
         if accuracy is None or accuracy > state.best_val_accuracy:
             state.best_val_accuracy, state.best_step = state.best_val_accuracy if accuracy is None else accuracy, state.step
@@ -613,7 +640,7 @@ class _Run:
                 "scaler": self.scaler.state_dict(),
                 "rng": rng or _rng_state(self.generator),
                 "progress": vars(self.state).copy(),
-                "numerics": numerics(),
+                "numerics": numerics(self.amp),
                 "format": CHECKPOINT_FORMAT,
             }
             rotate_and_save(payload, self.out / LAST, self.cfg.keep_checkpoints)
@@ -636,12 +663,14 @@ class _Run:
             "machine": platform.processor() or platform.machine(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
+            "precision": self.amp or "fp32",
             "date": time.strftime("%Y-%m-%d"),
         }
         if final_test:
             self.dist.barrier()  # best.pt is complete on disk before any rank reads it
             best, _, _ = load_model(self.out / BEST, device=self.device)
-            result = evaluate(best, self.data, "test", self.objective, batch_size=cfg.eval_batch_size, device=self.device, step=state.step, dist=self.dist)
+            result = evaluate(best, self.data, "test", self.objective, batch_size=cfg.eval_batch_size, device=self.device, step=state.step,
+                              dist=self.dist, amp=self.amp)
             accuracy = result["accuracy"]  # None without test samples
             summary.update(test_accuracy=accuracy, test_error=None if accuracy is None else 1 - accuracy, test_samples=result["samples"])
             if self.dist.is_main and accuracy is not None:
