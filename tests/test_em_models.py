@@ -377,7 +377,7 @@ def test_em_mnist_config_routes_twice_and_keeps_the_papers_three_as_variants():
     path = str(Path(__file__).resolve().parents[1] / "configs" / "mnist_em.py")
     for variant in ("epoch1", "epoch3", "short", "fashion_epoch3"):
         cfg = load_config(f"{path}:{variant}")
-        assert (cfg.model_kwargs["iterations"], cfg.lr, cfg.batch_size) == (2, 2e-3, 32), variant
+        assert (cfg.model_kwargs["iterations"], cfg.lr, cfg.batch_size, cfg.amp) == (2, 2e-3, 32, None), variant
         it3 = load_config(f"{path}:{variant}_it3")
         assert (it3.model_kwargs["iterations"], it3.lr, it3.max_steps, it3.epochs) == (3, 1e-3, cfg.max_steps, cfg.epochs)
     paper = load_config(f"{path}:paper")
