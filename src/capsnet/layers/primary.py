@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -31,8 +33,8 @@ class PrimaryCaps(nn.Module):
         dim: int = 8,
         kernel_size: int = 9,
         stride: int = 2,
-        weight_grad: str = "auto",
-        algorithm: str = "auto",
+        weight_grad: Optional[str] = None,
+        algorithm: Optional[str] = None,
     ):
         super().__init__()
         if min(in_channels, types, dim, kernel_size, stride) < 1:

@@ -35,12 +35,13 @@ class CapsNetOutput(NamedTuple):
 class CapsNet(nn.Module):
     """Conv1 -> PrimaryCaps -> DigitCaps (routing) -> masked reconstruction decoder.
 
-    Keyword-only hyper-parameters default to the paper's MNIST model. ``conv_weight_grad``
-    chooses how Conv1 and PrimaryCaps compute their CPU weight gradients
-    (:class:`~capsnet.layers.Conv2d`; ``"native"`` is PyTorch's own backward), and
-    ``conv_algorithm`` how they convolve (``"auto"``: PrimaryCaps by the DFT algorithm of
-    :mod:`capsnet.ops.dft` at batches of 25 or more, ``"direct"``: PyTorch's). They change
-    speed, not results (beyond rounding).
+    Keyword-only hyper-parameters default to the paper's MNIST model. How Conv1 and
+    PrimaryCaps convolve on the CPU is a setting of the process, ``capsnet.backends.conv``
+    (``algorithm``: ``"auto"`` takes the DFT algorithm of :mod:`capsnet.ops.dft` for
+    PrimaryCaps at batches of 25 or more, ``"direct"`` PyTorch's; ``weight_grad``), not of
+    the model: it changes speed, not results (beyond rounding). ``conv_weight_grad`` and
+    ``conv_algorithm`` pin one model's layers to a choice (None: follow the backend); they
+    stay accepted for configs and checkpoints that name them.
 
     Shape:
         x: ``(B, in_channels, image_size, image_size)`` floats; y: ``(B,)`` labels or None.
@@ -65,8 +66,8 @@ class CapsNet(nn.Module):
         class_bias: bool = False,
         decoder: bool = True,
         decoder_hidden: tuple[int, ...] = (512, 1024),
-        conv_weight_grad: str = "auto",
-        conv_algorithm: str = "auto",
+        conv_weight_grad: Optional[str] = None,
+        conv_algorithm: Optional[str] = None,
     ):
         super().__init__()
         sizes = dict(

@@ -50,23 +50,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd import forward_ad
 
+from .. import backends
 from .._compat import convolution_input_grad, functorch_transforms_active
 from .._shapes import conv_output_size as _out_size
 from .dft import MAX_GRID as DFT_MAX_GRID
 from .dft import dft_conv2d, dft_grid, dft_macs, direct_macs
 
+ALGORITHMS, WEIGHT_GRADIENTS = backends.ALGORITHMS, backends.WEIGHT_GRADIENTS
+
 __all__ = ["Conv2d", "WEIGHT_GRADIENTS", "ALGORITHMS"]
 
-#: Ways to compute the weight gradient: ``"auto"`` picks ``"im2col"`` when a column of
-#: the unfolded input is short (``in_channels * kh * kw <= IM2COL_MAX_ROWS``) and
-#: ``"conv"`` otherwise; ``"native"`` is PyTorch's own backward.
-WEIGHT_GRADIENTS = ("auto", "conv", "im2col", "native")
+#: ``weight_grad="auto"`` picks ``"im2col"`` when a column of the unfolded input is short
+#: (``in_channels * kh * kw <= IM2COL_MAX_ROWS``) and ``"conv"`` otherwise (:data:`WEIGHT_GRADIENTS`).
 IM2COL_MAX_ROWS = 256
-#: How the convolution is computed: ``"direct"`` is PyTorch's forward with the weight gradient
-#: of ``weight_grad``; ``"dft"`` the bilinear DFT algorithm of :mod:`capsnet.ops.dft`;
-#: ``"auto"`` takes ``"dft"`` when it needs at most half the multiply-adds of ``"direct"``
-#: for the batch at hand (:data:`DFT_MIN_SAVING`) and ``weight_grad`` is ``"auto"``.
-ALGORITHMS = ("auto", "direct", "dft")
+#: ``algorithm="auto"`` takes ``"dft"`` when it needs at most half the multiply-adds of ``"direct"``
+#: for the batch at hand and the weight gradient is ``"auto"`` (:data:`ALGORITHMS`).
 DFT_MIN_SAVING = 2.0
 #: Under bfloat16 autocast ``"auto"`` takes the DFT (on the bf16 casts) only when it saves this
 #: many multiply-adds: the direct convolution runs on AMX there, and the DFT's kernel transform
@@ -81,12 +79,13 @@ class Conv2d(nn.Conv2d):
 
     Args:
         weight_grad: one of :data:`WEIGHT_GRADIENTS`; ``"native"`` makes this exactly
-            ``nn.Conv2d`` (whatever ``algorithm`` says).
+            ``nn.Conv2d`` (whatever ``algorithm`` says). None (default): the process-wide
+            ``capsnet.backends.conv.weight_grad``, read at every call.
         algorithm: one of :data:`ALGORITHMS`. ``"auto"`` chooses per call (the
             choice depends on the batch size); with an explicit ``weight_grad`` other
             than ``"auto"`` it means ``"direct"``, and ``"dft"`` with one is an error
-            (the weight gradient belongs to the direct algorithm). Everything else as
-            ``nn.Conv2d``.
+            (the weight gradient belongs to the direct algorithm). None (default):
+            ``capsnet.backends.conv.algorithm``. Everything else as ``nn.Conv2d``.
 
     Shape:
         x: ``(B, in_channels, H, W)``; returns ``(B, out_channels, H', W')`` as ``nn.Conv2d``
@@ -99,24 +98,37 @@ class Conv2d(nn.Conv2d):
     (:func:`capsnet.validation.check_images`).
     """
 
-    def __init__(self, *args, weight_grad: str = "auto", algorithm: str = "auto", **kwargs):
+    def __init__(self, *args, weight_grad: Optional[str] = None, algorithm: Optional[str] = None, **kwargs):
         super().__init__(*args, **kwargs)
-        if weight_grad not in WEIGHT_GRADIENTS:
-            raise ValueError(f"weight_grad must be one of {WEIGHT_GRADIENTS}, got {weight_grad!r}")
-        if algorithm not in ALGORITHMS:
-            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
-        if weight_grad not in ("auto", "native") and algorithm == "dft":
-            raise ValueError(
-                f"weight_grad={weight_grad!r} is a choice of the direct algorithm; pass algorithm='direct' "
-                "(or 'auto') with it, or leave weight_grad='auto' for algorithm='dft'"
-            )
-        if algorithm == "auto" and weight_grad != "auto":
-            algorithm = "direct"  # a weight gradient was asked for: it belongs to the direct algorithm
-        self.algorithm = algorithm
+        backends.check_conv_choice(algorithm or "auto", weight_grad or "auto", who="Conv2d")
+        self._algorithm, self._weight_grad = algorithm, weight_grad  # None: capsnet.backends.conv's
+
+    @property
+    def weight_grad(self) -> str:
+        """The weight gradient this layer computes now: its own choice or the backend's, ``"auto"`` resolved."""
+        weight_grad = self._weight_grad or backends.conv.weight_grad
         if weight_grad == "auto":
             rows = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
-            weight_grad = "im2col" if rows <= IM2COL_MAX_ROWS else "conv"
-        self.weight_grad = weight_grad
+            return "im2col" if rows <= IM2COL_MAX_ROWS else "conv"
+        return weight_grad
+
+    @weight_grad.setter
+    def weight_grad(self, value: Optional[str]) -> None:
+        backends.check_conv_choice(self._algorithm or "auto", value or "auto", who="Conv2d")
+        self._weight_grad = value
+
+    @property
+    def algorithm(self) -> str:
+        """The algorithm this layer uses now: its own choice or the backend's (``"auto"`` per call)."""
+        algorithm, weight_grad = self._algorithm or backends.conv.algorithm, self._weight_grad or backends.conv.weight_grad
+        if (algorithm == "auto" and weight_grad != "auto") or (algorithm == "dft" and weight_grad not in ("auto", "native")):
+            return "direct"  # a weight gradient was asked for (here or by the backend): it belongs to the direct algorithm
+        return algorithm
+
+    @algorithm.setter
+    def algorithm(self, value: Optional[str]) -> None:
+        backends.check_conv_choice(value or "auto", self._weight_grad or "auto", who="Conv2d")
+        self._algorithm = value
 
     def _fast(self, x: Tensor) -> bool:
         return (
@@ -145,11 +157,12 @@ class Conv2d(nn.Conv2d):
         return self._direct(x, self.weight, self.bias)
 
     def _direct(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-        args = (self.stride, self.padding, self.weight_grad)
+        weight_grad = self.weight_grad
+        args = (self.stride, self.padding, weight_grad)
         inputs = (x, weight) if bias is None else (x, weight, bias)
         if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
             return _Conv2d.apply(x, weight, bias, *args)
-        if self.weight_grad == "im2col":
+        if weight_grad == "im2col":
             return _im2col_forward(x, weight, bias, self.stride, self.padding)[0]
         return F.conv2d(x, weight, bias, self.stride, self.padding)
 
@@ -167,9 +180,10 @@ class Conv2d(nn.Conv2d):
     def _use_dft(self, x: Tensor, *, autocast: bool = False) -> bool:
         """Whether this call goes to :func:`~capsnet.ops.dft.dft_conv2d` (see :data:`ALGORITHMS`);
         ``autocast``: under bf16 autocast, where both operands become bf16 casts."""
-        if self.algorithm == "direct":
+        algorithm = self.algorithm
+        if algorithm == "direct":
             return False
-        if self.algorithm == "dft":
+        if algorithm == "dft":
             return True
         if not autocast and (x.dtype not in (torch.float32, torch.float64) or self.weight.dtype != x.dtype):
             return False  # half-precision tensors: the DFT's rounding is about twice oneDNN's
