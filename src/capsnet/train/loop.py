@@ -7,8 +7,6 @@ import json
 import logging
 import math
 import platform
-import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,39 +17,42 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..data import ExperimentData, load_dataset
-from ..models import create_model
-from ..models.em import EM_BUILDERS, PAPER
 from ..precision import resolve_amp
 from .checkpoint import (
-    DAMAGED,
     CheckpointError,
     DamagedCheckpointError,
     atomic_write,
     load_checkpoint,
-    load_latest,
-    remove_temporary_files,
     rotate_and_save,
-    run_lock,
     save_checkpoint,
     set_aside_damaged,
 )
 from .config import AMP_DTYPES, EPOCH_SEED_STRIDE, TrainConfig
 from .distributed import Dist
+from .evaluation import evaluate
 from .logs import MetricsLogger
 from .objectives import Objective, create_objective
 from .optim import adam
+from .restore import (
+    CHECKPOINT_FORMAT,
+    build_model,
+    check_model_fits_data,
+    check_numerics,
+    checkpoint_model_kwargs,
+    kwargs_error,
+    load_model,
+    numerics,
+    rng_state,
+    set_rng_state,
+)
+from .rundir import BEST, LAST, SUMMARY, RunExistsError, claim_run_dir, progress_bar, resume_point
+from .schedules import lr_factor
 
 __all__ = ["RunExistsError", "TrainingInterrupted", "evaluate", "load_model", "train"]
+# Also importable from here, as before the split into evaluation, restore, rundir and schedules:
+_REEXPORTED = (BEST, CHECKPOINT_FORMAT, build_model, check_model_fits_data, checkpoint_model_kwargs, lr_factor)
 
 log = logging.getLogger(__name__)
-
-LAST, BEST, SUMMARY = "last.pt", "best.pt", "metrics.json"
-#: What a run in a directory consists of (glob patterns): a new run there is refused, or deletes them with overwrite.
-RUN_FILES = ("last*.pt", f".{LAST}.new", BEST, "metrics.csv", SUMMARY, "*" + DAMAGED, "tensorboard/events.out.tfevents.*")
-
-
-class RunExistsError(ValueError):
-    """A new run was asked for in a directory that already holds one."""
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -76,213 +77,15 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * EPOCH_SEED_STRIDE + epoch))
 
 
-def lr_factor(cfg: TrainConfig, total_steps: Optional[int] = None):
-    """The learning rate at a step, as a multiple of ``cfg.lr`` (floored at ``lr_min``).
-
-    After ``w = lr_warmup_steps`` steps of linear warm-up (factor ``(step + 1) / w``), the decay
-    runs over ``lr_decay_steps`` steps (None: ``total_steps - w``, the rest of the run):
-    ``"exponential"``, the official CapsNet code's continuous ``rate^(step / steps)``; or
-    ``"cosine"``, ``(1 + cos(pi t)) / 2`` from ``lr`` down to ``lr_min`` at ``t = 1``, held after.
-    """
-    floor = cfg.lr_min / cfg.lr
-    warmup = cfg.lr_warmup_steps
-    length = cfg.lr_decay_steps
-    if length is None:  # the rest of the run
-        if total_steps is None:
-            raise ValueError("lr_decay_steps=None needs the run's total steps")
-        length = max(1, total_steps - warmup)
-
-    def factor(step: int) -> float:
-        decay_step = max(0, step - warmup)
-        if cfg.lr_schedule == "cosine":
-            t = min(1.0, decay_step / length)
-            value = floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
-        else:
-            value = cfg.lr_decay_rate ** (decay_step / length)
-        if step < warmup:
-            value *= (step + 1) / warmup
-        return max(value, floor)
-
-    return factor
-
-
-def _kwargs_error(exc: TypeError, kwargs: dict, what: str, name: str) -> Optional[ValueError]:
-    """A ValueError for a ``TypeError`` that ``kwargs`` caused, or None when it did not (empty kwargs).
-
-    An unknown key ("unexpected keyword argument 'k'") or one the trainer sets itself
-    ("multiple values for ... argument 'k'") is named; any other TypeError with kwargs present
-    is reported as a value of the wrong type.
-    """
-    if not kwargs:
-        return None
-    text = str(exc)
-    unknown = re.search(r"unexpected keyword argument '([^']+)'", text)
-    if unknown and unknown.group(1) in kwargs:
-        return ValueError(f"bad {what} for {name}: {text}; fix that key in the config")
-    reserved = re.search(r"multiple values for (?:keyword )?argument '([^']+)'", text)
-    if reserved and reserved.group(1) in kwargs:
-        return ValueError(
-            f"bad {what} for {name}: {reserved.group(1)!r} is set by the trainer; remove it from {what} "
-            "(use the top-level config key, e.g. seed)"
-        )
-    return ValueError(f"{name} refused {what} {kwargs}: {type(exc).__name__}: {text}; check the types of these values")
-
-
-def build_model(cfg: TrainConfig, data: ExperimentData) -> torch.nn.Module:
-    try:
-        model = create_model(cfg.model, **cfg.model_kwargs)
-    except TypeError as exc:
-        error = _kwargs_error(exc, cfg.model_kwargs, "model_kwargs", f"model {cfg.model!r}")
-        if error is None:
-            raise
-        raise error from exc
-    check_model_fits_data(model, cfg, data)
-    return model
-
-
-def check_model_fits_data(model: torch.nn.Module, cfg: TrainConfig, data: ExperimentData) -> None:
-    """A ValueError naming both when the model's ``in_channels`` / ``image_size`` differ from the data's images."""
-    expected = (getattr(model, "in_channels", None), getattr(model, "image_size", None))
-    c, h, w = data.image_shape
-    if expected[0] is not None and (expected[0] != c or expected[1] not in (h, (h, w))):
-        raise ValueError(
-            f"model {cfg.model!r} expects {expected[0]}x{expected[1]}x{expected[1]} images but dataset "
-            f"{cfg.dataset!r} gives {c}x{h}x{w}; adjust model_kwargs or dataset_kwargs in the config"
-        )
-
-
 def load_data(cfg: TrainConfig, data_root: str | Path, download: bool) -> ExperimentData:
     """The dataset of ``cfg``; a misspelt ``dataset_kwargs`` key is a ValueError naming it."""
     try:
         return load_dataset(cfg.dataset, data_root, download=download, seed=cfg.seed, **cfg.dataset_kwargs)
     except TypeError as exc:
-        error = _kwargs_error(exc, cfg.dataset_kwargs, "dataset_kwargs", f"dataset {cfg.dataset!r}")
+        error = kwargs_error(exc, cfg.dataset_kwargs, "dataset_kwargs", f"dataset {cfg.dataset!r}")
         if error is None:
             raise
         raise error from exc
-
-
-@torch.no_grad()
-def evaluate(
-    model, data: ExperimentData, split: str, objective: Objective, *, batch_size: int = 256, device="cpu", step: int = 0,
-    dist: Optional[Dist] = None, amp: Optional[str] = None,
-) -> dict:
-    """Accuracy and mean loss of ``model`` on every sample of ``split``, without augmentation.
-
-    Returns ``{"accuracy", "loss", "samples"}``; on a split of 0 samples accuracy and loss are
-    None (with a warning), not 0.0. Under ``torch.distributed`` each rank evaluates every
-    ``world``-th batch and the counts are summed. ``amp``: the forward pass and the loss under
-    autocast, as in training (a config's value; ``"auto"`` resolves for ``device``).
-    """
-    dist = dist or Dist()
-    was_training = model.training
-    model.eval()
-    correct, total, loss_sum = 0.0, 0.0, 0.0
-    for k, (images, labels) in enumerate(data.eval_batches(split, batch_size)):
-        if k % dist.world != dist.rank:
-            continue
-        images, labels = images.to(device), labels.to(device)
-        with _autocast(amp, device):
-            out = model(images)
-            loss = objective.loss(out, images, labels, step)
-        correct += float(objective.correct(out, labels).sum())
-        loss_sum += float(loss) * len(labels)
-        total += len(labels)
-    correct, total, loss_sum = dist.sum([correct, total, loss_sum], device=device)
-    model.train(was_training)
-    if not total:  # an accuracy of 0.0 would read as a result; TrainConfig refuses empty splits, other data may not
-        log.warning("the %s split has 0 samples: no accuracy or loss to report (None)", split)
-        return {"accuracy": None, "loss": None, "samples": 0}
-    return {"accuracy": correct / total, "loss": loss_sum / total, "samples": int(total)}
-
-
-def _autocast(amp: Optional[str], device) -> torch.autocast:
-    """``torch.autocast`` for a config's ``amp`` on ``device`` (disabled for float32)."""
-    amp = resolve_amp(amp, device)
-    dtype = getattr(torch, AMP_DTYPES[amp]) if amp else None
-    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)
-
-
-def _rng_state(generator: torch.Generator) -> dict:
-    state = {"torch": torch.get_rng_state(), "augment": generator.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict, generator: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    generator.set_state(state["augment"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def numerics(amp: Optional[str] = None) -> dict:
-    """What float results depend on besides the config: the thread count, torch, the CPU, and
-    the precision ``amp="auto"`` resolved to (``amp``: the resolved value, None for float32).
-
-    The same run is bit-identical only under the same values: reductions split over a
-    different number of threads, or run by other vector kernels (AVX2, AVX-512, AMX), add
-    in a different order and round differently (docs/reliability.md, "Resume").
-    """
-    return {"threads": torch.get_num_threads(), "torch": str(torch.__version__), "cpu": str(torch.backends.cpu.get_cpu_capability()),
-            "amp": amp or "fp32"}
-
-
-def _check_numerics(saved: Optional[dict], path: Path, amp: Optional[str] = None) -> None:
-    """Warn when a resumed run cannot continue bit-identically (another thread count, CPU kind or precision)."""
-    if not saved:
-        return
-    now = numerics(amp)
-    changed = {k: (saved[k], now[k]) for k in now if k in saved and saved[k] != now[k]}
-    if changed:
-        what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
-        log.warning(
-            "resuming %s under other numerics (%s): training continues correctly, but not bit-identically "
-            "to an uninterrupted run; resume with the same --threads on the same kind of CPU for that", path, what
-        )
-
-
-#: Written into every checkpoint. 2: the EM builders (em_small, em_full, em_mnist, em_tiny) build
-#: ``capsnet.models.em.TRAINABLE`` unless told otherwise; checkpoints without the key (format 1)
-#: were trained with the paper's parametrisation, which :func:`checkpoint_model_kwargs` restores.
-CHECKPOINT_FORMAT = 2
-
-
-def checkpoint_model_kwargs(cfg: TrainConfig, ckpt: dict) -> dict:
-    """The model keywords that rebuild the model a checkpoint was trained as.
-
-    Format-1 checkpoints of the EM builders get :data:`capsnet.models.em.PAPER` under their own
-    keywords (the builders' defaults then); everything else is ``cfg.model_kwargs`` unchanged.
-    """
-    if ckpt.get("format", 1) < 2 and cfg.model in EM_BUILDERS:
-        return {**PAPER, **cfg.model_kwargs}
-    return dict(cfg.model_kwargs)
-
-
-def load_model(checkpoint: str | Path, device="cpu") -> tuple[torch.nn.Module, TrainConfig, dict]:
-    """Rebuild the model of a checkpoint with its weights; returns (model, config, checkpoint dict).
-
-    A file that loads (its SHA-256 matches) can still hold no model capsnet can rebuild: no
-    ``config`` or ``model``, a config that is not a dict, or weights of another model than its
-    config names (a crafted config). That is a :class:`CheckpointError` naming the file, not
-    the KeyError, TypeError or ``load_state_dict`` RuntimeError it would otherwise be.
-    """
-    ckpt = load_checkpoint(checkpoint, map_location=device)
-    try:
-        cfg = TrainConfig.from_dict(ckpt["config"])
-        model = create_model(cfg.model, **checkpoint_model_kwargs(cfg, ckpt)).to(device)
-        model.load_state_dict(ckpt["model"])
-    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
-        if isinstance(exc, RuntimeError) and not str(exc).startswith("Error(s) in loading state_dict"):
-            raise  # out of memory, a device error: not the file's fault
-        reason = " ".join(line.strip() for line in str(exc).strip().splitlines()[:2])[:300]  # load_state_dict's detail is line 2
-        raise CheckpointError(
-            f"checkpoint {checkpoint} holds no model capsnet can rebuild ({type(exc).__name__}: {reason}); use a best.pt or last.pt "
-            "written by capsnet train, unchanged"
-        ) from exc
-    model.eval()
-    return model, cfg, ckpt
 
 
 def train(
@@ -333,8 +136,8 @@ def train(
     model = build_model(cfg, data).to(device)
     objective = create_objective(cfg.objective, **cfg.objective_kwargs)
     # Only now, with every name and *_kwargs of the config accepted: a refused config leaves no run directory.
-    with _claim(out, dist, resume=resume, overwrite=overwrite):
-        run = _Run(cfg, data, model, objective, out=out, dist=dist, device=device, found=_resume_point(out, dist, device) if resume else None)
+    with claim_run_dir(out, dist, resume=resume, overwrite=overwrite):
+        run = _Run(cfg, data, model, objective, out=out, dist=dist, device=device, found=resume_point(out, dist, device) if resume else None)
         finished = run.finished_summary(final_test) if resume else None
         return finished if finished is not None else run.train(resumed=resume, progress=progress, final_test=final_test)
 
@@ -347,58 +150,6 @@ def load_data_in_rank_order(cfg: TrainConfig, data_root: str | Path, download: b
     if download and dist.is_main:
         dist.barrier()
     return data
-
-
-@contextlib.contextmanager
-def _claim(out: Path, dist: Dist, *, resume: bool, overwrite: bool):
-    """Rank 0 holds ``out`` while the block runs: locked, checked for an earlier run, cleared of temporary files."""
-    if not dist.is_main:
-        yield
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    with run_lock(out):
-        if not resume:
-            _refuse_or_clear_earlier_run(out, overwrite)
-        removed = remove_temporary_files(out)
-        if removed:
-            log.info("removed %d temporary file(s) that a killed run left in %s: %s", len(removed), out, ", ".join(p.name for p in removed))
-        yield
-
-
-def _refuse_or_clear_earlier_run(out: Path, overwrite: bool) -> None:
-    files = sorted({p for pattern in RUN_FILES for p in out.glob(pattern)})
-    if not files:
-        return
-    names = ", ".join(p.relative_to(out).as_posix() for p in files[:4]) + (", ..." if len(files) > 4 else "")
-    if not overwrite:
-        raise RunExistsError(
-            f"{out} already holds a run ({names}); pass --resume to continue it, another --out to start a new run, "
-            "or --overwrite to delete it and start again"
-        )
-    for p in files:
-        p.unlink()
-    log.warning("overwrite: deleted the earlier run in %s (%s)", out, names)
-
-
-def _resume_point(out: Path, dist: Dist, device: str) -> Optional[tuple[dict, Path]]:
-    """The newest good checkpoint in ``out``: rank 0 sets the damaged newer ones aside before the others look."""
-    found = load_latest(out / LAST, map_location=device, set_aside=True) if dist.is_main else None
-    dist.barrier()
-    if not dist.is_main:
-        found = load_latest(out / LAST, map_location=device)
-    if found is None:
-        log.info("no checkpoint in %s: starting from scratch", out)
-    return found
-
-
-def _progress_bar(total: int, initial: int, enabled: bool) -> tqdm:
-    """The bar on stderr. Without a terminal (a log file, a pipe) it redraws at most every 30 s,
-    instead of 10 times a second, so that the file does not fill with carriage returns."""
-    tty = enabled and sys.stderr is not None and sys.stderr.isatty()
-    interval = 0.1 if tty else 30.0
-    return tqdm(
-        total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, mininterval=interval, maxinterval=max(10.0, interval)
-    )
 
 
 #: ``_Run.pending_rng`` while the optimizer updates: a Ctrl-C then cannot be saved as a consistent state.
@@ -459,12 +210,12 @@ class _Run:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
-        _set_rng_state(ckpt["rng"], self.generator)
+        set_rng_state(ckpt["rng"], self.generator)
         state = self.state = Progress(**ckpt["progress"])
         if state.batch_in_epoch >= self.steps_per_epoch:  # written by an older version before the epoch rolled over
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
         self.saved_step = state.step
-        _check_numerics(ckpt.get("numerics"), path, self.amp)
+        check_numerics(ckpt.get("numerics"), path, self.amp)
         self._check_best()
         log.info("resumed from %s at step %d (epoch %d)", path, state.step, state.epoch)
 
@@ -503,7 +254,7 @@ class _Run:
         if self.dist.is_main:
             self.logger = MetricsLogger(self.out, resume_step=self.state.step if resumed else None, again=again)
         try:
-            bar = _progress_bar(self.total_steps, self.state.step, progress and self.dist.is_main)
+            bar = progress_bar(self.total_steps, self.state.step, progress and self.dist.is_main)
             with bar, logging_redirect_tqdm() if not bar.disable else contextlib.nullcontext():
                 self.fit(bar)
             return self.finish(final_test)
@@ -546,7 +297,7 @@ class _Run:
     def step(self, order: torch.Tensor):
         """One optimizer step on the next batch of ``order``: (output, labels, whether it ended the epoch)."""
         cfg, state = self.cfg, self.state
-        self.pending_rng = _rng_state(self.generator)
+        self.pending_rng = rng_state(self.generator)
         index = order[state.batch_in_epoch * cfg.batch_size : (state.batch_in_epoch + 1) * cfg.batch_size]
         images, labels = self.data.train_batch(index, self.generator)  # the global batch, same on every rank
         local = self.dist.shard(torch.arange(len(index)))
@@ -638,7 +389,7 @@ class _Run:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
-                "rng": rng or _rng_state(self.generator),
+                "rng": rng or rng_state(self.generator),
                 "progress": vars(self.state).copy(),
                 "numerics": numerics(self.amp),
                 "format": CHECKPOINT_FORMAT,
