@@ -122,7 +122,7 @@ def test_capsnet_gradients_do_not_depend_on_strategy():
 def test_several_slabs_channels_last_and_empty_batches(monkeypatch, strategy):
     """Slabs of channels smaller than C (as PrimaryCaps at batch 128), the input gradient in chunks
     of images, channels-last input, batch 0."""
-    monkeypatch.setattr("capsnet.ops.conv._SLAB_ELEMENTS", 500)  # 2 channels per slab, 1 image per chunk here
+    monkeypatch.setattr("capsnet._slabs.CONV_SLAB", 500)  # 2 channels per slab, 1 image per chunk here
     shape = SHAPES[4]
     layer = _layer(shape, strategy)
     for x in (_input(shape), _input(shape).detach().to(memory_format=torch.channels_last).requires_grad_()):

@@ -16,7 +16,6 @@ from torch.autograd import gradcheck, gradgradcheck
 
 from capsnet.layers import Conv2d
 from capsnet.models import create_model
-from capsnet.ops import dft
 from capsnet.ops.dft import _DFTConv2d, dft_conv2d, dft_macs, direct_macs, plan
 
 # (in_channels, out_channels, kernel, stride, padding, (H, W))
@@ -145,7 +144,7 @@ def test_cached_transforms_are_read_only():
 def test_many_slabs_equal_one(monkeypatch):
     """Slabs of input channels (as PrimaryCaps' 10 at batch 128) accumulate to the same result."""
     x, weight, b, stride, padding = _case((8, 5, 9, 2, 0, (20, 20)))
-    monkeypatch.setattr(dft, "_SLAB_ELEMENTS", 1)  # one channel of the polyphase input per slab
+    monkeypatch.setattr("capsnet._slabs.DFT_SLAB", 1)  # one channel of the polyphase input per slab
     out = dft_conv2d(x, weight, b, stride, padding)
     ref = F.conv2d(x, weight, b, stride, padding)
     torch.testing.assert_close(out, ref, **TOL)

@@ -434,7 +434,6 @@ def test_factored_votes_of_the_wrong_shape_raise_value_error():
 @pytest.mark.parametrize("chunk", [1, 7, 100])
 def test_factored_votes_read_in_small_chunks_match_one_chunk(monkeypatch, chunk):
     # Real layers read their votes in many chunks; the test problems fit in one by default.
-    import capsnet.routing._em_votes as em_votes
 
     geometry, factored, act, beta_a, beta_v = _factored_problem()
 
@@ -445,7 +444,7 @@ def test_factored_votes_read_in_small_chunks_match_one_chunk(monkeypatch, chunk)
         return (*out, poses.grad, transforms.grad)
 
     whole = run()
-    monkeypatch.setattr(em_votes, "_CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr("capsnet._slabs.EM_CHUNK", chunk)
     for a, b in zip(run(), whole):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
 

@@ -29,6 +29,7 @@ FLOOR = {
     "backends": "core",
     "_compat": "core",
     "_shapes": "core",
+    "_slabs": "core",
     "ops": "ops",
     "routing": "routing",
     "layers": "layers",
@@ -62,7 +63,7 @@ FORBIDDEN = {
 
 #: What ``ops`` may import of ``capsnet`` besides itself: leaf helpers, never the capsule math
 #: (``functional``: squash, the losses).
-OPS_MAY_IMPORT = {"validation", "precision", "backends", "_compat", "_shapes"}
+OPS_MAY_IMPORT = {"validation", "precision", "backends", "_compat", "_shapes", "_slabs"}
 
 
 class Import(NamedTuple):

@@ -167,7 +167,7 @@ def _dense_outputs_and_grads(layer, u, forward):
 def test_dense_caps_fused_forward_matches_votes_then_autograd_routing(
     monkeypatch, iterations, detach_intermediate, leaky, bias, slab_elements
 ):
-    monkeypatch.setattr(dense_module, "_SLAB_ELEMENTS", slab_elements)
+    monkeypatch.setattr("capsnet._slabs.DENSE_SLAB", slab_elements)
     layer = _dense(iterations=iterations, detach_intermediate=detach_intermediate, leaky=leaky, bias=bias)
     u = torch.randn(3, 7, 3, dtype=torch.float64)
     fast, grads_fast = _dense_outputs_and_grads(layer, u, DenseCaps.forward)

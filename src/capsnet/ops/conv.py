@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd import forward_ad
 
+from .. import _slabs as slab_sizes
 from .. import backends
 from .._compat import convolution_input_grad, functorch_transforms_active
 from .._shapes import conv_output_size as _out_size
@@ -71,7 +72,6 @@ DFT_MIN_SAVING = 2.0
 #: is a fixed cost per call. PrimaryCaps, forward + backward, 1 thread: direct faster up to
 #: batch 48 (a saving of 2.53x), the DFT from batch 64 (2.71x; 0.30 against 0.43 s at 128).
 BF16_DFT_MIN_SAVING = 2.6
-_SLAB_ELEMENTS = 1 << 22
 
 
 class Conv2d(nn.Conv2d):
@@ -227,7 +227,7 @@ def _weight_grad_conv(x: Tensor, grad_out: Tensor, weight_shape, stride, padding
     """``grad_W`` as a forward convolution over the batch (see the module docstring).
 
     In slabs of input channels (the convolution's batch here), so that the contiguous copy
-    of the transposed input that oneDNN makes stays near :data:`_SLAB_ELEMENTS` (whole, it
+    of the transposed input that oneDNN makes stays near :data:`capsnet._slabs.CONV_SLAB` (whole, it
     is the size of ``x``); slabs were no slower than the whole.
     """
     kh, kw = weight_shape[2:]
@@ -239,7 +239,7 @@ def _weight_grad_conv(x: Tensor, grad_out: Tensor, weight_shape, stride, padding
     x_t = x[:, :, :rows, :cols].transpose(0, 1)  # (C, N, rows, cols)
     kernel = grad_out.transpose(0, 1).contiguous()  # (O, N, H', W'), once for every slab
     grad = x.new_empty(weight_shape)
-    size = max(1, _SLAB_ELEMENTS // (x.shape[0] * rows * cols))
+    size = max(1, slab_sizes.CONV_SLAB // (x.shape[0] * rows * cols))
     for start in range(0, x_t.shape[0], size):
         part = F.conv2d(x_t[start : start + size], kernel, dilation=stride)  # (c, O, kh, kw)
         grad[:, start : start + size] = part.transpose(0, 1)
@@ -272,7 +272,7 @@ def _input_grad_phases(grad_out: Tensor, x_shape, weight: Tensor, stride, paddin
 
 
 def _input_grad(grad_out: Tensor, x: Tensor, weight: Tensor, stride, padding) -> Tensor:
-    """PyTorch's input gradient, in chunks of images of about :data:`_SLAB_ELEMENTS` input elements
+    """PyTorch's input gradient, in chunks of images of about :data:`capsnet._slabs.CONV_SLAB` input elements
     (oneDNN's temporaries for the whole batch are as large as the input again); for strided
     convolutions in half precision :func:`_input_grad_phases` instead."""
     if x.dtype in (torch.bfloat16, torch.float16) and stride != (1, 1):
@@ -282,7 +282,7 @@ def _input_grad(grad_out: Tensor, x: Tensor, weight: Tensor, stride, padding) ->
         return convolution_input_grad(g, xs, weight, stride, padding)
 
     n = x.shape[0]
-    chunks = -(-n // max(1, _SLAB_ELEMENTS // x[0].numel()))
+    chunks = -(-n // max(1, slab_sizes.CONV_SLAB // x[0].numel()))
     if torch.is_grad_enabled() or chunks == 1:  # create_graph=True: one differentiable call
         return piece(grad_out, x)
     size = -(-n // chunks)  # equal chunks (4 x 32 at batch 128, not 40, 40, 40, 8)

@@ -57,13 +57,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import _slabs as slab_sizes
 from .._shapes import conv_output_size as _out_size
 
 __all__ = ["DFTPlan", "MAX_GRID", "plan", "dft_conv2d", "dft_grid", "dft_macs", "direct_macs"]
 
-#: Elements of the largest per-slab transform (``M x channels x O`` floats of the kernel's):
-#: 2^22 = 16 MiB in float32, ten slabs of 26 channels for PrimaryCaps.
-_SLAB_ELEMENTS = 1 << 22
 #: Largest polyphase grid ``P Q`` (the transforms are about ``1.5 (P Q)^2`` numbers).
 MAX_GRID = 1024
 
@@ -213,7 +211,7 @@ def _kernel_transform(tw: Tensor, w: Tensor, p: DFTPlan) -> Tensor:
 
 
 def _slabs(channels: int, p: DFTPlan, out_channels: int, dtype: torch.dtype) -> list[tuple[int, int]]:
-    """Ranges of input channels whose kernel transform has about :data:`_SLAB_ELEMENTS` elements (equal slabs).
+    """Ranges of input channels whose kernel transform has about :data:`capsnet._slabs.DFT_SLAB` elements (equal slabs).
 
     Half precisions get one slab: then each sum over channels is one matmul, which oneDNN
     accumulates in float32 and rounds once; slabs would add their products in bf16 (1.3x the
@@ -221,7 +219,7 @@ def _slabs(channels: int, p: DFTPlan, out_channels: int, dtype: torch.dtype) -> 
     """
     if dtype in (torch.bfloat16, torch.float16):
         return [(0, channels)]
-    size = max(1, _SLAB_ELEMENTS // (p.components * out_channels * p.stride[0] * p.stride[1]))
+    size = max(1, slab_sizes.DFT_SLAB // (p.components * out_channels * p.stride[0] * p.stride[1]))
     count = -(-channels // size)
     size = -(-channels // count)
     return [(start, min(start + size, channels)) for start in range(0, channels, size)]

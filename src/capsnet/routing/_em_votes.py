@@ -23,6 +23,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
+from .. import _slabs as slab_sizes
 from ..ops import kernels
 
 __all__ = ["FactoredVotes", "Moments", "Term", "VoteReader", "factored_centre"]
@@ -71,12 +72,6 @@ class Term(NamedTuple):
     right2: Tensor
 
 
-#: Elements of one chunk of votes in the chunked reads (about 1 MB of float32): large enough to
-#: amortise Python overhead, small enough that the chunk's temporaries stay in cache.
-_CHUNK_ELEMENTS = 1 << 18
-#: The same on a GPU (about 256 MB): there the cost is one kernel launch per operation and chunk,
-#: not cache misses, so every layer of the registered models is read in one chunk.
-_CHUNK_ELEMENTS_GPU = 1 << 26
 
 
 class VoteReader:
@@ -105,7 +100,7 @@ class VoteReader:
         self.x, self.factors, self.centre = centred, factors, centre  # X (I, N, D); c (N, D)
         self.shape = (slots, batch * num_patches * types, dim)
         device = (centred if centred is not None else centre).device
-        limit = _CHUNK_ELEMENTS if device.type == "cpu" else _CHUNK_ELEMENTS_GPU
+        limit = slab_sizes.EM_CHUNK if device.type == "cpu" else slab_sizes.EM_CHUNK_GPU
         step = max(1, limit // (batch * num_patches * types * dim))
         # A chunk of factored votes is whole bmm groups (G groups of I / G children each).
         self.per_group = 1 if factors is None else slots // factors.poses.shape[0]

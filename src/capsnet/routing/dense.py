@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import _slabs as slab_sizes
 from ..precision import float32_under_autocast
 from ..validation import check_dtype
 from .dynamic import (
@@ -124,12 +125,6 @@ def _check_dense_args(u: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Opti
     return bias
 
 
-#: Elements of one ``(B, J, slab of I, D)`` slab of votes moved between layouts at a time
-#: (8 MiB in float32; twelve slabs for the MNIST model at batch 128). With freed memory kept
-#: (capsnet.allocator) 8 MiB slabs are as fast as larger ones and lower the training peak
-#: (docs/performance.md, "Where capsnet_mnist's training peak comes from"); one slab makes
-#: full-size temporaries. A speed and memory knob only: results do not depend on it.
-_SLAB_ELEMENTS = 1 << 21
 
 
 def _weight_by_child(weight: Tensor) -> Tensor:
@@ -139,8 +134,8 @@ def _weight_by_child(weight: Tensor) -> Tensor:
 
 
 def _slabs(batch: int, n_in: int, n_out: int, dim: int, device: torch.device) -> list[tuple[int, int]]:
-    """Ranges of children ``i`` whose ``(B, J, I, D)`` slab has about :data:`_SLAB_ELEMENTS` elements (one range off CPU)."""
-    size = n_in if device.type != "cpu" else max(1, _SLAB_ELEMENTS // max(1, batch * n_out * dim))
+    """Ranges of children ``i`` whose ``(B, J, I, D)`` slab has about :data:`capsnet._slabs.DENSE_SLAB` elements (one range off CPU)."""
+    size = n_in if device.type != "cpu" else max(1, slab_sizes.DENSE_SLAB // max(1, batch * n_out * dim))
     return [(start, min(start + size, n_in)) for start in range(0, n_in, size)]
 
 
