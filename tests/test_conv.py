@@ -147,3 +147,21 @@ def test_autocast_uses_pytorchs_convolution(strategy):
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()
     assert x.grad.dtype == layer.weight.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("algorithm", ["auto", "direct", "dft"])
+def test_functional_conv2d_is_the_layers_computation(algorithm):
+    """``capsnet.ops.conv.conv2d`` owns the per-call choice: the layer's values and gradients bit for bit, and F.conv2d's in float64."""
+    from capsnet.ops.conv import conv2d
+
+    torch.manual_seed(0)
+    layer = Conv2d(3, 4, 3, stride=2, padding=1, algorithm=algorithm).double()
+    x = torch.randn(5, 3, 9, 9, dtype=torch.float64, requires_grad=True)
+    by_layer = layer(x)
+    (gx_layer,) = torch.autograd.grad(by_layer.square().sum(), x)
+    by_function = conv2d(x, layer.weight, layer.bias, 2, 1, algorithm=algorithm)
+    (gx_function,) = torch.autograd.grad(by_function.square().sum(), x)
+    assert torch.equal(by_function, by_layer) and torch.equal(gx_function, gx_layer)
+    torch.testing.assert_close(by_function, F.conv2d(x, layer.weight, layer.bias, 2, 1), rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="conv2d: algorithm must be one of"):
+        conv2d(x, layer.weight, algorithm="fft")

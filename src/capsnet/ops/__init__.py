@@ -1,6 +1,7 @@
 """Fast operators that know nothing of capsules: what ``layers/`` and ``routing/`` call for speed.
 
-* :mod:`~capsnet.ops.conv`: ``Conv2d``, a drop-in ``nn.Conv2d`` with faster CPU algorithms;
+* :mod:`~capsnet.ops.conv`: ``conv2d`` (the per-call choice of algorithm) and ``Conv2d``, a drop-in
+  ``nn.Conv2d`` over it with faster CPU algorithms;
 * :mod:`~capsnet.ops.dft`: convolution as a bilinear algorithm over the DFT (PrimaryCaps);
 * :mod:`~capsnet.ops.kernels`: the compiled C reads of EM routing's factored votes (``em_votes.c``).
 """

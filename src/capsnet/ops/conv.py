@@ -43,7 +43,7 @@ precisions (the DFT's rounding error there is about twice oneDNN's). With dual t
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +59,7 @@ from .dft import dft_conv2d, dft_grid, dft_macs, direct_macs
 
 ALGORITHMS, WEIGHT_GRADIENTS = backends.ALGORITHMS, backends.WEIGHT_GRADIENTS
 
-__all__ = ["Conv2d", "WEIGHT_GRADIENTS", "ALGORITHMS"]
+__all__ = ["ALGORITHMS", "Conv2d", "WEIGHT_GRADIENTS", "conv2d"]
 
 #: ``weight_grad="auto"`` picks ``"im2col"`` when a column of the unfolded input is short
 #: (``in_channels * kh * kw <= IM2COL_MAX_ROWS``) and ``"conv"`` otherwise (:data:`WEIGHT_GRADIENTS`).
@@ -106,11 +106,7 @@ class Conv2d(nn.Conv2d):
     @property
     def weight_grad(self) -> str:
         """The weight gradient this layer computes now: its own choice or the backend's, ``"auto"`` resolved."""
-        weight_grad = self._weight_grad or backends.conv.weight_grad
-        if weight_grad == "auto":
-            rows = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
-            return "im2col" if rows <= IM2COL_MAX_ROWS else "conv"
-        return weight_grad
+        return _resolve(self._algorithm, self._weight_grad, self.weight)[1]
 
     @weight_grad.setter
     def weight_grad(self, value: Optional[str]) -> None:
@@ -120,79 +116,122 @@ class Conv2d(nn.Conv2d):
     @property
     def algorithm(self) -> str:
         """The algorithm this layer uses now: its own choice or the backend's (``"auto"`` per call)."""
-        algorithm, weight_grad = self._algorithm or backends.conv.algorithm, self._weight_grad or backends.conv.weight_grad
-        if (algorithm == "auto" and weight_grad != "auto") or (algorithm == "dft" and weight_grad not in ("auto", "native")):
-            return "direct"  # a weight gradient was asked for (here or by the backend): it belongs to the direct algorithm
-        return algorithm
+        return _resolve(self._algorithm, self._weight_grad, self.weight)[0]
 
     @algorithm.setter
     def algorithm(self, value: Optional[str]) -> None:
         backends.check_conv_choice(value or "auto", self._weight_grad or "auto", who="Conv2d")
         self._algorithm = value
 
-    def _fast(self, x: Tensor) -> bool:
-        return (
-            self.weight_grad != "native"
-            and x.device.type == "cpu"
-            and x.dim() == 4
-            and x.shape[0] > 0  # an empty batch: nothing to speed up, and unfold's reshapes refuse it
-            and x.shape[1] == self.in_channels  # else nn.Conv2d's own error message
-            and self.groups == 1
-            and self.dilation == (1, 1)
-            and self.padding_mode == "zeros"
-            and not isinstance(self.padding, str)
-            and not functorch_transforms_active()
-            and (not torch.is_autocast_enabled(x.device.type) or _bf16_autocast(x))  # else autocast's nn.Conv2d
-            # Forward-mode AD (dual tensors): the custom backwards have no forward derivative.
-            and not any(forward_ad.unpack_dual(t).tangent is not None for t in (x, self.weight))
-        )
-
     def forward(self, x: Tensor) -> Tensor:
-        if not self._fast(x):
-            return super().forward(x)
-        if _bf16_autocast(x):
-            return self._autocast_forward(x)
-        if self._use_dft(x):
-            return dft_conv2d(x, self.weight, self.bias, self.stride, self.padding)
-        return self._direct(x, self.weight, self.bias)
-
-    def _direct(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-        weight_grad = self.weight_grad
-        args = (self.stride, self.padding, weight_grad)
-        inputs = (x, weight) if bias is None else (x, weight, bias)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
-            return _Conv2d.apply(x, weight, bias, *args)
-        if weight_grad == "im2col":
-            return _im2col_forward(x, weight, bias, self.stride, self.padding)[0]
-        return F.conv2d(x, weight, bias, self.stride, self.padding)
-
-    def _autocast_forward(self, x: Tensor) -> Tensor:
-        """Under CPU bfloat16 autocast: on bfloat16 casts (what autocast does for ``nn.Conv2d``), the
-        direct algorithm or the DFT (:data:`BF16_DFT_MIN_SAVING`; see the module docstring)."""
-        use_dft = self._use_dft(x, autocast=True)
-        bf16 = torch.bfloat16
-        x, weight, bias = x.to(bf16), self.weight.to(bf16), None if self.bias is None else self.bias.to(bf16)
-        with torch.autocast(x.device.type, enabled=False):
-            if use_dft:
-                return dft_conv2d(x, weight, bias, self.stride, self.padding)
-            return self._direct(x, weight, bias)
+        if self.groups != 1 or self.dilation != (1, 1) or self.padding_mode != "zeros" or isinstance(self.padding, str):
+            return super().forward(x)  # nn.Conv2d's own options: its own convolution
+        return conv2d(x, self.weight, self.bias, self.stride, self.padding, algorithm=self._algorithm, weight_grad=self._weight_grad)
 
     def _use_dft(self, x: Tensor, *, autocast: bool = False) -> bool:
-        """Whether this call goes to :func:`~capsnet.ops.dft.dft_conv2d` (see :data:`ALGORITHMS`);
-        ``autocast``: under bf16 autocast, where both operands become bf16 casts."""
-        algorithm = self.algorithm
-        if algorithm == "direct":
-            return False
-        if algorithm == "dft":
-            return True
-        if not autocast and (x.dtype not in (torch.float32, torch.float64) or self.weight.dtype != x.dtype):
-            return False  # half-precision tensors: the DFT's rounding is about twice oneDNN's
-        shapes = (x.shape, self.weight.shape, self.stride, self.padding)
-        if any(_out_size(x.shape[2 + k], self.kernel_size[k], self.stride[k], self.padding[k]) < 1 for k in range(2)):
-            return False  # too small: nn.Conv2d's own error
-        if dft_grid(*shapes) > DFT_MAX_GRID:
-            return False
-        return dft_macs(*shapes) * (BF16_DFT_MIN_SAVING if autocast else DFT_MIN_SAVING) <= direct_macs(*shapes)
+        """Whether a call on ``x`` goes to :func:`~capsnet.ops.dft.dft_conv2d` (see :func:`conv2d`)."""
+        return _use_dft(x, self.weight, self.stride, self.padding, self.algorithm, autocast=autocast)
+
+
+def conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    stride: Union[int, tuple[int, int]] = 1,
+    padding: Union[int, tuple[int, int]] = 0,
+    *,
+    algorithm: Optional[str] = None,
+    weight_grad: Optional[str] = None,
+) -> Tensor:
+    """``F.conv2d(x, weight, bias, stride, padding)`` (one group, dilation 1), computed by the
+    algorithm chosen for this call: :class:`Conv2d`'s computation as a function.
+
+    ``algorithm`` / ``weight_grad``: as :class:`Conv2d`'s (None: ``capsnet.backends.conv``'s).
+    Off the CPU, under ``torch.func`` transforms, under float16 autocast, with dual tensors
+    (forward-mode AD), an empty batch or ``weight_grad="native"`` it is ``F.conv2d`` itself.
+
+    Shape:
+        x: ``(B, C, H, W)``; weight: ``(O, C, kh, kw)``; bias: ``(O,)`` or None; returns ``(B, O, H', W')``.
+    """
+    stride, padding = _pair(stride), _pair(padding)
+    backends.check_conv_choice(algorithm or "auto", weight_grad or "auto", who="conv2d")
+    algorithm, weight_grad = _resolve(algorithm, weight_grad, weight)
+    if not _fast(x, weight, weight_grad):
+        return F.conv2d(x, weight, bias, stride, padding)
+    if _bf16_autocast(x):
+        return _autocast_conv2d(x, weight, bias, stride, padding, algorithm, weight_grad)
+    if _use_dft(x, weight, stride, padding, algorithm):
+        return dft_conv2d(x, weight, bias, stride, padding)
+    return _direct(x, weight, bias, stride, padding, weight_grad)
+
+
+def _pair(value: Union[int, tuple[int, int]]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def _resolve(algorithm: Optional[str], weight_grad: Optional[str], weight: Tensor) -> tuple[str, str]:
+    """The concrete ``(algorithm, weight_grad)`` of a call: the caller's choice, else the backend's;
+    an explicit weight gradient means the direct algorithm; ``weight_grad="auto"`` by the column length."""
+    algorithm, weight_grad = algorithm or backends.conv.algorithm, weight_grad or backends.conv.weight_grad
+    if (algorithm == "auto" and weight_grad != "auto") or (algorithm == "dft" and weight_grad not in ("auto", "native")):
+        algorithm = "direct"  # a weight gradient was asked for (by the caller or the backend): it belongs to the direct algorithm
+    if weight_grad == "auto":
+        rows = weight.shape[1] * weight.shape[2] * weight.shape[3]
+        weight_grad = "im2col" if rows <= IM2COL_MAX_ROWS else "conv"
+    return algorithm, weight_grad
+
+
+def _fast(x: Tensor, weight: Tensor, weight_grad: str) -> bool:
+    """Whether this project's CPU paths apply (else ``F.conv2d``)."""
+    return (
+        weight_grad != "native"
+        and x.device.type == "cpu"
+        and x.dim() == 4
+        and x.shape[0] > 0  # an empty batch: nothing to speed up, and unfold's reshapes refuse it
+        and x.shape[1] == weight.shape[1]  # else F.conv2d's own error message
+        and not functorch_transforms_active()
+        and (not torch.is_autocast_enabled(x.device.type) or _bf16_autocast(x))  # else autocast's F.conv2d
+        # Forward-mode AD (dual tensors): the custom backwards have no forward derivative.
+        and not any(forward_ad.unpack_dual(t).tangent is not None for t in (x, weight))
+    )
+
+
+def _direct(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, weight_grad: str) -> Tensor:
+    inputs = (x, weight) if bias is None else (x, weight, bias)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        return _Conv2d.apply(x, weight, bias, stride, padding, weight_grad)
+    if weight_grad == "im2col":
+        return _im2col_forward(x, weight, bias, stride, padding)[0]
+    return F.conv2d(x, weight, bias, stride, padding)
+
+
+def _autocast_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, algorithm: str, weight_grad: str) -> Tensor:
+    """Under CPU bfloat16 autocast: on bfloat16 casts (what autocast does for ``nn.Conv2d``), the
+    direct algorithm or the DFT (:data:`BF16_DFT_MIN_SAVING`; see the module docstring)."""
+    use_dft = _use_dft(x, weight, stride, padding, algorithm, autocast=True)
+    bf16 = torch.bfloat16
+    x, weight, bias = x.to(bf16), weight.to(bf16), None if bias is None else bias.to(bf16)
+    with torch.autocast(x.device.type, enabled=False):
+        if use_dft:
+            return dft_conv2d(x, weight, bias, stride, padding)
+        return _direct(x, weight, bias, stride, padding, weight_grad)
+
+
+def _use_dft(x: Tensor, weight: Tensor, stride, padding, algorithm: str, *, autocast: bool = False) -> bool:
+    """Whether a call goes to :func:`~capsnet.ops.dft.dft_conv2d` (see :data:`ALGORITHMS`);
+    ``autocast``: under bf16 autocast, where both operands become bf16 casts."""
+    if algorithm == "direct":
+        return False
+    if algorithm == "dft":
+        return True
+    if not autocast and (x.dtype not in (torch.float32, torch.float64) or weight.dtype != x.dtype):
+        return False  # half-precision tensors: the DFT's rounding is about twice oneDNN's
+    shapes = (x.shape, weight.shape, stride, padding)
+    if any(_out_size(x.shape[2 + k], weight.shape[2 + k], stride[k], padding[k]) < 1 for k in range(2)):
+        return False  # too small: F.conv2d's own error
+    if dft_grid(*shapes) > DFT_MAX_GRID:
+        return False
+    return dft_macs(*shapes) * (BF16_DFT_MIN_SAVING if autocast else DFT_MIN_SAVING) <= direct_macs(*shapes)
 
 
 def _bf16_autocast(x: Tensor) -> bool:
