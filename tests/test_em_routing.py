@@ -6,12 +6,11 @@ import math
 
 import pytest
 import torch
-from em_reference import autograd_em_routing_dense, conv_children, dense_children, reference_em_routing
+from em_reference import conv_children, dense_children, reference_em_routing
 from torch.autograd import gradcheck
 
 from capsnet.routing.em import (
     ConvGeometry,
-    FactoredVotes,
     child_sum,
     children_per_parent,
     em_routing,
@@ -375,89 +374,6 @@ def test_log_child_normaliser_is_stable_for_huge_spreads():
     assert out[0, 0, 1].item() == pytest.approx(math.log(1 + math.exp(3.0)), rel=1e-6)
 
 
-def _factored_problem(seed=16, offsets=True):
-    """Conv-layer-like factors: poses (I, B L, P) @ transforms (I, P, J D) + offsets (I, D)."""
-    geometry = ConvGeometry((4, 4), (2, 2), (2, 2), 2)
-    gen = torch.Generator().manual_seed(seed)
-    batch, types, dim, p = 2, 3, 4, 5
-    slots, num_patches = geometry.slots, geometry.num_patches
-    poses = torch.randn(slots, batch * num_patches, p, generator=gen, dtype=F64)
-    transforms = torch.randn(slots, p, types * dim, generator=gen, dtype=F64)
-    off = torch.randn(slots, dim, generator=gen, dtype=F64) if offsets else None
-    act = to_patches(torch.rand(batch, 2, 4, 4, generator=gen, dtype=F64), geometry)
-    beta_a, beta_v = torch.randn(types, generator=gen, dtype=F64), torch.randn(types, generator=gen, dtype=F64)
-    return geometry, FactoredVotes(poses, transforms, off), act, beta_a, beta_v
-
-
-def _multiply_out(factored, batch, num_patches, types):
-    votes = torch.bmm(factored.poses, factored.transforms)  # (I, B L, J D)
-    votes = votes.view(votes.shape[0], batch, num_patches, types, -1)
-    if factored.offsets is not None:
-        votes = votes + factored.offsets[:, None, None, None, :]
-    return votes.permute(1, 2, 0, 3, 4)  # (B, L, I, J, D)
-
-
-def test_factored_votes_equal_multiplied_out_votes_values_and_gradients():
-    geometry, factored, act, beta_a, beta_v = _factored_problem()
-    poses, transforms = (t.clone().requires_grad_() for t in factored[:2])
-    fast = em_routing(FactoredVotes(poses, transforms, factored.offsets), act, beta_a, beta_v, geometry=geometry)
-    (fast.poses.sum() + fast.activations.sum()).backward()
-    poses2, transforms2 = (t.clone().requires_grad_() for t in factored[:2])
-    votes = _multiply_out(FactoredVotes(poses2, transforms2, factored.offsets), 2, geometry.num_patches, 3)
-    plain = em_routing(votes, act, beta_a, beta_v, geometry=geometry)
-    (plain.poses.sum() + plain.activations.sum()).backward()
-    for a, b in zip(fast, plain):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
-    torch.testing.assert_close(poses.grad, poses2.grad, rtol=0, atol=1e-10)
-    torch.testing.assert_close(transforms.grad, transforms2.grad, rtol=0, atol=1e-10)
-
-
-def test_gradcheck_factored_votes():
-    geometry, factored, act, beta_a, beta_v = _factored_problem(offsets=False)
-    inputs = tuple(t.clone().requires_grad_() for t in (factored.poses, factored.transforms, act))
-
-    def fn(p, w, a):
-        return tuple(em_routing(FactoredVotes(p, w), a, beta_a, beta_v, geometry=geometry))
-
-    assert gradcheck(fn, inputs, atol=1e-6, fast_mode=True)
-
-
-def test_factored_votes_of_the_wrong_shape_raise_value_error():
-    geometry, factored, act, beta_a, beta_v = _factored_problem()
-    with pytest.raises(ValueError, match="factored votes"):
-        em_routing(FactoredVotes(factored.poses[:, :-1], factored.transforms), act, beta_a, beta_v, geometry=geometry)
-    with pytest.raises(ValueError, match="offsets"):
-        em_routing(FactoredVotes(factored.poses, factored.transforms, factored.offsets[:, :2]), act, beta_a, beta_v,
-                   geometry=geometry)  # fmt: skip
-
-
-@pytest.mark.parametrize("chunk", [1, 7, 100])
-def test_factored_votes_read_in_small_chunks_match_one_chunk(monkeypatch, chunk):
-    # Real layers read their votes in many chunks; the test problems fit in one by default.
-
-    geometry, factored, act, beta_a, beta_v = _factored_problem()
-
-    def run():
-        poses, transforms = (t.clone().requires_grad_() for t in factored[:2])
-        out = em_routing(FactoredVotes(poses, transforms, factored.offsets), act, beta_a, beta_v, geometry=geometry)
-        (out.poses.sum() + out.activations.sum()).backward()
-        return (*out, poses.grad, transforms.grad)
-
-    whole = run()
-    monkeypatch.setattr("capsnet._slabs.EM_CHUNK", chunk)
-    for a, b in zip(run(), whole):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
-
-
-def test_factored_groups_must_hold_whole_children():
-    geometry, factored, act, beta_a, beta_v = _factored_problem()
-    slots, rows, p = factored.poses.shape
-    poses = factored.poses.reshape(slots * 2, rows // 2, p)  # G = 2 I groups: more groups than children
-    transforms = factored.transforms.repeat_interleave(2, dim=0)
-    with pytest.raises(ValueError, match="whole children"):
-        em_routing(FactoredVotes(poses, transforms), act, beta_a, beta_v, geometry=geometry)
-
-
 def test_em_routing_is_exported_at_the_top_level():
     import capsnet
     import capsnet.routing
@@ -465,111 +381,3 @@ def test_em_routing_is_exported_at_the_top_level():
     assert capsnet.em_routing is capsnet.routing.em_routing is em_routing
     assert capsnet.EMRoutingResult is capsnet.routing.EMRoutingResult
     assert {"em_routing", "EMRoutingResult"} <= set(capsnet.__all__) & set(capsnet.routing.__all__)
-
-
-def test_grouped_factored_votes_equal_multiplied_out_votes_values_and_gradients():
-    """Several children per bmm group (the class layer's shared transforms), with offsets."""
-    gen = torch.Generator().manual_seed(17)
-    groups, per_group, batch, types, dim, p = 2, 3, 2, 3, 4, 5
-    slots = groups * per_group
-    poses = torch.randn(groups, per_group * batch, p, generator=gen, dtype=F64, requires_grad=True)
-    transforms = torch.randn(groups, p, types * dim, generator=gen, dtype=F64, requires_grad=True)
-    offsets = torch.randn(slots, dim, generator=gen, dtype=F64)
-    act = torch.rand(batch, 1, slots, generator=gen, dtype=F64)
-    beta_a, beta_v = torch.randn(types, generator=gen, dtype=F64), torch.randn(types, generator=gen, dtype=F64)
-    fast = em_routing(FactoredVotes(poses, transforms, offsets), act, beta_a, beta_v)
-    (fast.poses.sum() + fast.activations.sum()).backward()
-    poses2, transforms2 = poses.detach().clone().requires_grad_(), transforms.detach().clone().requires_grad_()
-    votes = torch.bmm(poses2, transforms2).view(slots, batch, 1, types, dim) + offsets[:, None, None, None, :]
-    plain = em_routing(votes.permute(1, 2, 0, 3, 4), act, beta_a, beta_v)
-    (plain.poses.sum() + plain.activations.sum()).backward()
-    for a, b in zip(fast, plain):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
-    torch.testing.assert_close(poses.grad, poses2.grad, rtol=0, atol=1e-10)
-    torch.testing.assert_close(transforms.grad, transforms2.grad, rtol=0, atol=1e-10)
-
-
-def test_detached_assignments_still_pass_the_gradient_of_the_child_activations():
-    """With ``detach_intermediate`` R is a constant, but the last M-step still weighs it by a_i."""
-    from capsnet.routing.em import MASS_EPS, VAR_FLOOR
-
-    votes, act, beta_a, beta_v = _problem(GEOMETRY, seed=21)
-    gen = torch.Generator().manual_seed(22)
-    a1 = act.clone().requires_grad_()
-    out = em_routing(votes, a1, beta_a, beta_v, geometry=GEOMETRY, detach_intermediate=True)
-    g_mu, g_a = torch.randn(out.poses.shape, generator=gen, dtype=F64), torch.randn(out.activations.shape, generator=gen, dtype=F64)
-    torch.autograd.backward([out.poses, out.activations], [g_mu, g_a])
-    # The last M-step by hand, from the final (constant) assignments.
-    a2 = act.clone().requires_grad_()
-    ra = out.assignments.detach() * a2[..., None]  # (B, L, I, J)
-    mass = ra.sum(2)
-    mu = (ra[..., None] * votes).sum(2) / (mass + MASS_EPS)[..., None]
-    var = (ra[..., None] * (votes - mu[:, :, None]) ** 2).sum(2) / (mass + MASS_EPS)[..., None] + VAR_FLOOR
-    cost = (beta_v[:, None] + 0.5 * torch.log(var)) * mass[..., None]
-    lam = inverse_temperatures("fan_in", 3, fan_in=_fan_in(votes, GEOMETRY))[-1]
-    a_out = torch.sigmoid(lam * (beta_a - cost.sum(-1)))
-    torch.testing.assert_close(mu, out.poses.detach(), rtol=0, atol=1e-10)
-    torch.autograd.backward([mu, a_out], [g_mu, g_a])
-    assert a1.grad.abs().max() > 0
-    torch.testing.assert_close(a1.grad, a2.grad, rtol=1e-8, atol=1e-10)
-
-
-def test_inputs_of_mixed_dtypes_raise_value_error():
-    votes, act, beta_a, beta_v = _problem(GEOMETRY, seed=23)
-    with pytest.raises(ValueError, match="activations is torch.float32 but the votes are torch.float64"):
-        em_routing(votes, act.float(), beta_a, beta_v, geometry=GEOMETRY)
-    with pytest.raises(ValueError, match="beta_v is torch.bfloat16"):
-        em_routing(votes, act, beta_a, beta_v.bfloat16(), geometry=GEOMETRY)
-
-
-@pytest.mark.parametrize("truncate", [False, True])
-@pytest.mark.parametrize("activation", ["paper", "centred"])
-def test_dense_gradients_equal_plain_autograd(truncate, activation):
-    """Values and gradients of the replaying backward against plain torch autograd of Procedure 1,
-    with and without ``truncate_gradient`` (the Gaussians each E-step reads as constants)."""
-    votes, act, beta_a, beta_v = _problem(None, types=3, num_patches=2, slots=6, dim=4, seed=13)
-    lambdas = (0.1, 0.2, 0.3)
-    inputs = [t.clone().requires_grad_() for t in (votes, act, beta_a, beta_v)]
-    fast = em_routing(*inputs, iterations=3, schedule=lambdas, activation=activation, truncate_gradient=truncate)
-    plain_inputs = [t.clone().requires_grad_() for t in (votes, act, beta_a, beta_v)]
-    poses, acts = autograd_em_routing_dense(*plain_inputs, lambdas=lambdas, activation=activation, truncate=truncate)
-    torch.testing.assert_close(fast.poses, poses, rtol=0, atol=1e-10)
-    torch.testing.assert_close(fast.activations, acts, rtol=0, atol=1e-10)
-    weights = torch.randn_like(acts), torch.randn_like(poses)
-    fast_grads = torch.autograd.grad((fast.activations * weights[0]).sum() + (fast.poses * weights[1]).sum(), inputs)
-    plain_grads = torch.autograd.grad((acts * weights[0]).sum() + (poses * weights[1]).sum(), plain_inputs)
-    for name, a, b in zip(("votes", "activations", "beta_a", "beta_v"), fast_grads, plain_grads):
-        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10, msg=name)
-
-
-def test_truncated_gradient_differs_from_the_full_one_only_through_earlier_iterations():
-    votes, act, beta_a, beta_v = _problem(None, types=3, num_patches=2, slots=6, dim=4, seed=14)
-    grads = {}
-    for truncate in (False, True):
-        v = votes.clone().requires_grad_()
-        out = em_routing(v, act, beta_a, beta_v, iterations=3, schedule=(0.1, 0.2, 0.3), truncate_gradient=truncate)
-        grads[truncate] = torch.autograd.grad(out.activations.sum(), v)[0]
-    assert not torch.allclose(grads[False], grads[True])
-    single = {}
-    for truncate in (False, True):  # one iteration: no E-step, nothing to truncate
-        inputs = [t.clone().requires_grad_() for t in (votes, act, beta_a, beta_v)]
-        out = em_routing(*inputs, iterations=1, schedule=(0.3,), truncate_gradient=truncate)
-        single[truncate] = torch.autograd.grad(out.activations.sum() + out.poses.square().sum(), inputs)
-    for a, b in zip(single[False], single[True]):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-
-
-def test_em_routing_is_differentiable_once_and_says_so_where_it_is_not():
-    # The hand-written backward is once_differentiable (em_routing's docstring); the test
-    # reference autograd_em_routing_dense is the path for higher derivatives and torch.func.
-    votes, act, beta_a, beta_v = _problem(None, types=3, slots=4, dim=3, seed=23)
-    v = votes.clone().requires_grad_()
-    (g,) = torch.autograd.grad(em_routing(v, act, beta_a, beta_v).poses.square().sum(), v, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        g.sum().backward()
-    with pytest.raises(RuntimeError, match="setup_context"):
-        torch.func.grad(lambda x: em_routing(x, act, beta_a, beta_v).poses.sum())(votes)
-    lambdas = inverse_temperatures("fan_in", 3, fan_in=_fan_in(votes, None))
-    assert torch.autograd.gradgradcheck(
-        lambda x: autograd_em_routing_dense(x, act, beta_a, beta_v, lambdas=lambdas)[0], (v,), atol=1e-5, fast_mode=True
-    )
