@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import capsnet
 import capsnet.allocator
 import capsnet.train.optim
+from capsnet._shapes import conv_output_size
 from capsnet.data import random_shift, to_float
 
 #: Shortest timed sample; fast steps are grouped into blocks of at least this length.
@@ -198,7 +199,7 @@ def measure_conv_bound(spec: dict) -> dict:
                 conv(x)
 
     samples = time_steps(step, device=device, warmup=spec["warmup"], repeats=spec["repeats"])
-    out_hw = (c["input_hw"] - c["kernel_size"]) // c["stride"] + 1
+    out_hw = conv_output_size(c["input_hw"], c["kernel_size"], c["stride"])
     flops_fwd = 2 * spec["batch"] * out_hw**2 * c["out_channels"] * c["in_channels"] * c["kernel_size"] ** 2
     flops = flops_fwd * (3 if spec["mode"] == "train" else 1)  # backward: grad input + grad weight
     result = _speed(spec["batch"], samples)
