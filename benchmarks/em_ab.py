@@ -22,9 +22,12 @@ import sys
 _CHILD = r"""
 import os, sys, time, torch, capsnet
 from capsnet.allocator import keep_freed_memory
-from capsnet.cli import kernel_settings
-from capsnet.ops import kernels
-kernels.configure(**kernel_settings(os.environ))
+try:  # trees before capsnet.ops.kernels (session 7) read CAPSNET_KERNELS themselves
+    from capsnet.cli import kernel_settings
+    from capsnet.ops import kernels
+    kernels.configure(**kernel_settings(os.environ))
+except ImportError:
+    pass
 keep_freed_memory(); torch.manual_seed(0); torch.set_num_threads(1)
 name, batch = sys.argv[1], int(sys.argv[2])
 model = capsnet.create_model(name)
