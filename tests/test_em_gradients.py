@@ -4,42 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from em_problems import fan_in, random_problem
 from em_reference import autograd_em_routing_dense
 
 from capsnet.routing.em import (
     ConvGeometry,
-    children_per_parent,
     em_routing,
     inverse_temperatures,
-    to_patches,
 )
 
 F64 = torch.float64
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _problem(geometry: ConvGeometry | None, *, batch=2, types=3, dim=4, seed=0, beta_shape=None, dtype=F64,
-             num_patches=2, slots=5):
-    """Random votes, child activations (consistent across the patches that share a child) and betas."""
-    gen = torch.Generator().manual_seed(seed)
-    if geometry is None:
-        act = torch.rand(batch, num_patches, slots, generator=gen, dtype=dtype)
-    else:
-        num_patches, slots = geometry.num_patches, geometry.slots
-        grid = torch.rand(batch, geometry.types, *geometry.in_size, generator=gen, dtype=dtype)
-        act = to_patches(grid, geometry)
-    votes = torch.randn(batch, num_patches, slots, types, dim, generator=gen, dtype=dtype)
-    shape = (types,) if beta_shape is None else beta_shape
-    beta_a = torch.randn(shape, generator=gen, dtype=dtype)
-    beta_v = torch.randn(shape, generator=gen, dtype=dtype)
-    return votes, act, beta_a, beta_v
-
-
-def _fan_in(votes, geometry):
-    _, num_patches, slots, types, dim = votes.shape
-    return dim * children_per_parent(num_patches, slots, types, geometry)
 
 
 GEOMETRY = ConvGeometry((5, 5), (3, 3), (1, 1), 2)
@@ -49,7 +26,7 @@ def test_detached_assignments_still_pass_the_gradient_of_the_child_activations()
     """With ``detach_intermediate`` R is a constant, but the last M-step still weighs it by a_i."""
     from capsnet.routing.em import MASS_EPS, VAR_FLOOR
 
-    votes, act, beta_a, beta_v = _problem(GEOMETRY, seed=21)
+    votes, act, beta_a, beta_v = random_problem(GEOMETRY, seed=21)
     gen = torch.Generator().manual_seed(22)
     a1 = act.clone().requires_grad_()
     out = em_routing(votes, a1, beta_a, beta_v, geometry=GEOMETRY, detach_intermediate=True)
@@ -62,7 +39,7 @@ def test_detached_assignments_still_pass_the_gradient_of_the_child_activations()
     mu = (ra[..., None] * votes).sum(2) / (mass + MASS_EPS)[..., None]
     var = (ra[..., None] * (votes - mu[:, :, None]) ** 2).sum(2) / (mass + MASS_EPS)[..., None] + VAR_FLOOR
     cost = (beta_v[:, None] + 0.5 * torch.log(var)) * mass[..., None]
-    lam = inverse_temperatures("fan_in", 3, fan_in=_fan_in(votes, GEOMETRY))[-1]
+    lam = inverse_temperatures("fan_in", 3, fan_in=fan_in(votes, GEOMETRY))[-1]
     a_out = torch.sigmoid(lam * (beta_a - cost.sum(-1)))
     torch.testing.assert_close(mu, out.poses.detach(), rtol=0, atol=1e-10)
     torch.autograd.backward([mu, a_out], [g_mu, g_a])
@@ -71,7 +48,7 @@ def test_detached_assignments_still_pass_the_gradient_of_the_child_activations()
 
 
 def test_inputs_of_mixed_dtypes_raise_value_error():
-    votes, act, beta_a, beta_v = _problem(GEOMETRY, seed=23)
+    votes, act, beta_a, beta_v = random_problem(GEOMETRY, seed=23)
     with pytest.raises(ValueError, match="activations is torch.float32 but the votes are torch.float64"):
         em_routing(votes, act.float(), beta_a, beta_v, geometry=GEOMETRY)
     with pytest.raises(ValueError, match="beta_v is torch.bfloat16"):
@@ -83,7 +60,7 @@ def test_inputs_of_mixed_dtypes_raise_value_error():
 def test_dense_gradients_equal_plain_autograd(truncate, activation):
     """Values and gradients of the replaying backward against plain torch autograd of Procedure 1,
     with and without ``truncate_gradient`` (the Gaussians each E-step reads as constants)."""
-    votes, act, beta_a, beta_v = _problem(None, types=3, num_patches=2, slots=6, dim=4, seed=13)
+    votes, act, beta_a, beta_v = random_problem(None, types=3, num_patches=2, slots=6, dim=4, seed=13)
     lambdas = (0.1, 0.2, 0.3)
     inputs = [t.clone().requires_grad_() for t in (votes, act, beta_a, beta_v)]
     fast = em_routing(*inputs, iterations=3, schedule=lambdas, activation=activation, truncate_gradient=truncate)
@@ -99,7 +76,7 @@ def test_dense_gradients_equal_plain_autograd(truncate, activation):
 
 
 def test_truncated_gradient_differs_from_the_full_one_only_through_earlier_iterations():
-    votes, act, beta_a, beta_v = _problem(None, types=3, num_patches=2, slots=6, dim=4, seed=14)
+    votes, act, beta_a, beta_v = random_problem(None, types=3, num_patches=2, slots=6, dim=4, seed=14)
     grads = {}
     for truncate in (False, True):
         v = votes.clone().requires_grad_()
@@ -118,14 +95,14 @@ def test_truncated_gradient_differs_from_the_full_one_only_through_earlier_itera
 def test_em_routing_is_differentiable_once_and_says_so_where_it_is_not():
     # The hand-written backward is once_differentiable (em_routing's docstring); the test
     # reference autograd_em_routing_dense is the path for higher derivatives and torch.func.
-    votes, act, beta_a, beta_v = _problem(None, types=3, slots=4, dim=3, seed=23)
+    votes, act, beta_a, beta_v = random_problem(None, types=3, slots=4, dim=3, seed=23)
     v = votes.clone().requires_grad_()
     (g,) = torch.autograd.grad(em_routing(v, act, beta_a, beta_v).poses.square().sum(), v, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice"):
         g.sum().backward()
     with pytest.raises(RuntimeError, match="setup_context"):
         torch.func.grad(lambda x: em_routing(x, act, beta_a, beta_v).poses.sum())(votes)
-    lambdas = inverse_temperatures("fan_in", 3, fan_in=_fan_in(votes, None))
+    lambdas = inverse_temperatures("fan_in", 3, fan_in=fan_in(votes, None))
     assert torch.autograd.gradgradcheck(
         lambda x: autograd_em_routing_dense(x, act, beta_a, beta_v, lambdas=lambdas)[0], (v,), atol=1e-5, fast_mode=True
     )

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from em_problems import fan_in, random_problem
 from em_reference import conv_children, dense_children, reference_em_routing
 from torch.autograd import gradcheck
 
@@ -26,32 +27,10 @@ F64 = torch.float64
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _problem(geometry: ConvGeometry | None, *, batch=2, types=3, dim=4, seed=0, beta_shape=None, dtype=F64,
-             num_patches=2, slots=5):
-    """Random votes, child activations (consistent across the patches that share a child) and betas."""
-    gen = torch.Generator().manual_seed(seed)
-    if geometry is None:
-        act = torch.rand(batch, num_patches, slots, generator=gen, dtype=dtype)
-    else:
-        num_patches, slots = geometry.num_patches, geometry.slots
-        grid = torch.rand(batch, geometry.types, *geometry.in_size, generator=gen, dtype=dtype)
-        act = to_patches(grid, geometry)
-    votes = torch.randn(batch, num_patches, slots, types, dim, generator=gen, dtype=dtype)
-    shape = (types,) if beta_shape is None else beta_shape
-    beta_a = torch.randn(shape, generator=gen, dtype=dtype)
-    beta_v = torch.randn(shape, generator=gen, dtype=dtype)
-    return votes, act, beta_a, beta_v
-
-
 def _children(geometry, votes):
     if geometry is None:
         return dense_children(votes.shape[1], votes.shape[2])
     return conv_children(geometry.in_size, geometry.kernel, geometry.stride, geometry.types)
-
-
-def _fan_in(votes, geometry):
-    _, num_patches, slots, types, dim = votes.shape
-    return dim * children_per_parent(num_patches, slots, types, geometry)
 
 
 def _assert_matches_reference(votes, act, beta_a, beta_v, geometry, *, iterations, schedule="fan_in", **kw):
@@ -59,7 +38,7 @@ def _assert_matches_reference(votes, act, beta_a, beta_v, geometry, *, iteration
     cost_scale = kw.get("cost_scale")
     if cost_scale is None:
         cost_scale = 100.0 * votes.shape[3] / votes.shape[2] if schedule == "authors" else 1.0
-    lambdas = inverse_temperatures(schedule, iterations, final_lambda=kw.get("final_lambda"), fan_in=_fan_in(votes, geometry))
+    lambdas = inverse_temperatures(schedule, iterations, final_lambda=kw.get("final_lambda"), fan_in=fan_in(votes, geometry))
     poses, acts, assign = reference_em_routing(
         votes.numpy(), act.numpy(), beta_a.numpy(), beta_v.numpy(),
         lambdas=lambdas, children=_children(geometry, votes), cost_scale=cost_scale,
@@ -84,13 +63,13 @@ CONV_CASES = [  # (in_size, kernel, stride, child types)
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"{c[0]}k{c[1]}s{c[2]}t{c[3]}")
 def test_conv_routing_matches_reference(case, iterations):
     geometry = ConvGeometry(*case)
-    votes, act, beta_a, beta_v = _problem(geometry, seed=iterations)
+    votes, act, beta_a, beta_v = random_problem(geometry, seed=iterations)
     _assert_matches_reference(votes, act, beta_a, beta_v, geometry, iterations=iterations)
 
 
 @pytest.mark.parametrize("iterations", [1, 3, 5])
 def test_dense_routing_matches_reference(iterations):
-    votes, act, beta_a, beta_v = _problem(None, types=4, num_patches=2, slots=9, dim=16, seed=iterations)
+    votes, act, beta_a, beta_v = random_problem(None, types=4, num_patches=2, slots=9, dim=16, seed=iterations)
     _assert_matches_reference(votes, act, beta_a, beta_v, None, iterations=iterations)
 
 
@@ -99,21 +78,21 @@ def test_dense_routing_matches_reference(iterations):
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"{c[0]}k{c[1]}s{c[2]}t{c[3]}")
 def test_other_activations_match_reference(case, iterations, activation):
     geometry = ConvGeometry(*case)
-    votes, act, beta_a, beta_v = _problem(geometry, seed=10 + iterations)
+    votes, act, beta_a, beta_v = random_problem(geometry, seed=10 + iterations)
     _assert_matches_reference(votes, act, beta_a, beta_v, geometry, iterations=iterations, schedule="linear",
                               final_lambda=2.0, activation=activation)
 
 
 @pytest.mark.parametrize("activation", ["centred", "standardised"])
 def test_other_activations_dense_and_per_capsule_betas_match_reference(activation):
-    votes, act, beta_a, beta_v = _problem(None, types=4, num_patches=2, slots=9, dim=16, seed=7, beta_shape=(2, 4))
+    votes, act, beta_a, beta_v = random_problem(None, types=4, num_patches=2, slots=9, dim=16, seed=7, beta_shape=(2, 4))
     _assert_matches_reference(votes, act, beta_a, beta_v, None, iterations=3, activation=activation)
 
 
 def test_centred_activation_is_the_paper_logit_shifted_by_the_mean_cost():
     """Centring moves every parent of a position by the same amount: their order is the paper's."""
     geometry = ConvGeometry((5, 5), (3, 3), (1, 1), 2)
-    votes, act, beta_a, beta_v = _problem(geometry, seed=12)
+    votes, act, beta_a, beta_v = random_problem(geometry, seed=12)
     beta_a = torch.zeros_like(beta_a)  # equal offsets, so the paper's order is the cost's
     paper = em_routing(votes, act, beta_a, beta_v, iterations=1, geometry=geometry)
     centred = em_routing(votes, act, beta_a, beta_v, iterations=1, geometry=geometry, activation="centred")
@@ -125,7 +104,7 @@ def test_centred_activation_is_the_paper_logit_shifted_by_the_mean_cost():
 def test_standardised_activation_is_finite_when_every_parent_costs_the_same():
     """Identical votes for every parent type: the costs' spread is 0, COST_EPS keeps logits and gradients finite."""
     geometry = ConvGeometry((4, 4), (2, 2), (1, 1), 2)
-    votes, act, beta_a, beta_v = _problem(geometry, seed=8)
+    votes, act, beta_a, beta_v = random_problem(geometry, seed=8)
     votes = votes[..., :1, :].expand_as(votes).clone().requires_grad_()
     out = em_routing(votes, act, torch.zeros_like(beta_a), torch.zeros_like(beta_v), geometry=geometry,
                      schedule="linear", activation="standardised")
@@ -136,7 +115,7 @@ def test_standardised_activation_is_finite_when_every_parent_costs_the_same():
 
 def test_routing_statistics_describe_each_iteration_and_change_nothing():
     geometry = ConvGeometry((5, 5), (3, 3), (2, 2), 2)
-    votes, act, beta_a, beta_v = _problem(geometry, seed=9)
+    votes, act, beta_a, beta_v = random_problem(geometry, seed=9)
     stats = []
     measured = em_routing(votes, act, beta_a, beta_v, iterations=3, geometry=geometry, stats=stats)
     plain = em_routing(votes, act, beta_a, beta_v, iterations=3, geometry=geometry)
@@ -153,26 +132,26 @@ def test_routing_statistics_describe_each_iteration_and_change_nothing():
 
 def test_plain_linear_schedule_matches_reference():
     geometry = ConvGeometry((5, 5), (3, 3), (2, 2), 2)
-    votes, act, beta_a, beta_v = _problem(geometry, seed=2)
+    votes, act, beta_a, beta_v = random_problem(geometry, seed=2)
     _assert_matches_reference(votes, act, beta_a, beta_v, geometry, iterations=3, schedule="linear")
 
 
 def test_authors_schedule_with_ibm_cost_scaling_matches_reference():
     geometry = ConvGeometry((5, 5), (3, 3), (1, 1), 2)
-    votes, act, beta_a, beta_v = _problem(geometry, seed=3)
+    votes, act, beta_a, beta_v = random_problem(geometry, seed=3)
     beta_a = beta_a - 1000.0  # the schedule's companion init: large negative beta_a
     _assert_matches_reference(votes, act, beta_a, beta_v, geometry, iterations=3, schedule="authors")
 
 
 def test_per_capsule_betas_match_reference():
     geometry = ConvGeometry((5, 5), (3, 3), (2, 2), 2)
-    votes, act, beta_a, beta_v = _problem(geometry, beta_shape=(geometry.num_patches, 3), seed=4)
+    votes, act, beta_a, beta_v = random_problem(geometry, beta_shape=(geometry.num_patches, 3), seed=4)
     _assert_matches_reference(votes, act, beta_a, beta_v, geometry, iterations=3)
 
 
 def test_per_capsule_betas_equal_per_type_betas_when_rows_agree():
     geometry = ConvGeometry((5, 5), (3, 3), (1, 1), 2)
-    votes, act, beta_a, beta_v = _problem(geometry, seed=5)
+    votes, act, beta_a, beta_v = random_problem(geometry, seed=5)
     per_type = em_routing(votes, act, beta_a, beta_v, geometry=geometry)
     rows = geometry.num_patches
     per_capsule = em_routing(votes, act, beta_a.expand(rows, -1), beta_v.expand(rows, -1), geometry=geometry)
@@ -203,7 +182,7 @@ def test_2d_corner_children_have_one_patch_centre_children_several():
     counts = parent_counts(geometry, like=torch.zeros((), dtype=F64))[0, 0]
     assert counts[0, 0] == counts[0, 4] == counts[4, 0] == counts[4, 4] == 1
     assert counts[2, 2] == 9 and counts[0, 2] == 3 and counts[1, 1] == 4
-    votes, act, beta_a, beta_v = _problem(geometry, types=2, seed=6)
+    votes, act, beta_a, beta_v = random_problem(geometry, types=2, seed=6)
     r = em_routing(votes, act, beta_a, beta_v, iterations=2, geometry=geometry).assignments  # (B, L=9, I=9, J)
     corner_slot, centre_slot = 0, 4  # slot (0, 0) of patch 0 is child (0, 0); slot (1, 1) of patch 4 is (2, 2)
     # The corner child gets all its feedback from patch 0: its J assignments there sum to 1.
@@ -217,7 +196,7 @@ def test_2d_corner_children_have_one_patch_centre_children_several():
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"{c[0]}k{c[1]}s{c[2]}t{c[3]}")
 def test_assignments_sum_to_one_over_all_parents_of_every_child(case):
     geometry = ConvGeometry(*case)
-    votes, act, beta_a, beta_v = _problem(geometry, seed=7)
+    votes, act, beta_a, beta_v = random_problem(geometry, seed=7)
     r = em_routing(votes, act, beta_a, beta_v, iterations=3, geometry=geometry).assignments
     per_child = child_sum(r.sum(-1), geometry)  # (B, T, H, W)
     covered = parent_counts(geometry, like=per_child) > 0
@@ -225,7 +204,7 @@ def test_assignments_sum_to_one_over_all_parents_of_every_child(case):
 
 
 def test_dense_assignments_sum_to_one_over_parents():
-    votes, act, beta_a, beta_v = _problem(None, types=5, slots=7, seed=8)
+    votes, act, beta_a, beta_v = random_problem(None, types=5, slots=7, seed=8)
     r = em_routing(votes, act, beta_a, beta_v, iterations=3).assignments
     torch.testing.assert_close(r.sum(-1), torch.ones_like(r[..., 0]), rtol=0, atol=1e-12)
 
@@ -259,7 +238,7 @@ def test_fan_in_is_pose_size_times_children_per_parent():
     assert children_per_parent(1, 256, 5) == pytest.approx(256 / 5)  # a class layer
     geometry = ConvGeometry((14, 14), (3, 3), (2, 2), 8)  # em_small ConvCaps1: 13 x 13 x 8 covered children
     assert children_per_parent(36, 72, 16, geometry) == pytest.approx(13 * 13 * 8 / (36 * 16))
-    votes, act, beta_a, beta_v = _problem(None, types=4, slots=8, dim=16, seed=10)
+    votes, act, beta_a, beta_v = random_problem(None, types=4, slots=8, dim=16, seed=10)
     lambdas = inverse_temperatures("fan_in", 3, fan_in=16 * 8 / 4)
     default = em_routing(votes, act, beta_a, beta_v)
     explicit = em_routing(votes, act, beta_a, beta_v, schedule=lambdas)
@@ -269,7 +248,7 @@ def test_fan_in_is_pose_size_times_children_per_parent():
 
 
 def test_authors_schedule_scales_the_cost_by_100_over_children_per_parent():
-    votes, act, beta_a, beta_v = _problem(None, types=4, slots=8, seed=10)
+    votes, act, beta_a, beta_v = random_problem(None, types=4, slots=8, seed=10)
     lambdas = inverse_temperatures("authors", 3)
     named = em_routing(votes, act, beta_a, beta_v, schedule="authors")
     explicit = em_routing(votes, act, beta_a, beta_v, schedule=lambdas, cost_scale=100.0 * 4 / 8)
@@ -281,7 +260,7 @@ def test_authors_schedule_scales_the_cost_by_100_over_children_per_parent():
 
 def test_gradcheck_conv_routing_float64():
     geometry = ConvGeometry((4, 4), (2, 2), (1, 1), 2)
-    votes, act, beta_a, beta_v = _problem(geometry, types=2, dim=3, seed=11)
+    votes, act, beta_a, beta_v = random_problem(geometry, types=2, dim=3, seed=11)
     inputs = tuple(t.clone().requires_grad_() for t in (votes, act, beta_a, beta_v))
 
     def fn(*args):
@@ -291,7 +270,7 @@ def test_gradcheck_conv_routing_float64():
 
 
 def test_gradcheck_votes_only_and_activations_only():
-    votes, act, beta_a, beta_v = _problem(None, types=3, slots=4, dim=3, seed=12)
+    votes, act, beta_a, beta_v = random_problem(None, types=3, slots=4, dim=3, seed=12)
     v = votes.clone().requires_grad_()
     a = act.clone().requires_grad_()
     assert gradcheck(lambda x: tuple(em_routing(x, act, beta_a, beta_v)), (v,), atol=1e-6, fast_mode=True)
@@ -300,7 +279,7 @@ def test_gradcheck_votes_only_and_activations_only():
 
 def test_gradients_flow_through_every_iteration_unless_detached():
     geometry = ConvGeometry((4, 4), (2, 2), (1, 1), 1)
-    votes, act, beta_a, beta_v = _problem(geometry, seed=13)
+    votes, act, beta_a, beta_v = random_problem(geometry, seed=13)
     grads = {}
     for detach in (False, True):
         v = votes.clone().requires_grad_()
@@ -331,7 +310,7 @@ GEOMETRY = ConvGeometry((5, 5), (3, 3), (1, 1), 2)
 
 @pytest.mark.parametrize("case", ["zero", "constant", "scaled_1e4", "activations_zero"])
 def test_no_nan_or_inf_in_values_or_gradients(case):
-    votes, act, beta_a, beta_v = _problem(GEOMETRY, dtype=torch.float32, dim=16, seed=14)
+    votes, act, beta_a, beta_v = random_problem(GEOMETRY, dtype=torch.float32, dim=16, seed=14)
     if case == "zero":
         votes = torch.zeros_like(votes)
     elif case == "constant":
@@ -358,7 +337,7 @@ def test_no_nan_or_inf_in_values_or_gradients(case):
     ],
 )
 def test_bad_arguments_raise_value_error(kwargs, message):
-    votes, act, beta_a, beta_v = _problem(GEOMETRY, seed=15)
+    votes, act, beta_a, beta_v = random_problem(GEOMETRY, seed=15)
     args = dict(votes=votes, activations=act, beta_a=beta_a, beta_v=beta_v, geometry=GEOMETRY)
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
