@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -22,8 +26,14 @@ def _trajectory(make_optimizer, steps=3):
     return [p.detach().clone() for p in model.parameters()], optimizer
 
 
+@pytest.mark.parametrize("dynamo_loaded", [False, True], ids=["undecorated", "torchs-methods"])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
-def test_same_trajectory_and_state_as_torchs_adam(weight_decay):
+def test_same_trajectory_and_state_as_torchs_adam(weight_decay, dynamo_loaded, monkeypatch):
+    # adam()'s methods skip torch's dynamo wrappers while torch._dynamo is not loaded: both branches.
+    if dynamo_loaded:
+        importlib.import_module("torch._dynamo")
+    else:
+        monkeypatch.delitem(sys.modules, "torch._dynamo", raising=False)
     eager, eager_opt = _trajectory(lambda ps: adam(ps, lr=1e-3, weight_decay=weight_decay))
     lazy, lazy_opt = _trajectory(lambda ps: torch.optim.Adam(ps, lr=1e-3, weight_decay=weight_decay, fused=True))
     for a, b in zip(eager, lazy):
@@ -57,3 +67,25 @@ def test_frozen_parameters_get_no_state_and_groups_are_refused():
     assert not adam(model.parameters(), make_state=False).state
     with pytest.raises(TypeError, match="not parameter groups"):
         adam([{"params": list(model.parameters())}])
+
+
+def test_a_training_step_does_not_import_dynamo():
+    """Eager training with adam() leaves torch._dynamo (~70 MB with sympy) unloaded; torch's Adam would load it."""
+    script = """
+import sys, torch, capsnet
+from capsnet.train.optim import adam
+model = capsnet.create_model("capsnet_tiny")
+optimizer = adam(model.parameters())
+out = model(torch.rand(2, 1, 28, 28), torch.tensor([1, 2]))
+optimizer.zero_grad(set_to_none=True)
+(out.lengths.sum() + out.reconstruction.sum()).backward()
+optimizer.step()
+optimizer.load_state_dict(optimizer.state_dict())
+assert isinstance(optimizer, torch.optim.Adam)
+print("torch._dynamo" in sys.modules)
+torch.optim.Adam(model.parameters()).step()
+print("torch._dynamo" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "True"]

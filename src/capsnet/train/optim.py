@@ -11,15 +11,51 @@ forward"). The state is made through
 needs a gradient (``tests/test_optim.py`` checks trajectories and state are identical); a
 parameter that needs one but never gets one keeps zero moments and step 0, where torch's
 lazy Adam would have no entry for it.
+
+``torch.optim`` wraps ``step``, ``add_param_group``, ``zero_grad``, ``state_dict`` and
+``load_state_dict`` in helpers for ``torch.compile`` whose first call imports ``torch._dynamo``,
+and with it sympy and torch.distributed: about 70 MB resident and 800 modules in a process that
+never compiles, a quarter of what a small model's training step holds (docs/performance.md,
+"Memory"). The optimiser made here is a :class:`torch.optim.Adam` that calls the undecorated
+methods (``step`` under ``torch.no_grad``, as the wrapper does for a non-differentiable
+optimiser) while ``torch._dynamo`` is not loaded, and torch's own ones once it is, so
+``torch.compile`` sees exactly torch's Adam.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Iterable
 
 import torch
 
 __all__ = ["adam"]
+
+
+def _without_dynamo_import(method, *, no_grad: bool = False):
+    """``method`` as it is, once ``torch._dynamo`` is loaded; before that, the function it wraps (under no_grad if asked)."""
+    plain = getattr(method, "__wrapped__", method)
+
+    def call(self, *args, **kwargs):
+        if "torch._dynamo" in sys.modules or plain is method or (no_grad and self.defaults.get("differentiable")):
+            return method(self, *args, **kwargs)
+        if no_grad:
+            with torch.no_grad():
+                return plain(self, *args, **kwargs)
+        return plain(self, *args, **kwargs)
+
+    call.__name__, call.__qualname__, call.__doc__ = method.__name__, method.__qualname__, method.__doc__
+    return call
+
+
+class _Adam(torch.optim.Adam):
+    """``torch.optim.Adam`` whose methods import ``torch._dynamo`` only if it is loaded already (module docstring)."""
+
+    step = _without_dynamo_import(torch.optim.Adam.step, no_grad=True)
+    add_param_group = _without_dynamo_import(torch.optim.Optimizer.add_param_group)
+    zero_grad = _without_dynamo_import(torch.optim.Optimizer.zero_grad)
+    state_dict = _without_dynamo_import(torch.optim.Optimizer.state_dict)
+    load_state_dict = _without_dynamo_import(torch.optim.Optimizer.load_state_dict)
 
 
 def adam(
@@ -35,7 +71,7 @@ def adam(
         raise TypeError("capsnet.train.optim.adam takes an iterable of parameters (tensors), not parameter groups")
     floating = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # as torch's fused Adam accepts
     fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype in floating for p in params)
-    optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused)
+    optimizer = _Adam(params, lr=lr, weight_decay=weight_decay, fused=fused)
     if not make_state:
         return optimizer
     # The step counter's dtype as torch makes it: float32 for fused, else the default float dtype.
