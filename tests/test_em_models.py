@@ -293,6 +293,29 @@ def test_iterations_per_layer():
         create_model("em_tiny", iterations=(3, 2, 1), schedule=(0.1, 0.2, 0.3))
 
 
+def test_final_lambda_per_layer():
+    model = create_model("em_mnist", final_lambda=(5.0, 4.0, 0.5))
+    assert (model.caps1.final_lambda, model.caps2.final_lambda, model.classes.final_lambda) == (5.0, 4.0, 0.5)
+    model = create_model("em_mnist", final_lambda=2.0, schedule="fan_in")
+    assert (model.caps1.final_lambda, model.caps2.final_lambda, model.classes.final_lambda) == (2.0, 2.0, 2.0)
+    for bad in ((5.0, 0.5), (5.0, 5.0, "x"), (5.0, True, 0.5)):
+        with pytest.raises(ValueError, match="three numbers"):
+            create_model("em_mnist", final_lambda=bad)
+    # A larger lambda in one layer sharpens that layer's activations and leaves the others as they were.
+    x = torch.rand(4, 1, 28, 28)
+    stats = {}
+    for lambdas in ((0.5, 0.5, 0.5), (5.0, 5.0, 0.5)):
+        torch.manual_seed(0)
+        model = create_model("em_mnist", iterations=2, final_lambda=lambdas)
+        model.record_routing_stats(True)
+        with torch.no_grad():
+            model(x)
+        stats[lambdas] = model.training_metrics()
+    soft, sharp = stats[(0.5, 0.5, 0.5)], stats[(5.0, 5.0, 0.5)]
+    assert sharp["routing/caps1/it2/a_std"] > 3 * soft["routing/caps1/it2/a_std"]
+    assert sharp["routing/caps2/it2/a_std"] > 3 * soft["routing/caps2/it2/a_std"]
+
+
 def test_caps_init_std_follows_caps_init_unless_given():
     torch.manual_seed(0)
     assert create_model("em_mnist", caps_init="normal").caps1.weight.std() > 0.2  # Google's 0.3
