@@ -293,6 +293,34 @@ def test_iterations_per_layer():
         create_model("em_tiny", iterations=(3, 2, 1), schedule=(0.1, 0.2, 0.3))
 
 
+def test_final_lambda_per_layer():
+    assert create_model("em_mnist").caps1.final_lambda == 5.0 and create_model("em_mnist").classes.final_lambda == 0.5
+    # TRAINABLE's lambdas are fan-in values: another schedule gets its own default unless told.
+    assert create_model("em_mnist", schedule="authors").caps1.final_lambda is None
+    assert create_model("em_mnist", schedule=(0.1, 0.2, 0.3)).caps1.final_lambda is None
+    assert create_model("em_mnist", schedule="linear", final_lambda=2.0).caps1.final_lambda == 2.0
+    model = create_model("em_mnist", final_lambda=(5.0, 4.0, 0.5))
+    assert (model.caps1.final_lambda, model.caps2.final_lambda, model.classes.final_lambda) == (5.0, 4.0, 0.5)
+    model = create_model("em_mnist", final_lambda=2.0, schedule="fan_in")
+    assert (model.caps1.final_lambda, model.caps2.final_lambda, model.classes.final_lambda) == (2.0, 2.0, 2.0)
+    for bad in ((5.0, 0.5), (5.0, 5.0, "x"), (5.0, True, 0.5)):
+        with pytest.raises(ValueError, match="three numbers"):
+            create_model("em_mnist", final_lambda=bad)
+    # A larger lambda in one layer sharpens that layer's activations and leaves the others as they were.
+    x = torch.rand(4, 1, 28, 28)
+    stats = {}
+    for lambdas in ((0.5, 0.5, 0.5), (5.0, 5.0, 0.5)):
+        torch.manual_seed(0)
+        model = create_model("em_mnist", iterations=2, final_lambda=lambdas)
+        model.record_routing_stats(True)
+        with torch.no_grad():
+            model(x)
+        stats[lambdas] = model.training_metrics()
+    soft, sharp = stats[(0.5, 0.5, 0.5)], stats[(5.0, 5.0, 0.5)]
+    assert sharp["routing/caps1/it2/a_std"] > 3 * soft["routing/caps1/it2/a_std"]
+    assert sharp["routing/caps2/it2/a_std"] > 3 * soft["routing/caps2/it2/a_std"]
+
+
 def test_caps_init_std_follows_caps_init_unless_given():
     torch.manual_seed(0)
     assert create_model("em_mnist", caps_init="normal").caps1.weight.std() > 0.2  # Google's 0.3
@@ -345,13 +373,23 @@ def test_checkpoints_from_before_the_trainable_default_load_with_the_paper_param
                       objective="spread", batch_size=8, epochs=1, figures=False)
     train(cfg, data_root=tmp_path, out_dir=tmp_path / "run", progress=False, final_test=False)
     new = load_checkpoint(tmp_path / "run" / "last.pt")
-    assert new["format"] == 2 and load_model(tmp_path / "run" / "best.pt")[0].caps1.activation == "centred"
+    assert new["format"] == 3 and load_model(tmp_path / "run" / "best.pt")[0].caps1.activation == "centred"
+    assert load_model(tmp_path / "run" / "best.pt")[0].caps1.final_lambda == 5.0
     old = {k: v for k, v in new.items() if k not in ("format", "numerics")}  # what session 5 wrote
     save_checkpoint(old, tmp_path / "old.pt")
     model, _, _ = load_model(tmp_path / "old.pt")
     assert (model.caps1.activation, model.classes.activation) == ("paper", "paper")
+    assert (model.caps1.final_lambda, model.classes.final_lambda) == (None, None)
     save_checkpoint(old, tmp_path / "run" / "last.pt")
     with pytest.raises(CheckpointError, match="model_kwargs.activation=paper"):
+        train(cfg, data_root=tmp_path, out_dir=tmp_path / "run", progress=False, final_test=False, resume=True)
+    # Sessions 6-7 (format 2): TRAINABLE with one lambda (1/2) in every layer.
+    session7 = dict(new, format=2)
+    save_checkpoint(session7, tmp_path / "s7.pt")
+    model, _, _ = load_model(tmp_path / "s7.pt")
+    assert (model.caps1.activation, model.caps1.final_lambda, model.classes.final_lambda) == ("centred", None, None)
+    save_checkpoint(session7, tmp_path / "run" / "last.pt")
+    with pytest.raises(CheckpointError, match="model_kwargs.final_lambda=None"):
         train(cfg, data_root=tmp_path, out_dir=tmp_path / "run", progress=False, final_test=False, resume=True)
 
 

@@ -108,17 +108,22 @@ def check_numerics(saved: Optional[dict], path: Path, amp: Optional[str] = None)
 #: Written into every checkpoint. 2: the EM builders (em_small, em_full, em_mnist, em_tiny) build
 #: ``capsnet.models.em.TRAINABLE`` unless told otherwise; checkpoints without the key (format 1)
 #: were trained with the paper's parametrisation, which :func:`checkpoint_model_kwargs` restores.
-CHECKPOINT_FORMAT = 2
+#: 3: ``TRAINABLE`` has a lambda per routed layer; format-2 EM checkpoints had one (``final_lambda=None``).
+CHECKPOINT_FORMAT = 3
 
 
 def checkpoint_model_kwargs(cfg: TrainConfig, ckpt: dict) -> dict:
     """The model keywords that rebuild the model a checkpoint was trained as.
 
     Format-1 checkpoints of the EM builders get :data:`capsnet.models.em.PAPER` under their own
-    keywords (the builders' defaults then); everything else is ``cfg.model_kwargs`` unchanged.
+    keywords (the builders' defaults then), format-2 ones the single fan-in lambda of the
+    builders then (``final_lambda=None``); everything else is ``cfg.model_kwargs`` unchanged.
     """
-    if ckpt.get("format", 1) < 2 and cfg.model in EM_BUILDERS:
-        return {**PAPER, **cfg.model_kwargs}
+    if cfg.model in EM_BUILDERS:
+        if ckpt.get("format", 1) < 2:
+            return {**PAPER, **cfg.model_kwargs}
+        if ckpt["format"] < 3:
+            return {"final_lambda": None, **cfg.model_kwargs}
     return dict(cfg.model_kwargs)
 
 
