@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import subprocess
 import sys
 
@@ -10,6 +9,7 @@ import pytest
 import torch
 
 import capsnet
+import capsnet.train.optim
 from capsnet.train.optim import adam
 
 
@@ -30,10 +30,7 @@ def _trajectory(make_optimizer, steps=3):
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
 def test_same_trajectory_and_state_as_torchs_adam(weight_decay, dynamo_loaded, monkeypatch):
     # adam()'s methods skip torch's dynamo wrappers while torch._dynamo is not loaded: both branches.
-    if dynamo_loaded:
-        importlib.import_module("torch._dynamo")
-    else:
-        monkeypatch.delitem(sys.modules, "torch._dynamo", raising=False)
+    monkeypatch.setattr(capsnet.train.optim, "_dynamo_loaded", lambda: dynamo_loaded)
     eager, eager_opt = _trajectory(lambda ps: adam(ps, lr=1e-3, weight_decay=weight_decay))
     lazy, lazy_opt = _trajectory(lambda ps: torch.optim.Adam(ps, lr=1e-3, weight_decay=weight_decay, fused=True))
     for a, b in zip(eager, lazy):

@@ -32,12 +32,16 @@ import torch
 __all__ = ["adam"]
 
 
+def _dynamo_loaded() -> bool:
+    return "torch._dynamo" in sys.modules
+
+
 def _without_dynamo_import(method, *, no_grad: bool = False):
     """``method`` as it is, once ``torch._dynamo`` is loaded; before that, the function it wraps (under no_grad if asked)."""
     plain = getattr(method, "__wrapped__", method)
 
     def call(self, *args, **kwargs):
-        if "torch._dynamo" in sys.modules or plain is method or (no_grad and self.defaults.get("differentiable")):
+        if _dynamo_loaded() or plain is method or (no_grad and self.defaults.get("differentiable")):
             return method(self, *args, **kwargs)
         if no_grad:
             with torch.no_grad():
