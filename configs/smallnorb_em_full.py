@@ -11,7 +11,7 @@ Model: em_full, A=B=C=D=32, 316,394 parameters (the paper's "310K"): 1.8% test e
 multi-crop testing, not implemented here); Table 1: 1 iteration 9.7%, 2 -> 2.2%, 3 -> 1.8%,
 5 -> 3.9%; without coordinate addition 2.6% (override model_kwargs.coordinate_addition=False).
 Recipe as configs/smallnorb_em_small.py: Adam, spread loss 0.2 -> 0.9, 3 EM iterations, fan-in
-lambda schedule; batch 64, lr 3e-3, weight decay 2e-7 from the public codes; the margin schedule
+lambda schedule with TRAINABLE's (5, 5, 1/2) per layer (measured on MNIST only); batch 64, lr 3e-3, weight decay 2e-7 from the public codes; the margin schedule
 length (10,000 steps) is our choice.
 """
 

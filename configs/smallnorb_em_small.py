@@ -10,7 +10,9 @@ Reproduce:
 Model: em_small, A=64, B=8, C=D=16, 67,154 parameters (the paper's "68K", 2.2% test error;
 Table 1 numbers are for the A=B=C=D=32 model, see smallnorb_em_full.py). Recipe: Adam, spread
 loss with the margin rising linearly from 0.2 to 0.9, 3 EM iterations, the fan-in lambda
-schedule (capsnet.routing.em.inverse_temperatures). Not given by the paper, taken from the
+schedule (capsnet.routing.em.inverse_temperatures) in the builders' TRAINABLE parametrisation:
+lambda 5 in the ConvCaps layers and 1/2 in the class layer, measured on MNIST only
+(docs/em_training.md; --set model_kwargs.final_lambda=None gives 1/2 everywhere). Not given by the paper, taken from the
 public codes: batch 64 (the authors on OpenReview, via IBM's code), lr 3e-3 (IBM, Google),
 weight decay 2e-7 (Google); the margin reaches 0.9 after 10,000 steps (~30 epochs), our
 choice. Data: 48x48, per-image standardisation, random 32x32 crops with brightness/contrast

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch.autograd import gradcheck
@@ -303,6 +304,7 @@ def test_final_lambda_per_layer():
     assert (model.caps1.final_lambda, model.caps2.final_lambda, model.classes.final_lambda) == (5.0, 4.0, 0.5)
     model = create_model("em_mnist", final_lambda=2.0, schedule="fan_in")
     assert (model.caps1.final_lambda, model.caps2.final_lambda, model.classes.final_lambda) == (2.0, 2.0, 2.0)
+    assert create_model("em_mnist", final_lambda=np.float32(2.0)).caps2.final_lambda == 2.0
     for bad in ((5.0, 0.5), (5.0, 5.0, "x"), (5.0, True, 0.5)):
         with pytest.raises(ValueError, match="three numbers"):
             create_model("em_mnist", final_lambda=bad)
@@ -391,6 +393,11 @@ def test_checkpoints_from_before_the_trainable_default_load_with_the_paper_param
     save_checkpoint(session7, tmp_path / "run" / "last.pt")
     with pytest.raises(CheckpointError, match="model_kwargs.final_lambda=None"):
         train(cfg, data_root=tmp_path, out_dir=tmp_path / "run", progress=False, final_test=False, resume=True)
+    # Another schedule never had TRAINABLE's lambdas: a format-2 checkpoint of it rebuilds unchanged.
+    from capsnet.train.restore import checkpoint_model_kwargs
+
+    authors = TrainConfig(**{**cfg.to_dict(), "model_kwargs": dict(cfg.model_kwargs, schedule="authors")})
+    assert checkpoint_model_kwargs(authors, session7) == authors.model_kwargs
 
 
 def test_routing_statistics_reach_the_training_log(tmp_path):

@@ -66,6 +66,26 @@ def test_frozen_parameters_get_no_state_and_groups_are_refused():
         adam([{"params": list(model.parameters())}])
 
 
+def test_step_hooks_run_once_whichever_adam_was_made_first():
+    """torch wraps Adam.step in a hook runner at the first instance; adam() must not run its hooks twice."""
+    script = """
+import torch
+model = torch.nn.Linear(2, 2)
+torch.optim.Adam(model.parameters())  # torch's Adam first: its class step is now the hooked wrapper
+from capsnet.train.optim import adam
+optimizer = adam(model.parameters())
+calls = []
+optimizer.register_step_pre_hook(lambda *a: calls.append("pre"))
+optimizer.register_step_post_hook(lambda *a: calls.append("post"))
+model(torch.rand(3, 2)).sum().backward()
+optimizer.step()
+print(" ".join(calls))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["pre", "post"]
+
+
 def test_a_training_step_does_not_import_dynamo():
     """Eager training with adam() leaves torch._dynamo (~70 MB with sympy) unloaded; torch's Adam would load it."""
     script = """

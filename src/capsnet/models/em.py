@@ -21,6 +21,7 @@ iterations, the receptive-field E-step, coordinate addition, the spread loss, is
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -46,8 +47,8 @@ PAPER = dict(activation="paper", caps_init="normal", final_lambda=None)
 #: poses away (pose RMS 0.41 -> 0.10 -> 0.02 over the two layers), so the class layer starts
 #: blind and each extra EM iteration makes that worse; identity-plus-noise transforms keep the
 #: pose scale (3 iterations: 71.5% -> 90.7% validation after 300 steps). With the fan-in
-#: lambda at 1/2 in every layer, the ConvCaps layers' logits stay within +-0.3 even after three
-#: epochs (activations 0.50 +- 0.05: they gate nothing); lambda 10x larger there (5, 5, and 1/2
+#: lambda at 1/2 in every layer, the ConvCaps layers' logits stay within about +-0.5 (p05-p95)
+#: even after three epochs (activations 0.50 +- 0.05: they gate nothing); lambda 10x larger there (5, 5, and 1/2
 #: in the class layer) lets them say present / absent (300 steps: 91.2% -> 94.2% validation,
 #: docs/em_training.md, session 8).
 TRAINABLE = dict(activation="centred", caps_init="identity", final_lambda=(5.0, 5.0, 0.5))
@@ -179,8 +180,8 @@ class MatrixCapsNet(nn.Module):
                              f"iterations; got iterations={iterations!r}")
         if caps_init_std is None:
             caps_init_std = 0.1 if caps_init == "identity" else 0.3
-        lambdas = (final_lambda,) * 3 if final_lambda is None or isinstance(final_lambda, (int, float)) else tuple(final_lambda)
-        if len(lambdas) != 3 or any(x is not None and (isinstance(x, bool) or not isinstance(x, (int, float))) for x in lambdas):
+        lambdas = (final_lambda,) * 3 if final_lambda is None or isinstance(final_lambda, numbers.Real) else tuple(final_lambda)
+        if len(lambdas) != 3 or any(x is not None and (isinstance(x, bool) or not isinstance(x, numbers.Real)) for x in lambdas):
             raise ValueError(f"final_lambda must be None, a number or three numbers (ConvCaps1, ConvCaps2, ClassCaps), got {final_lambda!r}")
         routing = dict(schedule=schedule, activation=activation,
                        beta=beta, var_floor=var_floor, eps=eps, detach_intermediate=detach_intermediate,

@@ -49,13 +49,21 @@ def _without_dynamo_import(method, *, no_grad: bool = False):
         return plain(self, *args, **kwargs)
 
     call.__name__, call.__qualname__, call.__doc__ = method.__name__, method.__qualname__, method.__doc__
+    call.__wrapped__ = plain  # inspect.signature shows the real parameters
     return call
 
 
-class _Adam(torch.optim.Adam):
+def _unhooked_adam_step():
+    """``Adam.step`` as defined, without the hook-running wrapper torch puts on the class at its first instance."""
+    step = vars(torch.optim.Adam)["step"]
+    return step.__wrapped__ if getattr(step, "hooked", False) else step
+
+
+class Adam(torch.optim.Adam):
     """``torch.optim.Adam`` whose methods import ``torch._dynamo`` only if it is loaded already (module docstring)."""
 
-    step = _without_dynamo_import(torch.optim.Adam.step, no_grad=True)
+    # Unhooked: Optimizer.__init__ puts the hook-running wrapper on this class's step itself.
+    step = _without_dynamo_import(_unhooked_adam_step(), no_grad=True)
     add_param_group = _without_dynamo_import(torch.optim.Optimizer.add_param_group)
     zero_grad = _without_dynamo_import(torch.optim.Optimizer.zero_grad)
     state_dict = _without_dynamo_import(torch.optim.Optimizer.state_dict)
@@ -75,7 +83,7 @@ def adam(
         raise TypeError("capsnet.train.optim.adam takes an iterable of parameters (tensors), not parameter groups")
     floating = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # as torch's fused Adam accepts
     fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype in floating for p in params)
-    optimizer = _Adam(params, lr=lr, weight_decay=weight_decay, fused=fused)
+    optimizer = Adam(params, lr=lr, weight_decay=weight_decay, fused=fused)
     if not make_state:
         return optimizer
     # The step counter's dtype as torch makes it: float32 for fused, else the default float dtype.

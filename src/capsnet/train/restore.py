@@ -122,7 +122,7 @@ def checkpoint_model_kwargs(cfg: TrainConfig, ckpt: dict) -> dict:
     if cfg.model in EM_BUILDERS:
         if ckpt.get("format", 1) < 2:
             return {**PAPER, **cfg.model_kwargs}
-        if ckpt["format"] < 3:
+        if ckpt["format"] < 3 and cfg.model_kwargs.get("schedule", "fan_in") == "fan_in":  # other schedules: TRAINABLE's lambdas never applied
             return {"final_lambda": None, **cfg.model_kwargs}
     return dict(cfg.model_kwargs)
 
