@@ -84,16 +84,21 @@ def imports(source: str, module: str, *, is_package: bool, known: set[str]) -> l
     else of ``pkg`` itself (``name`` is an attribute).
     """
     found = []
+    for line, names, base in _statements(source, module, is_package=is_package):
+        targets = names if base is None else [name if name in known else base for name in names]
+        found += [Import(line, t) for t in dict.fromkeys(targets) if t.split(".")[0] == "capsnet"]
+    return sorted(found, key=lambda imp: imp.line)  # ast.walk is breadth-first
+
+
+def _statements(source: str, module: str, *, is_package: bool):
+    """``(line, dotted names, base)`` per import statement: ``import a.b`` gives ``a.b`` (base None),
+    ``from X import n`` gives ``X.n`` with base ``X`` (a relative ``X`` resolved)."""
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
-            targets = [alias.name for alias in node.names]
+            yield node.lineno, [alias.name for alias in node.names], None
         elif isinstance(node, ast.ImportFrom):
             base = _from_base(node, module, is_package=is_package)
-            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
-        else:
-            continue
-        found += [Import(node.lineno, t) for t in dict.fromkeys(targets) if t.split(".")[0] == "capsnet"]
-    return sorted(found, key=lambda imp: imp.line)  # ast.walk is breadth-first
+            yield node.lineno, [f"{base}.{a.name}" for a in node.names], base
 
 
 def _from_base(node: ast.ImportFrom, module: str, *, is_package: bool) -> str:
@@ -114,18 +119,11 @@ def private_names(source: str, module: str, *, is_package: bool, owner: str) -> 
     ``from ..routing._em_votes import VoteReader`` gives ``capsnet.routing._em_votes.VoteReader``.
     """
     found = []
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            targets = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = _from_base(node, module, is_package=is_package)
-            targets = [f"{base}.{a.name}" for a in node.names]
-        else:
-            continue
+    for line, targets, _ in _statements(source, module, is_package=is_package):
         for target in targets:
             inside = target.split(".")[len(owner.split(".")) :]
             if (target + ".").startswith(owner + ".") and any(p.startswith("_") and not p.endswith("__") for p in inside):
-                found.append(Import(node.lineno, target))
+                found.append(Import(line, target))
     return sorted(found, key=lambda imp: imp.line)
 
 
