@@ -41,7 +41,8 @@ def reference_em_routing(votes, activations, beta_a, beta_v, *, lambdas, childre
     votes ``(B, L, I, J, D)``, activations ``(B, L, I)``, beta ``(J,)`` or ``(L, J)``; returns
     poses ``(B, L, J, D)``, activations ``(B, L, J)``, assignments ``(B, L, I, J)`` as numpy float64.
     ``activation="standardised"``: the logit is ``lam (beta_a + (mean_k cost_k - cost_j) /
-    sqrt(var_k cost_k + cost_eps))`` over the ``J`` parents of one patch.
+    sqrt(var_k cost_k + cost_eps))`` over the ``J`` parents of one patch; ``activation="offset"``:
+    ``lam (mean_k cost_k - cost_j) + beta_a``.
     """
     votes = np.asarray(votes, dtype=np.float64)
     act_in = np.asarray(activations, dtype=np.float64)
@@ -100,6 +101,8 @@ def reference_em_routing(votes, activations, beta_a, beta_v, *, lambdas, childre
                         x = beta(beta_a, l, j) - costs[l, j]
                     elif activation == "centred":
                         x = beta(beta_a, l, j) + mean - costs[l, j]
+                    elif activation == "offset":  # beta_a after lambda: x is the logit divided by lambda
+                        x = mean - costs[l, j] + beta(beta_a, l, j) / lam
                     else:
                         x = beta(beta_a, l, j) + (mean - costs[l, j]) / std
                     a_out[l, j] = 1.0 / (1.0 + math.exp(-lam * x))
@@ -150,7 +153,7 @@ def autograd_em_routing_dense(votes, activations, beta_a, beta_v, *, lambdas, va
             x = beta_a + mean - cost
             if activation == "standardised":
                 x = beta_a + (mean - cost) / torch.sqrt(((cost - mean) ** 2).mean(-1, keepdim=True) + cost_eps)
-        a = torch.sigmoid(lam * x)
+        a = torch.sigmoid(lam * (mean - cost) + beta_a if activation == "offset" else lam * x)
         if it == len(lambdas) - 1:
             return mu, a
         m, v, act = (mu.detach(), var.detach(), a.detach()) if truncate else (mu, var, a)

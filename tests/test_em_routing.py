@@ -73,7 +73,7 @@ def test_dense_routing_matches_reference(iterations):
     _assert_matches_reference(votes, act, beta_a, beta_v, None, iterations=iterations)
 
 
-@pytest.mark.parametrize("activation", ["centred", "standardised"])
+@pytest.mark.parametrize("activation", ["centred", "standardised", "offset"])
 @pytest.mark.parametrize("iterations", [1, 2, 3])
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"{c[0]}k{c[1]}s{c[2]}t{c[3]}")
 def test_other_activations_match_reference(case, iterations, activation):
@@ -83,7 +83,7 @@ def test_other_activations_match_reference(case, iterations, activation):
                               final_lambda=2.0, activation=activation)
 
 
-@pytest.mark.parametrize("activation", ["centred", "standardised"])
+@pytest.mark.parametrize("activation", ["centred", "standardised", "offset"])
 def test_other_activations_dense_and_per_capsule_betas_match_reference(activation):
     votes, act, beta_a, beta_v = random_problem(None, types=4, num_patches=2, slots=9, dim=16, seed=7, beta_shape=(2, 4))
     _assert_matches_reference(votes, act, beta_a, beta_v, None, iterations=3, activation=activation)
@@ -99,6 +99,19 @@ def test_centred_activation_is_the_paper_logit_shifted_by_the_mean_cost():
     assert torch.equal(paper.activations.argsort(-1), centred.activations.argsort(-1))
     logit = torch.logit(centred.activations)
     torch.testing.assert_close(logit.mean(-1), torch.zeros_like(logit.mean(-1)), rtol=0, atol=1e-9)
+
+
+def test_offset_activation_is_the_centred_logit_with_beta_a_added_after_lambda():
+    """With beta_a = 0 the two agree; with beta_a the offset logit moves by beta_a itself, not by lambda beta_a."""
+    geometry = ConvGeometry((5, 5), (3, 3), (1, 1), 2)
+    votes, act, beta_a, beta_v = random_problem(geometry, seed=13)
+    zero = torch.zeros_like(beta_a)
+    kw = dict(iterations=1, geometry=geometry, schedule="linear", final_lambda=0.01)
+    centred = em_routing(votes, act, zero, beta_v, activation="centred", **kw)
+    offset = em_routing(votes, act, zero, beta_v, activation="offset", **kw)
+    torch.testing.assert_close(offset.activations, centred.activations, rtol=0, atol=1e-12)
+    shifted = em_routing(votes, act, zero - 2.0, beta_v, activation="offset", **kw)
+    torch.testing.assert_close(torch.logit(shifted.activations), torch.logit(offset.activations) - 2.0, rtol=0, atol=1e-9)
 
 
 def test_standardised_activation_is_finite_when_every_parent_costs_the_same():

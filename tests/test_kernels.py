@@ -132,7 +132,7 @@ def _route(flag, poses, matrices, act, beta_a, beta_v, geometry, **options):
 
 
 OPTIONS = [{}, dict(activation="centred"), dict(activation="standardised", schedule="linear"),
-           dict(activation="centred", truncate_gradient=True)]
+           dict(activation="centred", truncate_gradient=True), dict(activation="offset")]
 
 
 @needs_cc

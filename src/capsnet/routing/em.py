@@ -170,6 +170,11 @@ def em_routing(
             (gyang274's capsulesEM; not in the paper): the logit is of order 1 in every layer, so
             ``beta_a`` is a real offset and ``lambda`` a real temperature (use it with
             ``schedule="linear"`` and ``final_lambda`` of order 1, not with ``"fan_in"``).
+            ``"offset"``: ``logistic(lambda (mean_k cost_k - cost_j) + beta_a)``, ``"centred"`` with
+            ``beta_a`` a plain offset of the logit (not in the paper): under the small fan-in
+            ``lambda``, ``beta_a`` inside ``lambda (...)`` moves a logit by ``lambda beta_a``, next to
+            nothing, so the activations of parents that no child chooses cannot fall below the
+            level the position's mean cost sets (docs/em_training.md, session 9).
         cost_scale: multiplies ``cost^h``. None: 1 (the paper's cost), except with
             ``schedule="authors"``, where it is IBM's ``100 / (I / J)`` (100 over children per
             parent), the scaling without which that schedule's small ``lambda`` does not train.

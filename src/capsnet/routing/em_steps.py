@@ -64,8 +64,9 @@ LAMBDA_SCHEDULES = ("fan_in", "linear", "authors")
 #: How the M-step turns the cost into the activation logit, see :func:`~capsnet.routing.em.em_routing`.
 #: ``"paper"``: ``lambda (beta_a - sum_h cost^h)`` (Procedure 1); ``"centred"``:
 #: ``lambda (beta_a + mean_k cost_k - cost_j)`` over the parents ``k`` of one position;
-#: ``"standardised"``: ``lambda (beta_a + (mean_k cost_k - cost_j) / std_k cost_k)`` (gyang274's capsulesEM).
-ACTIVATIONS = ("paper", "centred", "standardised")
+#: ``"standardised"``: ``lambda (beta_a + (mean_k cost_k - cost_j) / std_k cost_k)`` (gyang274's capsulesEM);
+#: ``"offset"``: ``lambda (mean_k cost_k - cost_j) + beta_a``, centred with ``beta_a`` a plain logit offset.
+ACTIVATIONS = ("paper", "centred", "standardised", "offset")
 
 #: Added to the variance of the costs over a position's parents before its square root in the
 #: ``"standardised"`` activation: finite logits and gradients when every parent costs the same.
@@ -195,11 +196,15 @@ def m_step(moments, it: int, ra: Tensor, b_a: Tensor, b_v: Tensor, lam: float, c
     log_var = torch.log(var)
     # cost^h = (beta_v + log sigma^h) sum_i R_ij, with log sigma = log(sigma^2) / 2.
     cost = (b_v + 0.5 * log_var) * (mass.unsqueeze(-1) * cfg.cost_scale)
+    if cfg.activation == "offset":  # beta_a outside lambda: a logit offset of order 1 whatever lambda is
+        return Gaussians(mu_c, var, log_var, lam * activation_argument(cost.sum(-1), 0.0, "centred") + b_a)
     return Gaussians(mu_c, var, log_var, lam * activation_argument(cost.sum(-1), b_a, cfg.activation))
 
 
-def activation_argument(cost: Tensor, b_a: Tensor, activation: str) -> Tensor:
+def activation_argument(cost: Tensor, b_a: Union[Tensor, float], activation: str) -> Tensor:
     """What ``lambda`` multiplies in ``a_j = logistic(lambda (...))``, from ``cost_j = sum_h cost^h``.
+
+    (``"offset"`` is ``"centred"`` with ``beta_a`` added after ``lambda``: :func:`m_step`.)
 
     ``"paper"`` (Procedure 1): ``beta_a - cost_j``. ``"centred"``: ``beta_a + mean_k cost_k - cost_j``
     over the ``J`` parents ``k`` of the same position (last axis), so 0.5 means "as well explained
