@@ -268,6 +268,42 @@ def test_efficient_capsnet_primary_capsules_are_squashed_with_the_papers_squash(
         torch.testing.assert_close(model(x).primary, squash(s, kind="efficient"))
 
 
+def _layer_by_layer(model, x):
+    """The stem and primary convolution as written: conv, ReLU, batch norm, ... one module at a time."""
+    return model.primary.conv(model.stem(x))
+
+
+@pytest.mark.parametrize("name", ["efficient_capsnet_mnist", "efficient_capsnet_multimnist"])
+def test_efficient_capsnet_eval_folds_the_batch_norms_into_the_convolutions_exactly_in_float64(name):
+    # In eval, features() folds each batch norm's running scale and shift into the next
+    # unpadded convolution: the same values as the modules one by one (and as the training
+    # path, which is those modules), with batch norms that are not the identity.
+    torch.manual_seed(0)
+    model = create_model(name, decoder=False).double()
+    for m in model.stem[2::3]:
+        torch.nn.init.uniform_(m.weight, 0.5, 1.5)
+        torch.nn.init.uniform_(m.bias, -0.2, 0.2)
+        m.running_mean.uniform_(0.0, 0.5)
+        m.running_var.uniform_(0.5, 2.0)
+    size = model.image_size
+    x = torch.rand(5, 1, size, size, dtype=torch.float64)
+    with torch.no_grad():
+        model.train()
+        assert torch.equal(model.features(x), _layer_by_layer(model, x.contiguous(memory_format=torch.channels_last)))
+        model.eval()
+        torch.testing.assert_close(model.features(x), _layer_by_layer(model, x), rtol=1e-12, atol=1e-12)
+
+
+def test_efficient_capsnet_eval_folding_matches_in_float32_and_keeps_the_modules_under_autocast():
+    torch.manual_seed(0)
+    model = create_model("efficient_capsnet_mnist").eval()
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(model.features(x), _layer_by_layer(model, x), rtol=1e-4, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 activations: the modules one by one, bit for bit
+            assert torch.equal(model.features(x), _layer_by_layer(model, x.contiguous(memory_format=torch.channels_last)))
+
+
 def test_efficient_capsnet_every_parameter_gets_a_gradient_from_the_margin_and_reconstruction_loss():
     model = create_model("efficient_capsnet_mnist")
     x, y = torch.rand(4, 1, 28, 28), torch.tensor([1, 3, 5, 7])

@@ -16,6 +16,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -36,6 +37,28 @@ __all__ = [
     "efficient_capsnet_mnist",
     "efficient_capsnet_multimnist",
 ]
+
+
+def _running_affine(norm: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """Per-channel ``a, b`` with ``norm(x) = a x + b`` in eval (Ioffe & Szegedy 2015, Algorithm 2)."""
+    a = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
+    return a, norm.bias - norm.running_mean * a
+
+
+def _conv_of_affine(conv: nn.Conv2d, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``conv(a x + b)`` with the per-channel ``a, b`` folded into the weights and bias.
+
+    Exact for an unpadded convolution (every tap reads ``a x + b``): ``W' = W a`` along the input
+    channels and ``bias' = bias + sum W b``. Dense (``groups=1``) or depthwise convolutions.
+    """
+    w = conv.weight
+    if conv.groups == 1:
+        folded, shift = w * a.view(1, -1, 1, 1), w.sum((2, 3)) @ b
+    else:  # depthwise: output channel c reads input channel c alone
+        folded, shift = w * a.view(-1, 1, 1, 1), w.sum((1, 2, 3)) * b
+    folded = folded.contiguous(memory_format=torch.channels_last)  # the layout oneDNN computes in
+    bias = shift if conv.bias is None else conv.bias + shift
+    return F.conv2d(x, folded, bias, conv.stride, 0, conv.dilation, conv.groups)
 
 
 class DepthwisePrimaryCaps(nn.Module):
@@ -68,9 +91,12 @@ class DepthwisePrimaryCaps(nn.Module):
     def output_size(self, size: int) -> int:
         return conv_output_size(size, self.kernel_size, self.stride) if size >= self.kernel_size else 0
 
+    def capsules(self, s: Tensor) -> Tensor:
+        """Squashed capsules ``(B, I, dim)`` from the convolution's output ``(B, C, H', W')``."""
+        return squash(rearrange(s, "b (n d) h w -> b (n h w) d", d=self.dim), dim=-1, kind=self.squash_kind)
+
     def forward(self, x: Tensor) -> Tensor:
-        s = rearrange(self.conv(x), "b (n d) h w -> b (n h w) d", d=self.dim)  # (B, I, dim)
-        return squash(s, dim=-1, kind=self.squash_kind)
+        return self.capsules(self.conv(x))
 
 
 class SelfAttentionCaps(nn.Module):
@@ -205,9 +231,29 @@ class EfficientCapsNet(CapsNet):
         """The first convolution (CapsNet's ``forward`` reads the model's dtype from it)."""
         return self.stem[0]
 
+    def features(self, x: Tensor) -> Tensor:
+        """The depthwise primary convolution of the stem's output, ``(B, C, H', W')`` before squashing.
+
+        In eval, every batch norm, which sits between a ReLU and an unpadded convolution, is
+        folded into that convolution (:func:`_conv_of_affine`): one convolution of the ReLU's
+        output whose weights and bias carry the batch norm's running scale and shift. The same
+        function to rounding, without the pass that writes the normalised copy of each
+        activation (inference about 8% faster on CPU, docs/performance.md). Training, and
+        reduced-precision activations (autocast), take the modules one by one.
+        """
+        x = x.contiguous(memory_format=torch.channels_last)
+        if self.training or x.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled(x.device.type):
+            return self.primary.conv(self.stem(x))
+        layers = list(self.stem)
+        affine = None
+        for conv, relu, norm in zip(layers[0::3], layers[1::3], layers[2::3]):
+            x = relu(conv(x) if affine is None else _conv_of_affine(conv, x, *affine))
+            affine = _running_affine(norm)
+        return _conv_of_affine(self.primary.conv, x, *affine)
+
     def encode(self, x: Tensor) -> tuple[Tensor, RoutingResult, Tensor]:
         """Primary capsules ``u`` (B, I, primary_dim), the routing result and the lengths ``|v_j|`` (B, J)."""
-        u = self.primary(self.stem(x.contiguous(memory_format=torch.channels_last)))  # (B, 16, 8) on MNIST
+        u = self.primary.capsules(self.features(x))  # (B, 16, 8) on MNIST
         routed = self.digits(u)  # poses (B, J, 16)
         # Exact |v_j| as in CapsNet: vector_norm's gradient at 0 is 0, not NaN.
         return u, routed, torch.linalg.vector_norm(routed.poses, dim=-1)
