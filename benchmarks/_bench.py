@@ -16,7 +16,7 @@ import resource
 import statistics
 import sys
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -46,8 +46,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(step: Callable[[], None], *, device: torch.device, warmup: int, repeats: int) -> list[float]:
-    """Seconds per step, one value per repeat (each the mean over a block of >= MIN_SAMPLE_S)."""
+def time_steps(step: Callable[[], None], *, device: torch.device, warmup: int, repeats: int, cpu: Optional[list] = None) -> list[float]:
+    """Seconds per step, one value per repeat (each the mean over a block of >= MIN_SAMPLE_S).
+
+    ``cpu``: a list that receives the process's CPU seconds per step of the same blocks
+    (``time.process_time``). At one thread that is the step's time without the waits a loaded
+    machine adds, so ratios of CPU times hold where wall-clock ratios drift with the load
+    (docs/performance.md: the machine is shared); at more threads it sums over them.
+    """
     block, elapsed = 1, 0.0
     for _ in range(max(1, warmup)):
         start = time.perf_counter()
@@ -57,17 +63,22 @@ def time_steps(step: Callable[[], None], *, device: torch.device, warmup: int, r
     block = max(1, math.ceil(MIN_SAMPLE_S / max(elapsed, 1e-6)))
     samples = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         for _ in range(block):
             step()
         _sync(device)
         samples.append((time.perf_counter() - start) / block)
+        if cpu is not None:
+            cpu.append((time.process_time() - start_cpu) / block)
     return samples
 
 
-def _speed(batch: int, samples: list[float]) -> dict:
+def _speed(batch: int, samples: list[float], cpu: Optional[list] = None) -> dict:
     median = statistics.median(samples)
-    return {"images_per_s": batch / median, "step_s_median": median, "step_s": samples}
+    result = {"images_per_s": batch / median, "step_s_median": median, "step_s": samples}
+    if cpu:
+        result.update(cpu_images_per_s=batch / statistics.median(cpu), cpu_step_s=cpu)
+    return result
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -153,9 +164,10 @@ def measure_model(spec: dict) -> dict:
             with torch.no_grad(), _autocast(spec):
                 model(images)
 
-    samples = time_steps(step, device=device, warmup=spec["warmup"], repeats=spec["repeats"])
+    cpu = [] if device.type == "cpu" else None
+    samples = time_steps(step, device=device, warmup=spec["warmup"], repeats=spec["repeats"], cpu=cpu)
     result = {
-        **_speed(spec["batch"], samples),
+        **_speed(spec["batch"], samples, cpu),
         "peak_memory_mb": _peak_memory_mb(device),
         "memory_before_steps_mb": rss_idle,
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -164,8 +176,10 @@ def measure_model(spec: dict) -> dict:
     # measurements seconds apart, robust to the load of a shared machine drifting.
     del model, images, labels, step
     bound = measure_conv_bound({**spec, "mode": spec["mode"], "precision": "fp32"})  # the fp32 bound, whatever the model ran in
-    result["bound"] = {k: bound[k] for k in ("images_per_s", "step_s_median", "step_s")}
+    result["bound"] = {k: bound[k] for k in ("images_per_s", "step_s_median", "step_s", "cpu_images_per_s") if k in bound}
     result["ratio_to_bound"] = result["images_per_s"] / bound["images_per_s"]
+    if "cpu_images_per_s" in result and "cpu_images_per_s" in bound:
+        result["cpu_ratio_to_bound"] = result["cpu_images_per_s"] / bound["cpu_images_per_s"]
     return result
 
 
@@ -198,11 +212,12 @@ def measure_conv_bound(spec: dict) -> dict:
             with torch.no_grad(), _autocast(spec):
                 conv(x)
 
-    samples = time_steps(step, device=device, warmup=spec["warmup"], repeats=spec["repeats"])
+    cpu = [] if device.type == "cpu" else None
+    samples = time_steps(step, device=device, warmup=spec["warmup"], repeats=spec["repeats"], cpu=cpu)
     out_hw = conv_output_size(c["input_hw"], c["kernel_size"], c["stride"])
     flops_fwd = 2 * spec["batch"] * out_hw**2 * c["out_channels"] * c["in_channels"] * c["kernel_size"] ** 2
     flops = flops_fwd * (3 if spec["mode"] == "train" else 1)  # backward: grad input + grad weight
-    result = _speed(spec["batch"], samples)
+    result = _speed(spec["batch"], samples, cpu)
     result["gflops"] = flops / result["step_s_median"] / 1e9
     result["peak_memory_mb"] = _peak_memory_mb(device)
     return result
