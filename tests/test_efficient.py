@@ -304,6 +304,20 @@ def test_efficient_capsnet_eval_folding_matches_in_float32_and_keeps_the_modules
             assert torch.equal(model.features(x), _layer_by_layer(model, x.contiguous(memory_format=torch.channels_last)))
 
 
+def test_efficient_capsnet_eval_fused_conv_relu_equals_the_two_steps(monkeypatch):
+    import capsnet.models.efficient as efficient
+
+    if not efficient._FUSED_CONV_RELU:
+        pytest.skip("this PyTorch has no oneDNN fused convolution")
+    torch.manual_seed(0)
+    model = create_model("efficient_capsnet_mnist").eval()
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        fused = model.features(x)
+        monkeypatch.setattr(efficient, "_FUSED_CONV_RELU", False)
+        torch.testing.assert_close(fused, model.features(x), rtol=1e-6, atol=1e-6)
+
+
 def test_efficient_capsnet_every_parameter_gets_a_gradient_from_the_margin_and_reconstruction_loss():
     model = create_model("efficient_capsnet_mnist")
     x, y = torch.rand(4, 1, 28, 28), torch.tensor([1, 3, 5, 7])

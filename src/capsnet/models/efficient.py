@@ -45,20 +45,35 @@ def _running_affine(norm: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     return a, norm.bias - norm.running_mean * a
 
 
-def _conv_of_affine(conv: nn.Conv2d, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """``conv(a x + b)`` with the per-channel ``a, b`` folded into the weights and bias.
+def _folded(conv: nn.Conv2d, affine: Optional[tuple[Tensor, Tensor]]) -> tuple[Tensor, Optional[Tensor]]:
+    """Weights and bias of ``x -> conv(a x + b)`` for the per-channel ``affine = (a, b)`` (None: ``conv``'s own).
 
     Exact for an unpadded convolution (every tap reads ``a x + b``): ``W' = W a`` along the input
     channels and ``bias' = bias + sum W b``. Dense (``groups=1``) or depthwise convolutions.
     """
-    w = conv.weight
+    if affine is None:
+        return conv.weight, conv.bias
+    a, b, w = *affine, conv.weight
     if conv.groups == 1:
         folded, shift = w * a.view(1, -1, 1, 1), w.sum((2, 3)) @ b
     else:  # depthwise: output channel c reads input channel c alone
         folded, shift = w * a.view(-1, 1, 1, 1), w.sum((1, 2, 3)) * b
     folded = folded.contiguous(memory_format=torch.channels_last)  # the layout oneDNN computes in
-    bias = shift if conv.bias is None else conv.bias + shift
-    return F.conv2d(x, folded, bias, conv.stride, 0, conv.dilation, conv.groups)
+    return folded, shift if conv.bias is None else conv.bias + shift
+
+
+def _conv_relu(conv: nn.Conv2d, x: Tensor, affine: Optional[tuple[Tensor, Tensor]]) -> Tensor:
+    """``relu(conv(a x + b))`` with the affine folded (:func:`_folded`); on CPU in float32 one
+    oneDNN primitive with the ReLU as its post-op (the kernel PyTorch's compiler fuses to), so
+    the output is not read and written a second time; elsewhere the two steps."""
+    w, bias = _folded(conv, affine)
+    if _FUSED_CONV_RELU and x.device.type == "cpu" and x.dtype == torch.float32 and conv.padding_mode == "zeros":
+        return torch.ops.mkldnn._convolution_pointwise(x, w, bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, "relu", [], "")
+    return torch.relu_(F.conv2d(x, w, bias, conv.stride, conv.padding, conv.dilation, conv.groups))
+
+
+#: Whether this PyTorch has oneDNN's fused convolution + pointwise operator (CPU builds with mkldnn).
+_FUSED_CONV_RELU = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
 
 class DepthwisePrimaryCaps(nn.Module):
@@ -235,10 +250,11 @@ class EfficientCapsNet(CapsNet):
         """The depthwise primary convolution of the stem's output, ``(B, C, H', W')`` before squashing.
 
         In eval, every batch norm, which sits between a ReLU and an unpadded convolution, is
-        folded into that convolution (:func:`_conv_of_affine`): one convolution of the ReLU's
-        output whose weights and bias carry the batch norm's running scale and shift. The same
-        function to rounding, without the pass that writes the normalised copy of each
-        activation (inference about 8% faster on CPU, docs/performance.md). Training, and
+        folded into that convolution (:func:`_folded`): one convolution of the ReLU's output
+        whose weights and bias carry the batch norm's running scale and shift, with the next
+        ReLU fused into it on CPU (:func:`_conv_relu`). The same function to rounding, without
+        the passes that write the normalised copy of each activation and apply the ReLU
+        (inference about 10% less CPU time, docs/performance.md). Training, and
         reduced-precision activations (autocast), take the modules one by one.
         """
         x = x.contiguous(memory_format=torch.channels_last)
@@ -246,10 +262,11 @@ class EfficientCapsNet(CapsNet):
             return self.primary.conv(self.stem(x))
         layers = list(self.stem)
         affine = None
-        for conv, relu, norm in zip(layers[0::3], layers[1::3], layers[2::3]):
-            x = relu(conv(x) if affine is None else _conv_of_affine(conv, x, *affine))
+        for conv, norm in zip(layers[0::3], layers[2::3]):
+            x = _conv_relu(conv, x, affine)
             affine = _running_affine(norm)
-        return _conv_of_affine(self.primary.conv, x, *affine)
+        conv = self.primary.conv
+        return F.conv2d(x, *_folded(conv, affine), conv.stride, conv.padding, conv.dilation, conv.groups)
 
     def encode(self, x: Tensor) -> tuple[Tensor, RoutingResult, Tensor]:
         """Primary capsules ``u`` (B, I, primary_dim), the routing result and the lengths ``|v_j|`` (B, J)."""
