@@ -266,3 +266,78 @@ def test_capsnet_gradients_do_not_depend_on_algorithm():
         grads[algorithm] = {name: p.grad for name, p in model.named_parameters()}
     for name in grads["direct"]:
         torch.testing.assert_close(grads["dft"][name], grads["direct"][name], **TOL, msg=name)
+
+
+# --------------------------------------------------------------------------- the kernel cache of inference
+
+
+def _cache_calls(monkeypatch) -> list:
+    """Counts kernel transforms computed from here on."""
+    import capsnet.ops.dft as dft
+
+    calls, original = [], dft._kernel_transform
+    monkeypatch.setattr(dft, "_kernel_transform", lambda *a: calls.append(1) or original(*a))
+    return calls
+
+
+def test_inference_reuses_the_kernel_transform_until_the_weight_changes(monkeypatch):
+    layer = Conv2d(4, 3, 9, stride=2, algorithm="dft").double()  # one slab: a small kernel
+    x = torch.randn(2, 4, 20, 20, dtype=torch.float64)
+    calls = _cache_calls(monkeypatch)
+    with torch.no_grad():
+        first, again = layer(x), layer(x)
+        assert len(calls) == 1 and torch.equal(first, again)  # the same bits from the cached transform
+        torch.testing.assert_close(first, F.conv2d(x, layer.weight, layer.bias, 2), **TOL)
+        layer.weight.mul_(2.0)  # in place: the version counter moves, the cache misses
+        torch.testing.assert_close(layer(x), F.conv2d(x, layer.weight, layer.bias, 2), **TOL)
+        assert len(calls) == 2
+        layer.load_state_dict(Conv2d(4, 3, 9, stride=2).double().state_dict())
+        torch.testing.assert_close(layer(x), F.conv2d(x, layer.weight, layer.bias, 2), **TOL)
+        layer.weight = torch.nn.Parameter(layer.weight.detach() + 1.0)  # a new tensor: misses too
+        torch.testing.assert_close(layer(x), F.conv2d(x, layer.weight, layer.bias, 2), **TOL)
+        assert len(calls) == 4
+    out = layer(x.requires_grad_())  # a call that needs gradients neither reads nor fills the cache
+    assert type(out.grad_fn).__name__ == "_DFTConv2dBackward" and len(calls) == 5
+
+
+def test_kernel_cache_is_freed_by_train_and_eval_and_not_pickled(monkeypatch):
+    import copy
+    import pickle
+
+    layer = Conv2d(4, 3, 9, stride=2, algorithm="dft")
+    with torch.no_grad():
+        layer(torch.randn(2, 4, 20, 20))
+    assert "empty" not in repr(layer.kernel_cache)
+    clone = pickle.loads(pickle.dumps(layer))
+    assert "empty" in repr(clone.kernel_cache) and torch.equal(clone.weight, layer.weight)
+    assert "empty" in repr(copy.deepcopy(layer).kernel_cache)
+    layer.eval()
+    assert "empty" in repr(layer.kernel_cache)
+
+
+def test_many_slabs_are_not_cached(monkeypatch):
+    """float32 kernels above DFT_SLAB are transformed slab by slab, and the slabs are not kept."""
+    monkeypatch.setattr("capsnet._slabs.DFT_SLAB", 1)
+    layer = Conv2d(8, 5, 9, stride=2, algorithm="dft").double()
+    x = torch.randn(2, 8, 20, 20, dtype=torch.float64)
+    with torch.no_grad():
+        out = layer(x)
+    assert "empty" in repr(layer.kernel_cache)
+    torch.testing.assert_close(out, F.conv2d(x, layer.weight, layer.bias, 2), **TOL)
+
+
+def test_capsnet_bf16_inference_with_the_cached_kernel_is_bit_identical(monkeypatch):
+    """PrimaryCaps under bf16 autocast at an inference batch: the second call reads the cache, same bits."""
+    torch.manual_seed(0)
+    model = create_model("capsnet_mnist", decoder=False).eval()
+    x = torch.rand(64, 1, 28, 28)
+    calls = _cache_calls(monkeypatch)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        first = model(x).lengths
+        second = model(x).lengths
+    if not calls:
+        pytest.skip("PrimaryCaps took the direct convolution at this batch")
+    assert len(calls) == 1 and torch.equal(first, second)
+    model.primary.conv.kernel_cache.clear()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(model(x).lengths, first)

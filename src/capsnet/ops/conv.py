@@ -55,7 +55,7 @@ from .. import backends
 from .._compat import convolution_input_grad, functorch_transforms_active
 from .._shapes import conv_output_size as _out_size
 from .dft import MAX_GRID as DFT_MAX_GRID
-from .dft import dft_conv2d, dft_grid, dft_macs, direct_macs
+from .dft import KernelCache, dft_conv2d, dft_grid, dft_macs, direct_macs
 
 ALGORITHMS, WEIGHT_GRADIENTS = backends.ALGORITHMS, backends.WEIGHT_GRADIENTS
 
@@ -91,6 +91,12 @@ class Conv2d(nn.Conv2d):
         x: ``(B, in_channels, H, W)``; returns ``(B, out_channels, H', W')`` as ``nn.Conv2d``
         (input of another shape, or channel count, gets ``nn.Conv2d``'s own error).
 
+    Inference: on the DFT path, a call that needs no gradient keeps the kernel's transform in
+    :attr:`kernel_cache` (:class:`~capsnet.ops.dft.KernelCache`) for the next one, while the
+    weight tensor is the same and unchanged (its version counter); ``train()`` / ``eval()``
+    free it. Changes made through ``weight.data`` bypass the version counter: call
+    ``kernel_cache.clear()`` after them.
+
     Finiteness: ``x`` is not checked, as in ``nn.Conv2d``. A NaN / inf pixel spoils, under
     ``"direct"``, the outputs whose window holds it; under ``"dft"`` (``"auto"`` picks it
     for large batches) every output of that image, since the transform mixes all pixels.
@@ -102,6 +108,13 @@ class Conv2d(nn.Conv2d):
         super().__init__(*args, **kwargs)
         backends.check_conv_choice(algorithm or "auto", weight_grad or "auto", who="Conv2d")
         self._algorithm, self._weight_grad = algorithm, weight_grad  # None: capsnet.backends.conv's
+        # The DFT kernel transform between calls that need no gradient (inference): ops.dft.KernelCache.
+        self.kernel_cache = KernelCache()
+
+    def train(self, mode: bool = True) -> "Conv2d":
+        """As ``nn.Module.train``; also frees the kernel transform kept for inference (:attr:`kernel_cache`)."""
+        self.kernel_cache.clear()
+        return super().train(mode)
 
     @property
     def weight_grad(self) -> str:
@@ -126,7 +139,8 @@ class Conv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         if self.groups != 1 or self.dilation != (1, 1) or self.padding_mode != "zeros" or isinstance(self.padding, str):
             return super().forward(x)  # nn.Conv2d's own options: its own convolution
-        return conv2d(x, self.weight, self.bias, self.stride, self.padding, algorithm=self._algorithm, weight_grad=self._weight_grad)
+        return conv2d(x, self.weight, self.bias, self.stride, self.padding, algorithm=self._algorithm, weight_grad=self._weight_grad,
+                      kernel_cache=self.kernel_cache)
 
     def _use_dft(self, x: Tensor, *, autocast: bool = False) -> bool:
         """Whether a call on ``x`` goes to :func:`~capsnet.ops.dft.dft_conv2d` (see :func:`conv2d`)."""
@@ -142,11 +156,13 @@ def conv2d(
     *,
     algorithm: Optional[str] = None,
     weight_grad: Optional[str] = None,
+    kernel_cache: Optional[KernelCache] = None,
 ) -> Tensor:
     """``F.conv2d(x, weight, bias, stride, padding)`` (one group, dilation 1), computed by the
     algorithm chosen for this call: :class:`Conv2d`'s computation as a function.
 
     ``algorithm`` / ``weight_grad``: as :class:`Conv2d`'s (None: ``capsnet.backends.conv``'s).
+    ``kernel_cache``: see :func:`~capsnet.ops.dft.dft_conv2d` (used on the DFT path only).
     Off the CPU, under ``torch.func`` transforms, under float16 autocast, with dual tensors
     (forward-mode AD), an empty batch or ``weight_grad="native"`` it is ``F.conv2d`` itself.
 
@@ -159,9 +175,9 @@ def conv2d(
     if not _fast(x, weight, weight_grad):
         return F.conv2d(x, weight, bias, stride, padding)
     if _bf16_autocast(x):
-        return _autocast_conv2d(x, weight, bias, stride, padding, algorithm, weight_grad)
+        return _autocast_conv2d(x, weight, bias, stride, padding, algorithm, weight_grad, kernel_cache)
     if _use_dft(x, weight, stride, padding, algorithm):
-        return dft_conv2d(x, weight, bias, stride, padding)
+        return dft_conv2d(x, weight, bias, stride, padding, kernel_cache=kernel_cache)
     return _direct(x, weight, bias, stride, padding, weight_grad)
 
 
@@ -205,15 +221,16 @@ def _direct(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, 
     return F.conv2d(x, weight, bias, stride, padding)
 
 
-def _autocast_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, algorithm: str, weight_grad: str) -> Tensor:
+def _autocast_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, algorithm: str, weight_grad: str,
+                     kernel_cache: Optional[KernelCache] = None) -> Tensor:
     """Under CPU bfloat16 autocast: on bfloat16 casts (what autocast does for ``nn.Conv2d``), the
     direct algorithm or the DFT (:data:`BF16_DFT_MIN_SAVING`; see the module docstring)."""
     use_dft = _use_dft(x, weight, stride, padding, algorithm, autocast=True)
-    bf16 = torch.bfloat16
+    bf16, source = torch.bfloat16, weight
     x, weight, bias = x.to(bf16), weight.to(bf16), None if bias is None else bias.to(bf16)
     with torch.autocast(x.device.type, enabled=False):
-        if use_dft:
-            return dft_conv2d(x, weight, bias, stride, padding)
+        if use_dft:  # the cache is keyed by the float32 parameter, not by this call's cast of it
+            return dft_conv2d(x, weight, bias, stride, padding, kernel_cache=kernel_cache, cache_key=source)
         return _direct(x, weight, bias, stride, padding, weight_grad)
 
 

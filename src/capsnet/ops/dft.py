@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -60,7 +61,7 @@ from torch import Tensor
 from .. import _slabs as slab_sizes
 from .._shapes import conv_output_size as _out_size
 
-__all__ = ["DFTPlan", "MAX_GRID", "plan", "dft_conv2d", "dft_grid", "dft_macs", "direct_macs"]
+__all__ = ["DFTPlan", "KernelCache", "MAX_GRID", "plan", "dft_conv2d", "dft_grid", "dft_macs", "direct_macs"]
 
 #: Largest polyphase grid ``P Q`` (the transforms are about ``1.5 (P Q)^2`` numbers).
 MAX_GRID = 1024
@@ -225,14 +226,67 @@ def _slabs(channels: int, p: DFTPlan, out_channels: int, dtype: torch.dtype) -> 
     return [(start, min(start + size, channels)) for start in range(0, channels, size)]
 
 
-def _forward(x: Tensor, w: Tensor, bias: Optional[Tensor], p: DFTPlan, padding) -> Tensor:
+class KernelCache:
+    """The kernel transform of a :func:`dft_conv2d` call that needed no gradient, for the next such call.
+
+    ``W_m = T_w w'`` depends on the weight alone, and at inference batch sizes computing it is
+    a large share of the convolution (a ``(M, Kp Kq) @ (Kp Kq, C' O)`` product with a short
+    inner dimension: memory-bound). A cache holds one transform, keyed by the weight tensor
+    it came from (a weak reference: a new tensor, even at the same address, misses) and that
+    tensor's version counter, which every in-place change bumps (optimiser steps,
+    ``load_state_dict``, ``copy_``); so a changed weight is transformed again. It is used only
+    where the whole transform is one slab (:func:`_slabs`: half precisions, or float32 kernels
+    below :data:`capsnet._slabs.DFT_SLAB` elements), so it holds no more than one forward
+    pass makes anyway. :class:`capsnet.ops.Conv2d` keeps one per layer; it is never saved
+    (pickling drops it) and :meth:`clear` frees it.
+    """
+
+    __slots__ = ("_ref", "_key", "_value")
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self._ref, self._key, self._value = None, None, None
+
+    def get(self, weight: Tensor, key: tuple) -> Optional[Tensor]:
+        """The transform stored for ``weight`` (the same tensor, unchanged since) and ``key``, else None."""
+        if self._ref is not None and self._ref() is weight and self._key == (weight._version, *key):
+            return self._value
+        return None
+
+    def put(self, weight: Tensor, key: tuple, value: Tensor) -> None:
+        self._ref, self._key, self._value = weakref.ref(weight), (weight._version, *key), value
+
+    def __getstate__(self):
+        return "empty"  # a true value, so that unpickling calls __setstate__
+
+    def __setstate__(self, state) -> None:
+        self.clear()
+
+    def __repr__(self) -> str:
+        return f"KernelCache({'empty' if self._value is None else tuple(self._value.shape)})"
+
+
+def _forward(x: Tensor, w: Tensor, bias: Optional[Tensor], p: DFTPlan, padding, cache: Optional[tuple] = None) -> Tensor:
+    """The convolution, slab by slab of input channels; ``cache``: ``(KernelCache, source weight)`` or None."""
     n, o = x.shape[0], w.shape[0]
     tx, tw, ty = _transforms(p, x)
     x = _fit(x, p, padding)
     products = x.new_empty(p.components, n, o)
-    for k, (start, stop) in enumerate(_slabs(x.shape[1], p, o, x.dtype)):
+    slabs = _slabs(x.shape[1], p, o, x.dtype)
+    cached = None
+    if cache is not None and len(slabs) == 1:
+        store, source = cache
+        key = (p, w.dtype, w.device)
+        cached = store.get(source, key)
+        if cached is None:
+            cached = _kernel_transform(tw, w, p)
+            store.put(source, key, cached)
+    for k, (start, stop) in enumerate(slabs):
         # This slab's polyphase input and kernel as rows, then their transforms (M, c s s, N or O).
-        x_m, w_m = _input_transform(tx, x[:, start:stop], p), _kernel_transform(tw, w[:, start:stop], p)
+        x_m = _input_transform(tx, x[:, start:stop], p)
+        w_m = cached if cached is not None else _kernel_transform(tw, w[:, start:stop], p)
         torch.baddbmm(products, x_m.transpose(1, 2), w_m, beta=1 if k else 0, out=products)  # (M, N, O)
         del x_m, w_m  # before the next slab's are made: one slab of temporaries at a time
     # Written into the 4-D result (not a view of a 2-D one), so callers may modify it in place.
@@ -305,11 +359,25 @@ def _differentiable(x: Tensor, w: Tensor, p: DFTPlan, padding) -> Tensor:
     return torch.mm(products.view(p.components, n * o).T, ty).view(n, o, *p.out)
 
 
-def dft_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=(1, 1), padding=(0, 0)) -> Tensor:
+def dft_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    stride=(1, 1),
+    padding=(0, 0),
+    *,
+    kernel_cache: Optional[KernelCache] = None,
+    cache_key: Optional[Tensor] = None,
+) -> Tensor:
     """``F.conv2d(x, weight, bias, stride, padding)`` (zero padding, no dilation, one group) by the bilinear DFT algorithm.
 
     Equal to the direct convolution up to rounding; fewer multiply-adds when the kernel is
     large and the batch not tiny (:func:`dft_macs` against :func:`direct_macs`).
+
+    ``kernel_cache``: a :class:`KernelCache` that keeps the kernel's transform from one call
+    that needs no gradient to the next (inference), while the weight is unchanged; the
+    result is the same bits. ``cache_key``: the tensor whose identity and version key the
+    cache (default ``weight``; a layer that passes a cast of its parameter names the parameter).
 
     Shape:
         x: ``(N, C, H, W)``; weight: ``(O, C, kh, kw)``; bias: ``(O,)`` or None; returns
@@ -340,4 +408,5 @@ def dft_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
     inputs = (x, weight) if bias is None else (x, weight, bias)
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
         return _DFTConv2d.apply(x, weight, bias, stride, padding)
-    return _forward(x, weight, bias, p, padding)
+    cache = None if kernel_cache is None else (kernel_cache, weight if cache_key is None else cache_key)
+    return _forward(x, weight, bias, p, padding, cache)
