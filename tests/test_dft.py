@@ -341,3 +341,32 @@ def test_capsnet_bf16_inference_with_the_cached_kernel_is_bit_identical(monkeypa
     model.primary.conv.kernel_cache.clear()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(model(x).lengths, first)
+
+
+def test_kernel_cache_misses_after_conversions_data_swaps_and_in_inference_mode(monkeypatch):
+    from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+    layer = Conv2d(4, 3, 9, stride=2, algorithm="dft")
+    x = torch.randn(2, 4, 20, 20)
+    calls = _cache_calls(monkeypatch)
+
+    def check():
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), F.conv2d(x, layer.weight, layer.bias, 2), rtol=1e-4, atol=1e-4)
+
+    check()
+    vector_to_parameters(parameters_to_vector(layer.parameters()) * 3, layer.parameters())  # param.data = ...: new storage
+    check()
+    layer.half()
+    layer.float()  # module conversions clear the cache
+    check()
+    assert len(calls) == 3
+    with torch.inference_mode():  # inference-mode weights have no version counter: not cached, no error
+        fresh = Conv2d(4, 3, 9, stride=2, algorithm="dft")
+        torch.testing.assert_close(fresh(x), F.conv2d(x, fresh.weight, fresh.bias, 2), rtol=1e-4, atol=1e-4)
+        assert "empty" in repr(fresh.kernel_cache)
+    with torch.no_grad():
+        layer(x)
+    torch.utils.swap_tensors(layer.weight, torch.nn.Parameter(layer.weight.detach() * 2))  # no weakref in the way
+    layer.kernel_cache.clear()
+    check()

@@ -275,11 +275,11 @@ def _layer_by_layer(model, x):
 
 @pytest.mark.parametrize("name", ["efficient_capsnet_mnist", "efficient_capsnet_multimnist"])
 def test_efficient_capsnet_eval_folds_the_batch_norms_into_the_convolutions_exactly_in_float64(name):
-    # In eval, features() folds each batch norm's running scale and shift into the next
-    # unpadded convolution: the same values as the modules one by one (and as the training
-    # path, which is those modules), with batch norms that are not the identity.
+    # In inference, features() folds each batch norm's running scale and shift into the next
+    # unpadded convolution: the same values as the modules one by one, with batch norms that
+    # are not the identity.
     torch.manual_seed(0)
-    model = create_model(name, decoder=False).double()
+    model = create_model(name, decoder=False).double().eval()
     for m in model.stem[2::3]:
         torch.nn.init.uniform_(m.weight, 0.5, 1.5)
         torch.nn.init.uniform_(m.bias, -0.2, 0.2)
@@ -288,10 +288,35 @@ def test_efficient_capsnet_eval_folds_the_batch_norms_into_the_convolutions_exac
     size = model.image_size
     x = torch.rand(5, 1, size, size, dtype=torch.float64)
     with torch.no_grad():
-        model.train()
-        assert torch.equal(model.features(x), _layer_by_layer(model, x.contiguous(memory_format=torch.channels_last)))
-        model.eval()
+        assert model._can_fold(x)
         torch.testing.assert_close(model.features(x), _layer_by_layer(model, x), rtol=1e-12, atol=1e-12)
+
+
+def test_efficient_capsnet_takes_the_modules_when_folding_would_change_what_the_caller_sees():
+    # Gradients in eval (saliency, frozen batch norms), one batch norm in train mode, forward
+    # hooks on a stem module, training: the modules one by one, so gradients reach every
+    # parameter and the input, batch statistics are used where asked, and hooks fire.
+    torch.manual_seed(0)
+    model = create_model("efficient_capsnet_mnist", decoder=False).eval()
+    x = torch.rand(3, 1, 28, 28, requires_grad=True)
+    assert not model._can_fold(x)  # gradients are enabled
+    model(x).lengths.sum().backward()
+    assert x.grad is not None and all(c.weight.grad is not None for c in model.stem[0::3])
+    with torch.no_grad():
+        assert model._can_fold(x)
+        model.stem[2].train()
+        assert not model._can_fold(x)
+        torch.testing.assert_close(model.features(x), _layer_by_layer(model, x.contiguous(memory_format=torch.channels_last)))
+        model.stem[2].eval()
+        calls = []
+        handle = model.stem[3].register_forward_hook(lambda *a: calls.append(1))
+        assert not model._can_fold(x)
+        model.features(x)
+        assert calls == [1]
+        handle.remove()
+        assert model._can_fold(x)
+        model.train()
+        assert not model._can_fold(x)
 
 
 def test_efficient_capsnet_eval_folding_matches_in_float32_and_keeps_the_modules_under_autocast():

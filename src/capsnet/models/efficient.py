@@ -53,6 +53,8 @@ def _folded(conv: nn.Conv2d, affine: Optional[tuple[Tensor, Tensor]]) -> tuple[T
     """
     if affine is None:
         return conv.weight, conv.bias
+    if conv.padding != (0, 0) or not (conv.groups == 1 or conv.groups == conv.in_channels == conv.out_channels):
+        raise ValueError(f"a batch norm folds only into an unpadded dense or depthwise convolution, got {conv}")
     a, b, w = *affine, conv.weight
     if conv.groups == 1:
         folded, shift = w * a.view(1, -1, 1, 1), w.sum((2, 3)) @ b
@@ -67,7 +69,14 @@ def _conv_relu(conv: nn.Conv2d, x: Tensor, affine: Optional[tuple[Tensor, Tensor
     oneDNN primitive with the ReLU as its post-op (the kernel PyTorch's compiler fuses to), so
     the output is not read and written a second time; elsewhere the two steps."""
     w, bias = _folded(conv, affine)
-    if _FUSED_CONV_RELU and x.device.type == "cpu" and x.dtype == torch.float32 and conv.padding_mode == "zeros":
+    if (
+        _FUSED_CONV_RELU
+        and torch.backends.mkldnn.enabled
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and conv.padding_mode == "zeros"
+        and not torch.is_grad_enabled()  # oneDNN's fused kernel has no backward
+    ):
         return torch.ops.mkldnn._convolution_pointwise(x, w, bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, "relu", [], "")
     return torch.relu_(F.conv2d(x, w, bias, conv.stride, conv.padding, conv.dilation, conv.groups))
 
@@ -246,19 +255,35 @@ class EfficientCapsNet(CapsNet):
         """The first convolution (CapsNet's ``forward`` reads the model's dtype from it)."""
         return self.stem[0]
 
+    def _can_fold(self, x: Tensor) -> bool:
+        """Whether :meth:`features` may fold: inference (no gradient), every stem module in eval,
+        no hooks on them (folding skips their forward), float32/64 and no autocast."""
+        modules = [*self.stem, self.primary.conv]
+        hooked = nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks or any(
+            m._forward_hooks or m._forward_pre_hooks for m in modules
+        )
+        return (
+            not torch.is_grad_enabled()
+            and not any(m.training for m in modules)
+            and not hooked
+            and x.dtype in (torch.float32, torch.float64)
+            and not torch.is_autocast_enabled(x.device.type)
+        )
+
     def features(self, x: Tensor) -> Tensor:
         """The depthwise primary convolution of the stem's output, ``(B, C, H', W')`` before squashing.
 
-        In eval, every batch norm, which sits between a ReLU and an unpadded convolution, is
-        folded into that convolution (:func:`_folded`): one convolution of the ReLU's output
-        whose weights and bias carry the batch norm's running scale and shift, with the next
-        ReLU fused into it on CPU (:func:`_conv_relu`). The same function to rounding, without
-        the passes that write the normalised copy of each activation and apply the ReLU
-        (inference about 10% less CPU time, docs/performance.md). Training, and
-        reduced-precision activations (autocast), take the modules one by one.
+        In inference (eval, no gradient), every batch norm, which sits between a ReLU and an
+        unpadded convolution, is folded into that convolution (:func:`_folded`): one
+        convolution of the ReLU's output whose weights and bias carry the batch norm's running
+        scale and shift, with the next ReLU fused into it on CPU (:func:`_conv_relu`). The same
+        function to rounding, without the passes that write the normalised copy of each
+        activation and apply the ReLU (inference about 10% less CPU time, docs/performance.md).
+        Everything else takes the modules one by one (:meth:`_can_fold`): training, a call
+        that needs gradients, a stem module in train mode or with forward hooks, autocast.
         """
         x = x.contiguous(memory_format=torch.channels_last)
-        if self.training or x.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled(x.device.type):
+        if not self._can_fold(x):
             return self.primary.conv(self.stem(x))
         layers = list(self.stem)
         affine = None

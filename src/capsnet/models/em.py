@@ -111,7 +111,7 @@ class MatrixCapsNet(nn.Module):
             :func:`~capsnet.routing.em.inverse_temperatures` ("fan_in" default; "linear", "authors");
             ``final_lambda`` is one value for every routed layer or three (ConvCaps1, ConvCaps2, ClassCaps).
         activation: how the M-step makes the activation logit, see
-            :func:`~capsnet.routing.em.em_routing` ("paper" default; "centred", "standardised").
+            :func:`~capsnet.routing.em.em_routing` ("paper" default; "centred", "standardised", "offset").
         beta: ``"type"`` or ``"capsule"``, see :class:`~capsnet.layers.matrix.ConvMatCaps`.
         coordinate_addition, coordinate_order: see :func:`~capsnet.layers.matrix.coordinate_offsets`.
         var_floor, eps, detach_intermediate, truncate_gradient: passed to :func:`~capsnet.routing.em.em_routing`.

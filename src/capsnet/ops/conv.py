@@ -93,9 +93,9 @@ class Conv2d(nn.Conv2d):
 
     Inference: on the DFT path, a call that needs no gradient keeps the kernel's transform in
     :attr:`kernel_cache` (:class:`~capsnet.ops.dft.KernelCache`) for the next one, while the
-    weight tensor is the same and unchanged (its version counter); ``train()`` / ``eval()``
-    free it. Changes made through ``weight.data`` bypass the version counter: call
-    ``kernel_cache.clear()`` after them.
+    weight tensor is the same and unchanged (its version counter); ``train()`` / ``eval()``,
+    module conversions and state-dict loads free it. Changes made through ``weight.data``
+    bypass the version counter: call ``kernel_cache.clear()`` after them.
 
     Finiteness: ``x`` is not checked, as in ``nn.Conv2d``. A NaN / inf pixel spoils, under
     ``"direct"``, the outputs whose window holds it; under ``"dft"`` (``"auto"`` picks it
@@ -115,6 +115,14 @@ class Conv2d(nn.Conv2d):
         """As ``nn.Module.train``; also frees the kernel transform kept for inference (:attr:`kernel_cache`)."""
         self.kernel_cache.clear()
         return super().train(mode)
+
+    def _apply(self, fn, recurse: bool = True):
+        self.kernel_cache.clear()  # .to(), .half(), ... may replace the weight's data in place
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self.kernel_cache.clear()
+        super()._load_from_state_dict(*args, **kwargs)
 
     @property
     def weight_grad(self) -> str:

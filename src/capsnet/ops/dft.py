@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import functools
 import math
-import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -231,32 +230,40 @@ class KernelCache:
 
     ``W_m = T_w w'`` depends on the weight alone, and at inference batch sizes computing it is
     a large share of the convolution (a ``(M, Kp Kq) @ (Kp Kq, C' O)`` product with a short
-    inner dimension: memory-bound). A cache holds one transform, keyed by the weight tensor
-    it came from (a weak reference: a new tensor, even at the same address, misses) and that
-    tensor's version counter, which every in-place change bumps (optimiser steps,
-    ``load_state_dict``, ``copy_``); so a changed weight is transformed again. It is used only
-    where the whole transform is one slab (:func:`_slabs`: half precisions, or float32 kernels
-    below :data:`capsnet._slabs.DFT_SLAB` elements), so it holds no more than one forward
-    pass makes anyway. :class:`capsnet.ops.Conv2d` keeps one per layer; it is never saved
-    (pickling drops it) and :meth:`clear` frees it.
+    inner dimension: memory-bound). A cache holds one transform with the weight tensor it came
+    from, and hits only for that same tensor object at the same storage address, dtype, shape
+    and version counter (which every in-place change bumps: optimiser steps,
+    ``load_state_dict``, ``copy_``) and the same plan; anything else transforms again.
+    :class:`capsnet.ops.Conv2d` keeps one per layer and also clears it in ``train()`` /
+    ``eval()``, module conversions (``.to()``, ``.half()``, ...) and state-dict loads. Not
+    cached: weights that are inference tensors (no version counter), and transforms computed
+    in slabs (:func:`_slabs`: float32 kernels above :data:`capsnet._slabs.DFT_SLAB`), so it holds
+    no more than one forward pass makes anyway, between the calls. Changes through ``.data``
+    bypass the version counter: :meth:`clear` after them. Never saved (pickling drops it).
     """
 
-    __slots__ = ("_ref", "_key", "_value")
+    __slots__ = ("_entry",)
 
     def __init__(self) -> None:
         self.clear()
 
     def clear(self) -> None:
-        self._ref, self._key, self._value = None, None, None
+        self._entry = None  # (source weight, key, transform), replaced as one object
+
+    @staticmethod
+    def _key(weight: Tensor, key: tuple) -> tuple:
+        return (weight.data_ptr(), weight.dtype, weight.shape, weight.device, weight._version, *key)
 
     def get(self, weight: Tensor, key: tuple) -> Optional[Tensor]:
         """The transform stored for ``weight`` (the same tensor, unchanged since) and ``key``, else None."""
-        if self._ref is not None and self._ref() is weight and self._key == (weight._version, *key):
-            return self._value
-        return None
+        entry = self._entry
+        if entry is None or entry[0] is not weight or weight.is_inference() or entry[1] != self._key(weight, key):
+            return None
+        return entry[2]
 
     def put(self, weight: Tensor, key: tuple, value: Tensor) -> None:
-        self._ref, self._key, self._value = weakref.ref(weight), (weight._version, *key), value
+        """Keep ``value`` for ``weight`` and ``key`` (nothing for an inference-mode weight)."""
+        self._entry = None if weight.is_inference() else (weight, self._key(weight, key), value)
 
     def __getstate__(self):
         return "empty"  # a true value, so that unpickling calls __setstate__
@@ -264,8 +271,11 @@ class KernelCache:
     def __setstate__(self, state) -> None:
         self.clear()
 
+    def __deepcopy__(self, memo) -> "KernelCache":
+        return KernelCache()
+
     def __repr__(self) -> str:
-        return f"KernelCache({'empty' if self._value is None else tuple(self._value.shape)})"
+        return f"KernelCache({'empty' if self._entry is None else tuple(self._entry[2].shape)})"
 
 
 def _forward(x: Tensor, w: Tensor, bias: Optional[Tensor], p: DFTPlan, padding, cache: Optional[tuple] = None) -> Tensor:

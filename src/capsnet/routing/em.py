@@ -195,7 +195,7 @@ def em_routing(
             the fraction of parent variances within 1% of ``var_floor``; ``r_entropy``, the mean
             entropy of ``R`` over the ``J`` parent types of each child slot, over ``log J`` (1:
             uniform, 0: one parent); ``logit_p05/p50/p95``, percentiles of the logistic's
-            argument ``lambda (...)``. None (default): nothing is measured.
+            argument (``lambda (...)``, plus ``beta_a`` for ``"offset"``). None (default): nothing is measured.
 
     Shape:
         votes: ``(B, L, I, J, D)``; activations: ``(B, L, I)``; beta_a, beta_v: ``(J,)`` or ``(L, J)``.
