@@ -315,6 +315,10 @@ def test_efficient_capsnet_takes_the_modules_when_folding_would_change_what_the_
         assert calls == [1]
         handle.remove()
         assert model._can_fold(x)
+        handle = model.primary.register_forward_hook(lambda *a: calls.append(2))  # the primary capsules' own hook
+        model(x)
+        assert calls == [1, 2]
+        handle.remove()
         model.train()
         assert not model._can_fold(x)
 

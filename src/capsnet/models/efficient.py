@@ -258,7 +258,7 @@ class EfficientCapsNet(CapsNet):
     def _can_fold(self, x: Tensor) -> bool:
         """Whether :meth:`features` may fold: inference (no gradient), every stem module in eval,
         no hooks on them (folding skips their forward), float32/64 and no autocast."""
-        modules = [*self.stem, self.primary.conv]
+        modules = [*self.stem, self.primary, self.primary.conv]
         hooked = nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks or any(
             m._forward_hooks or m._forward_pre_hooks for m in modules
         )
@@ -295,7 +295,8 @@ class EfficientCapsNet(CapsNet):
 
     def encode(self, x: Tensor) -> tuple[Tensor, RoutingResult, Tensor]:
         """Primary capsules ``u`` (B, I, primary_dim), the routing result and the lengths ``|v_j|`` (B, J)."""
-        u = self.primary.capsules(self.features(x))  # (B, 16, 8) on MNIST
+        x = x.contiguous(memory_format=torch.channels_last)
+        u = self.primary.capsules(self.features(x)) if self._can_fold(x) else self.primary(self.stem(x))  # (B, 16, 8) on MNIST
         routed = self.digits(u)  # poses (B, J, 16)
         # Exact |v_j| as in CapsNet: vector_norm's gradient at 0 is 0, not NaN.
         return u, routed, torch.linalg.vector_norm(routed.poses, dim=-1)
