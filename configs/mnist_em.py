@@ -15,7 +15,7 @@ Model: em_mnist, the em_small network (A=64, B=8, C=D=16) on 28x28 one-channel i
 capsules (grids 12 -> 12 -> 5 -> 3), 2 EM iterations (not the paper's 3: they learned faster in
 whole-epoch probes, docs/em_training.md; every budget variant also exists with the suffix
 ``_it3``, and ``:paper`` has 3), in the builders' TRAINABLE parametrisation
-(centred activation logit, identity-plus-noise ConvCaps transforms, fan-in lambda 5 in the
+(centred activation logit with beta_a as an offset, identity-plus-noise ConvCaps transforms, fan-in lambda 5 in the
 ConvCaps layers and 1/2 in the class layer: capsnet.models.em and docs/em_training.md);
 ``:paper`` swaps in the paper's. The paper reports 0.44% on MNIST without
 giving the network it used for it. Recipe: Adam, spread loss with the margin rising linearly

@@ -375,7 +375,7 @@ def test_checkpoints_from_before_the_trainable_default_load_with_the_paper_param
                       objective="spread", batch_size=8, epochs=1, figures=False)
     train(cfg, data_root=tmp_path, out_dir=tmp_path / "run", progress=False, final_test=False)
     new = load_checkpoint(tmp_path / "run" / "last.pt")
-    assert new["format"] == 3 and load_model(tmp_path / "run" / "best.pt")[0].caps1.activation == "centred"
+    assert new["format"] == 4 and load_model(tmp_path / "run" / "best.pt")[0].caps1.activation == "offset"
     assert load_model(tmp_path / "run" / "best.pt")[0].caps1.final_lambda == 5.0
     old = {k: v for k, v in new.items() if k not in ("format", "numerics")}  # what session 5 wrote
     save_checkpoint(old, tmp_path / "old.pt")
@@ -393,11 +393,22 @@ def test_checkpoints_from_before_the_trainable_default_load_with_the_paper_param
     save_checkpoint(session7, tmp_path / "run" / "last.pt")
     with pytest.raises(CheckpointError, match="model_kwargs.final_lambda=None"):
         train(cfg, data_root=tmp_path, out_dir=tmp_path / "run", progress=False, final_test=False, resume=True)
-    # Another schedule never had TRAINABLE's lambdas: a format-2 checkpoint of it rebuilds unchanged.
+    # Session 8 (format 3): TRAINABLE's per-layer lambdas with the centred activation.
+    session8 = dict(new, format=3)
+    save_checkpoint(session8, tmp_path / "s8.pt")
+    model, _, _ = load_model(tmp_path / "s8.pt")
+    assert (model.caps1.activation, model.classes.activation, model.caps1.final_lambda) == ("centred", "centred", 5.0)
+    save_checkpoint(session8, tmp_path / "run" / "last.pt")
+    with pytest.raises(CheckpointError, match="model_kwargs.activation=centred"):
+        train(cfg, data_root=tmp_path, out_dir=tmp_path / "run", progress=False, final_test=False, resume=True)
+    # Another schedule never had TRAINABLE's lambdas: a format-2 checkpoint of it rebuilds with the centred logit only.
     from capsnet.train.restore import checkpoint_model_kwargs
 
     authors = TrainConfig(**{**cfg.to_dict(), "model_kwargs": dict(cfg.model_kwargs, schedule="authors")})
-    assert checkpoint_model_kwargs(authors, session7) == authors.model_kwargs
+    assert checkpoint_model_kwargs(authors, session7) == {"activation": "centred", **authors.model_kwargs}
+    # A config that names its activation keeps it, whatever the format.
+    named = TrainConfig(**{**cfg.to_dict(), "model_kwargs": dict(cfg.model_kwargs, activation="standardised")})
+    assert checkpoint_model_kwargs(named, session8) == named.model_kwargs
 
 
 def test_routing_statistics_reach_the_training_log(tmp_path):

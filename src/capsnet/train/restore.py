@@ -109,7 +109,8 @@ def check_numerics(saved: Optional[dict], path: Path, amp: Optional[str] = None)
 #: ``capsnet.models.em.TRAINABLE`` unless told otherwise; checkpoints without the key (format 1)
 #: were trained with the paper's parametrisation, which :func:`checkpoint_model_kwargs` restores.
 #: 3: ``TRAINABLE`` has a lambda per routed layer; format-2 EM checkpoints had one (``final_lambda=None``).
-CHECKPOINT_FORMAT = 3
+#: 4: ``TRAINABLE``'s activation is ``"offset"``; format-2 and -3 EM checkpoints had ``"centred"``.
+CHECKPOINT_FORMAT = 4
 
 
 def checkpoint_model_kwargs(cfg: TrainConfig, ckpt: dict) -> dict:
@@ -117,13 +118,18 @@ def checkpoint_model_kwargs(cfg: TrainConfig, ckpt: dict) -> dict:
 
     Format-1 checkpoints of the EM builders get :data:`capsnet.models.em.PAPER` under their own
     keywords (the builders' defaults then), format-2 ones the single fan-in lambda of the
-    builders then (``final_lambda=None``); everything else is ``cfg.model_kwargs`` unchanged.
+    builders then (``final_lambda=None``), format-2 and -3 ones the centred activation logit
+    (``activation="centred"``); everything else is ``cfg.model_kwargs`` unchanged.
     """
     if cfg.model in EM_BUILDERS:
         if ckpt.get("format", 1) < 2:
             return {**PAPER, **cfg.model_kwargs}
+        legacy = {}
         if ckpt["format"] < 3 and cfg.model_kwargs.get("schedule", "fan_in") == "fan_in":  # other schedules: TRAINABLE's lambdas never applied
-            return {"final_lambda": None, **cfg.model_kwargs}
+            legacy["final_lambda"] = None
+        if ckpt["format"] < 4:
+            legacy["activation"] = "centred"
+        return {**legacy, **cfg.model_kwargs}
     return dict(cfg.model_kwargs)
 
 
