@@ -56,7 +56,7 @@ def test_inputs_of_mixed_dtypes_raise_value_error():
 
 
 @pytest.mark.parametrize("truncate", [False, True])
-@pytest.mark.parametrize("activation", ["paper", "centred"])
+@pytest.mark.parametrize("activation", ["paper", "centred", "offset"])
 def test_dense_gradients_equal_plain_autograd(truncate, activation):
     """Values and gradients of the replaying backward against plain torch autograd of Procedure 1,
     with and without ``truncate_gradient`` (the Gaussians each E-step reads as constants)."""
