@@ -424,7 +424,7 @@ def test_routing_statistics_reach_the_training_log(tmp_path):
 
 
 def test_em_mnist_config_routes_twice_and_keeps_the_papers_three_as_variants():
-    """The CPU budgets route with 2 iterations at lr 2e-3; ``_it3`` and ``:paper`` keep the paper's 3."""
+    """The CPU budgets route with 2 iterations at lr 2e-3; ``_it3`` (same lr) and ``:paper`` keep the paper's 3."""
     from pathlib import Path
 
     from capsnet.models.em import PAPER
@@ -435,7 +435,7 @@ def test_em_mnist_config_routes_twice_and_keeps_the_papers_three_as_variants():
         cfg = load_config(f"{path}:{variant}")
         assert (cfg.model_kwargs["iterations"], cfg.lr, cfg.batch_size, cfg.amp) == (2, 2e-3, 32, None), variant
         it3 = load_config(f"{path}:{variant}_it3")
-        assert (it3.model_kwargs["iterations"], it3.lr, it3.max_steps, it3.epochs) == (3, 1e-3, cfg.max_steps, cfg.epochs)
+        assert (it3.model_kwargs["iterations"], it3.lr, it3.max_steps, it3.epochs) == (3, 2e-3, cfg.max_steps, cfg.epochs)
     paper = load_config(f"{path}:paper")
     assert paper.model_kwargs == dict(iterations=3, **PAPER)
     assert load_config(path).model_kwargs["iterations"] == 2
