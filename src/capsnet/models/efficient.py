@@ -283,8 +283,10 @@ class EfficientCapsNet(CapsNet):
         that needs gradients, a stem module in train mode or with forward hooks, autocast.
         """
         x = x.contiguous(memory_format=torch.channels_last)
-        if not self._can_fold(x):
-            return self.primary.conv(self.stem(x))
+        return self._folded_features(x) if self._can_fold(x) else self.primary.conv(self.stem(x))
+
+    def _folded_features(self, x: Tensor) -> Tensor:
+        """:meth:`features` with the batch norms folded and the ReLUs fused (channels-last ``x``)."""
         layers = list(self.stem)
         affine = None
         for conv, norm in zip(layers[0::3], layers[2::3]):
@@ -296,7 +298,7 @@ class EfficientCapsNet(CapsNet):
     def encode(self, x: Tensor) -> tuple[Tensor, RoutingResult, Tensor]:
         """Primary capsules ``u`` (B, I, primary_dim), the routing result and the lengths ``|v_j|`` (B, J)."""
         x = x.contiguous(memory_format=torch.channels_last)
-        u = self.primary.capsules(self.features(x)) if self._can_fold(x) else self.primary(self.stem(x))  # (B, 16, 8) on MNIST
+        u = self.primary.capsules(self._folded_features(x)) if self._can_fold(x) else self.primary(self.stem(x))  # (B, 16, 8) on MNIST
         routed = self.digits(u)  # poses (B, J, 16)
         # Exact |v_j| as in CapsNet: vector_norm's gradient at 0 is 0, not NaN.
         return u, routed, torch.linalg.vector_norm(routed.poses, dim=-1)
