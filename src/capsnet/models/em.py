@@ -22,6 +22,7 @@ iterations, the receptive-field E-step, coordinate addition, the spread loss, is
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import NamedTuple, Optional, Sequence, Union
 
@@ -107,6 +108,10 @@ class MatrixCapsNet(nn.Module):
         caps_init_std, class_init_std: truncated-normal std of the ConvCaps and class transforms
             (Google's code: 0.3 and 0.01). ``caps_init_std=None``: 0.3 for ``caps_init="normal"``,
             0.1 for ``"identity"``.
+        class_beta_a: initial ``beta_a`` of the class capsules (the paper's codes: 0). With
+            ``activation="offset"`` it is the class logits' offset: a negative one starts the
+            classes that no child chooses low, so a late spread-loss margin (0.9 needs losers
+            below ~0.1) can be met (docs/em_training.md, session 10).
         caps_init: ``"normal"`` (Google's code): ConvCaps transforms are noise of ``caps_init_std``;
             ``"identity"``: the identity plus that noise, so each vote starts as its child's pose.
         routing_stats: measure routing in every forward pass for the training logs, see
@@ -157,6 +162,7 @@ class MatrixCapsNet(nn.Module):
         truncate_gradient: bool = False,
         caps_init_std: Optional[float] = None,
         class_init_std: float = 0.01,
+        class_beta_a: float = 0.0,
         caps_init: str = "normal",
         routing_stats: bool = False,
     ):
@@ -204,6 +210,10 @@ class MatrixCapsNet(nn.Module):
         self.classes = ClassMatCaps(caps2_types, num_classes, in_size=(grid2, grid2),
                                     coordinate_addition=coordinate_addition, coordinate_order=coordinate_order,
                                     init_std=class_init_std, iterations=per_layer[2], final_lambda=lambdas[2], **routing)  # fmt: skip
+        if class_beta_a != 0.0:
+            if not math.isfinite(class_beta_a):
+                raise ValueError(f"class_beta_a must be finite, got {class_beta_a!r}")
+            nn.init.constant_(self.classes.beta_a, float(class_beta_a))
         if caps_init not in ("normal", "identity"):
             raise ValueError(f"caps_init must be 'normal' or 'identity', got {caps_init!r}")
         if caps_init == "identity":  # W = I + noise: votes start as the child poses, the pose scale carries through
