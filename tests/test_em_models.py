@@ -184,6 +184,7 @@ def test_bad_labels_raise_value_error():
         (dict(schedule="cosine"), "schedule must be"),
         (dict(conv_channels=0), "positive"),
         (dict(iterations=0), "iterations"),
+        (dict(class_beta_a=float("nan")), "class_beta_a"),
     ],
 )
 def test_bad_hyper_parameters_raise_value_error(kwargs, message):
@@ -344,6 +345,20 @@ def test_training_metrics_report_routing_statistics_and_gradient_norms():
     assert "routing/caps1/it3/r_entropy" not in metrics
     assert metrics["grad_norm/classes/beta_a"] > 0 and metrics["grad_norm/conv1/weight"] > 0
     assert all(isinstance(v, float) and v == v for v in metrics.values())
+
+
+def test_class_beta_a_starts_the_class_logits_lower_by_that_offset():
+    torch.manual_seed(0)
+    plain = create_model("em_tiny", iterations=(2, 2, 1))
+    torch.manual_seed(0)
+    low = create_model("em_tiny", iterations=(2, 2, 1), class_beta_a=-2.0)
+    assert torch.equal(plain.classes.beta_a, torch.zeros(5)) and torch.equal(low.classes.beta_a, torch.full((5,), -2.0))
+    assert torch.equal(low.caps1.beta_a, plain.caps1.beta_a)  # only the class layer's
+    x = torch.rand(3, 1, 32, 32)
+    a, b = plain(x).activations, low(x).activations
+    # "offset": beta_a is added to the logit; one class-layer M-step, so the logits differ by exactly -2
+    # (with more iterations the activations also weight the E-step).
+    torch.testing.assert_close(torch.logit(b.double()), torch.logit(a.double()) - 2.0, atol=1e-4, rtol=0)
 
 
 def test_conv_norm_adds_a_batch_norm_after_conv1():
