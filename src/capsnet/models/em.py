@@ -105,6 +105,9 @@ class MatrixCapsNet(nn.Module):
             padding 1 makes the grids 13 -> 6 -> 4 and every pixel count (padding 2 still misses
             the last row and column).
         conv_norm: batch norm between Conv1 and its ReLU (not in the paper; yl-1993's PyTorch code).
+        stem_depth: extra ReLU convolutions (3x3, stride 1, padding 1, A channels, He init) between
+            Conv1 and PrimaryCaps, so the primary poses are not linear in one layer of features
+            (not in the paper, which has 0; the grids do not change).
         caps_init_std, class_init_std: truncated-normal std of the ConvCaps and class transforms
             (Google's code: 0.3 and 0.01). ``caps_init_std=None``: 0.3 for ``caps_init="normal"``,
             0.1 for ``"identity"``.
@@ -146,6 +149,7 @@ class MatrixCapsNet(nn.Module):
         conv_stride: int = 2,
         conv_padding: int = 0,
         conv_norm: bool = False,
+        stem_depth: int = 0,
         caps_kernel: int = 3,
         caps1_stride: int = 2,
         caps2_stride: int = 1,
@@ -175,6 +179,8 @@ class MatrixCapsNet(nn.Module):
             raise ValueError(f"MatrixCapsNet sizes must be positive, got {sizes}")
         if conv_padding < 0:
             raise ValueError(f"conv_padding must be >= 0, got {conv_padding}")
+        if isinstance(stem_depth, bool) or not isinstance(stem_depth, int) or stem_depth < 0:
+            raise ValueError(f"stem_depth must be an int >= 0, got {stem_depth!r}")
         self.in_channels, self.image_size, self.num_classes = in_channels, image_size, num_classes
         grid0 = conv_output_size(image_size, conv_kernel, conv_stride, conv_padding)
         grid1 = conv_output_size(grid0, caps_kernel, caps1_stride) if grid0 >= caps_kernel else 0
@@ -202,6 +208,10 @@ class MatrixCapsNet(nn.Module):
         _trunc_normal_(self.conv1.weight.data, 0.05)
         nn.init.constant_(self.conv1.bias, 0.1)
         self.conv_norm = nn.BatchNorm2d(conv_channels) if conv_norm else nn.Identity()
+        self.stem = nn.ModuleList(Conv2d(conv_channels, conv_channels, 3, padding=1) for _ in range(stem_depth))
+        for conv in self.stem:
+            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
         self.primary = PrimaryMatCaps(conv_channels, primary_types)
         self.caps1 = ConvMatCaps(primary_types, caps1_types, kernel_size=caps_kernel, stride=caps1_stride,
                                  in_size=(grid0, grid0), init_std=caps_init_std, iterations=per_layer[0], final_lambda=lambdas[0], **routing)  # fmt: skip
@@ -225,7 +235,10 @@ class MatrixCapsNet(nn.Module):
         check_images(x, self.in_channels, (self.image_size, self.image_size), dtype=self.conv1.weight.dtype)
         if y is not None:
             check_labels(y, x.shape[0], self.num_classes)
-        primary = self.primary(torch.relu_(self.conv_norm(self.conv1(x))))  # poses (B, 14, 14, B_types, 4, 4)
+        features = torch.relu_(self.conv_norm(self.conv1(x)))
+        for conv in self.stem:
+            features = torch.relu_(conv(features))
+        primary = self.primary(features)  # poses (B, 14, 14, B_types, 4, 4)
         caps1 = self.caps1(primary.poses, primary.activations)  # (B, 6, 6, C, 4, 4)
         caps2 = self.caps2(caps1.poses, caps1.activations)  # (B, 4, 4, D, 4, 4)
         out = self.classes(caps2.poses, caps2.activations)  # (B, J, 4, 4)
