@@ -185,6 +185,8 @@ def test_bad_labels_raise_value_error():
         (dict(conv_channels=0), "positive"),
         (dict(iterations=0), "iterations"),
         (dict(class_beta_a=float("nan")), "class_beta_a"),
+        (dict(stem_depth=-1), "stem_depth"),
+        (dict(stem_depth=1.5), "stem_depth"),
     ],
 )
 def test_bad_hyper_parameters_raise_value_error(kwargs, message):
@@ -359,6 +361,17 @@ def test_class_beta_a_starts_the_class_logits_lower_by_that_offset():
     # "offset": beta_a is added to the logit; one class-layer M-step, so the logits differ by exactly -2
     # (with more iterations the activations also weight the E-step).
     torch.testing.assert_close(torch.logit(b.double()), torch.logit(a.double()) - 2.0, atol=1e-4, rtol=0)
+
+
+def test_stem_depth_adds_same_size_relu_convolutions_before_primary_caps():
+    plain, deep = create_model("em_mnist"), create_model("em_mnist", stem_depth=2)
+    channels = plain.conv1.out_channels
+    assert _count(deep) - _count(plain) == 2 * (channels * channels * 9 + channels)
+    assert list(plain.state_dict()) == [k for k in deep.state_dict() if not k.startswith("stem.")]  # old checkpoints load
+    out = deep(torch.rand(2, 1, 28, 28))
+    assert out.activations.shape == (2, 10) and out.assignments.shape == plain(torch.rand(2, 1, 28, 28)).assignments.shape
+    out.activations.sum().backward()
+    assert all(conv.weight.grad.abs().sum() > 0 for conv in deep.stem)
 
 
 def test_conv_norm_adds_a_batch_norm_after_conv1():
