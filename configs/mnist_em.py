@@ -4,7 +4,7 @@ Reproduce:
     capsnet train --config configs/mnist_em.py            # MNIST, the paper-length recipe (50 epochs)
     capsnet train --config configs/mnist_em.py:paper      # the same with the paper's parametrisation
     capsnet train --config configs/mnist_em.py:fashion    # Fashion-MNIST, same recipe (no paper number)
-    capsnet train --config configs/mnist_em.py:short      # CPU budget: 300 steps at batch 32 (docs/results.md)
+    capsnet train --config configs/mnist_em.py:short      # CPU budget: 300 steps at batch 32, lr 3e-3 (docs/results.md)
     capsnet train --config configs/mnist_em.py:epoch1     # CPU budget: one epoch at batch 32 (docs/results.md)
     capsnet train --config configs/mnist_em.py:epoch3     # CPU budget: three epochs at batch 32 (docs/results.md)
     capsnet train --config configs/mnist_em.py:epoch3_it3 # the same with the paper's 3 routing iterations
@@ -22,7 +22,8 @@ giving the network it used for it. Recipe: Adam, spread loss with the margin ris
 from 0.2 to 0.9 (the paper), fan-in lambda schedule, weight decay 2e-7 (public codes), shifts of
 up to 2 pixels; 5,000 training digits held out for validation. The CPU budgets use batch 32, a
 100-step warm-up to lr 2e-3 and half a cosine to the end of the run (the dynamic-routing recipe's
-shape), the ``_it3`` variants too (session 9: three epochs 98.11% test at lr 2e-3 against 97.70% at 1e-3).
+shape), the ``_it3`` variants too (session 9: three epochs 98.11% test at lr 2e-3 against 97.70% at 1e-3);
+``:short`` with 2 iterations peaks at lr 3e-3 (session 10: three seeds, +0.6 points validation).
 """
 
 from capsnet.models.em import PAPER
@@ -47,7 +48,8 @@ def get_config(variant: str = "default") -> dict:
         checkpoint_every=500,
     )
     budget = dict(batch_size=32, lr=2e-3, lr_schedule="cosine", lr_warmup_steps=100, lr_decay_steps=None)
-    if variant.endswith("_it3"):  # the paper's 3 iterations, at the same lr (docs/results.md, session 9)
+    it3 = variant.endswith("_it3")
+    if it3:  # the paper's 3 iterations, at lr 2e-3 (docs/results.md, session 9)
         config = dict(config, model_kwargs=dict(config["model_kwargs"], iterations=3))
         variant = variant[: -len("_it3")]
     if variant == "default":
@@ -58,7 +60,9 @@ def get_config(variant: str = "default") -> dict:
         return dict(config, dataset="fashion_mnist")
     if variant == "short":
         # 300 steps of batch 32 (9,600 digits), validated once at the end; the margin schedule of one epoch.
-        return dict(config, **budget, max_steps=300, eval_every=300, checkpoint_every=100,
+        # lr 3e-3 with 2 iterations (three seeds: 94.81% mean validation against 94.19% at 2e-3, session 10);
+        # 3 iterations keep 2e-3 (3e-3 cost them 10 points in session 6's 300-step probes).
+        return dict(config, **dict(budget, lr=2e-3 if it3 else 3e-3), max_steps=300, eval_every=300, checkpoint_every=100,
                     objective_kwargs=dict(schedule="linear", start=0.2, end=0.9, steps=1719))
     if variant in ("epoch1", "epoch3", "fashion_epoch3"):
         # One or three epochs of batch 32 (1,719 steps each), the margin schedule over the run.

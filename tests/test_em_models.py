@@ -452,7 +452,7 @@ def test_routing_statistics_reach_the_training_log(tmp_path):
 
 
 def test_em_mnist_config_routes_twice_and_keeps_the_papers_three_as_variants():
-    """The CPU budgets route with 2 iterations at lr 2e-3; ``_it3`` (same lr) and ``:paper`` keep the paper's 3."""
+    """The CPU budgets route with 2 iterations at lr 2e-3 (``short``: 3e-3); ``_it3`` (lr 2e-3) and ``:paper`` keep the paper's 3."""
     from pathlib import Path
 
     from capsnet.models.em import PAPER
@@ -461,7 +461,8 @@ def test_em_mnist_config_routes_twice_and_keeps_the_papers_three_as_variants():
     path = str(Path(__file__).resolve().parents[1] / "configs" / "mnist_em.py")
     for variant in ("epoch1", "epoch3", "short", "fashion_epoch3"):
         cfg = load_config(f"{path}:{variant}")
-        assert (cfg.model_kwargs["iterations"], cfg.lr, cfg.batch_size, cfg.amp) == (2, 2e-3, 32, None), variant
+        lr = 3e-3 if variant == "short" else 2e-3
+        assert (cfg.model_kwargs["iterations"], cfg.lr, cfg.batch_size, cfg.amp) == (2, lr, 32, None), variant
         it3 = load_config(f"{path}:{variant}_it3")
         assert (it3.model_kwargs["iterations"], it3.lr, it3.max_steps, it3.epochs) == (3, 2e-3, cfg.max_steps, cfg.epochs)
     paper = load_config(f"{path}:paper")
