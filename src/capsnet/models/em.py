@@ -27,6 +27,7 @@ import numbers
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 from .._shapes import conv_output_size
@@ -115,6 +116,11 @@ class MatrixCapsNet(nn.Module):
             ``activation="offset"`` it is the class logits' offset: a negative one starts the
             classes that no child chooses low, so a late spread-loss margin (0.9 needs losers
             below ~0.1) can be met (docs/em_training.md, session 10).
+        class_transforms: ``"shared"`` (the paper): one transform per (ConvCaps2 type, class), shared
+            over the grid, with coordinate addition; ``"position"``: one per (position, type, class),
+            the class layer a ConvCaps layer whose kernel covers the whole grid (no coordinate
+            addition: the position is in the transform). Not in the paper: 9x the class layer's
+            transforms on MNIST (23,040 against 2,560).
         caps_init: ``"normal"`` (Google's code): ConvCaps transforms are noise of ``caps_init_std``;
             ``"identity"``: the identity plus that noise, so each vote starts as its child's pose.
         routing_stats: measure routing in every forward pass for the training logs, see
@@ -167,6 +173,7 @@ class MatrixCapsNet(nn.Module):
         caps_init_std: Optional[float] = None,
         class_init_std: float = 0.01,
         class_beta_a: float = 0.0,
+        class_transforms: str = "shared",
         caps_init: str = "normal",
         routing_stats: bool = False,
     ):
@@ -217,9 +224,16 @@ class MatrixCapsNet(nn.Module):
                                  in_size=(grid0, grid0), init_std=caps_init_std, iterations=per_layer[0], final_lambda=lambdas[0], **routing)  # fmt: skip
         self.caps2 = ConvMatCaps(caps1_types, caps2_types, kernel_size=caps_kernel, stride=caps2_stride,
                                  in_size=(grid1, grid1), init_std=caps_init_std, iterations=per_layer[1], final_lambda=lambdas[1], **routing)  # fmt: skip
-        self.classes = ClassMatCaps(caps2_types, num_classes, in_size=(grid2, grid2),
-                                    coordinate_addition=coordinate_addition, coordinate_order=coordinate_order,
-                                    init_std=class_init_std, iterations=per_layer[2], final_lambda=lambdas[2], **routing)  # fmt: skip
+        if class_transforms not in ("shared", "position"):
+            raise ValueError(f"class_transforms must be 'shared' or 'position', got {class_transforms!r}")
+        self.class_transforms = class_transforms
+        if class_transforms == "shared":
+            self.classes = ClassMatCaps(caps2_types, num_classes, in_size=(grid2, grid2),
+                                        coordinate_addition=coordinate_addition, coordinate_order=coordinate_order,
+                                        init_std=class_init_std, iterations=per_layer[2], final_lambda=lambdas[2], **routing)  # fmt: skip
+        else:
+            self.classes = ConvMatCaps(caps2_types, num_classes, kernel_size=grid2, stride=1, in_size=(grid2, grid2),
+                                       init_std=class_init_std, iterations=per_layer[2], final_lambda=lambdas[2], **routing)  # fmt: skip
         if class_beta_a != 0.0:
             if not math.isfinite(class_beta_a):
                 raise ValueError(f"class_beta_a must be finite, got {class_beta_a!r}")
@@ -242,6 +256,10 @@ class MatrixCapsNet(nn.Module):
         caps1 = self.caps1(primary.poses, primary.activations)  # (B, 6, 6, C, 4, 4)
         caps2 = self.caps2(caps1.poses, caps1.activations)  # (B, 4, 4, D, 4, 4)
         out = self.classes(caps2.poses, caps2.activations)  # (B, J, 4, 4)
+        if self.class_transforms == "position":  # a 1x1 grid; children (h, w, t) -> (t, h, w) as ClassMatCaps orders them
+            h = caps2.poses.shape[1]
+            assignments = rearrange(out.assignments, "b 1 (h w t) j -> b (t h w) j", h=h, w=caps2.poses.shape[2])
+            return MatrixCapsOutput(out.activations.flatten(1), out.poses.flatten(1, 3), assignments)
         return MatrixCapsOutput(out.activations, out.poses, out.assignments)
 
     def record_routing_stats(self, enabled: bool = True) -> None:
