@@ -186,6 +186,7 @@ def test_bad_labels_raise_value_error():
         (dict(iterations=0), "iterations"),
         (dict(class_beta_a=float("nan")), "class_beta_a"),
         (dict(stem_depth=-1), "stem_depth"),
+        (dict(class_transforms="per_class"), "class_transforms"),
         (dict(stem_depth=1.5), "stem_depth"),
     ],
 )
@@ -372,6 +373,35 @@ def test_stem_depth_adds_same_size_relu_convolutions_before_primary_caps():
     assert out.activations.shape == (2, 10) and out.assignments.shape == plain(torch.rand(2, 1, 28, 28)).assignments.shape
     out.activations.sum().backward()
     assert all(conv.weight.grad.abs().sum() > 0 for conv in deep.stem)
+
+
+def test_position_class_transforms_are_one_per_grid_position():
+    torch.manual_seed(0)
+    shared, position = create_model("em_mnist"), create_model("em_mnist", class_transforms="position")
+    types, classes, cells = 16, 10, 3 * 3
+    assert _count(position) - _count(shared) == (cells - 1) * types * classes * 16
+    x = torch.rand(3, 1, 28, 28)
+    out, ref = position(x), shared(x)
+    assert out.activations.shape == ref.activations.shape and out.poses.shape == ref.poses.shape
+    assert out.assignments.shape == ref.assignments.shape == (3, types * cells, classes)
+    torch.testing.assert_close(out.assignments.sum(-1), torch.ones(3, types * cells))
+    out.activations.sum().backward()
+    assert position.classes.weight.grad.abs().sum() > 0
+
+
+def test_position_class_transforms_tiled_from_shared_ones_equal_the_shared_layer():
+    """Every position given the shared transform (and no coordinate addition): the same network,
+    so activations, poses and R (children in ClassMatCaps' (type, h, w) order) agree."""
+    torch.manual_seed(0)
+    shared = create_model("em_mnist", coordinate_addition=False).double()
+    position = create_model("em_mnist", class_transforms="position").double()
+    state = {k: v for k, v in shared.state_dict().items() if k != "classes.weight"}
+    tiled = shared.classes.weight.detach().repeat(9, 1, 1, 1)  # children (h, w, t): t fastest
+    position.load_state_dict({**state, "classes.weight": tiled})
+    x = torch.rand(2, 1, 28, 28, dtype=torch.float64)
+    out, ref = position(x), shared(x)
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
 def test_conv_norm_adds_a_batch_norm_after_conv1():
