@@ -31,7 +31,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .._shapes import conv_output_size
-from ..layers.matrix import ClassMatCaps, ConvMatCaps, PrimaryMatCaps, _trunc_normal_
+from ..layers.matrix import COORD_ORDERS, ClassMatCaps, ConvMatCaps, PrimaryMatCaps, _trunc_normal_
 from ..ops.conv import Conv2d
 from ..routing.em import MASS_EPS, VAR_FLOOR
 from ..validation import check_images, check_labels
@@ -112,15 +112,16 @@ class MatrixCapsNet(nn.Module):
         caps_init_std, class_init_std: truncated-normal std of the ConvCaps and class transforms
             (Google's code: 0.3 and 0.01). ``caps_init_std=None``: 0.3 for ``caps_init="normal"``,
             0.1 for ``"identity"``.
-        class_beta_a: initial ``beta_a`` of the class capsules (the paper's codes: 0). With
+        class_beta_a: initial ``beta_a`` of the class capsules; None: the layer's own (0 as in the
+            paper's codes; IBM's N(-1000, 500) with ``schedule="authors"``). With
             ``activation="offset"`` it is the class logits' offset: a negative one starts the
             classes that no child chooses low, so a late spread-loss margin (0.9 needs losers
             below ~0.1) can be met (docs/em_training.md, session 10).
         class_transforms: ``"shared"`` (the paper): one transform per (ConvCaps2 type, class), shared
             over the grid, with coordinate addition; ``"position"``: one per (position, type, class),
             the class layer a ConvCaps layer whose kernel covers the whole grid (no coordinate
-            addition: the position is in the transform). Not in the paper: 9x the class layer's
-            transforms on MNIST (23,040 against 2,560).
+            addition: the position is in the transform). Not in the paper: one transform per grid
+            cell, so on MNIST's 3x3 grid 9x the class layer's parameters (23,040 against 2,560).
         caps_init: ``"normal"`` (Google's code): ConvCaps transforms are noise of ``caps_init_std``;
             ``"identity"``: the identity plus that noise, so each vote starts as its child's pose.
         routing_stats: measure routing in every forward pass for the training logs, see
@@ -172,7 +173,7 @@ class MatrixCapsNet(nn.Module):
         truncate_gradient: bool = False,
         caps_init_std: Optional[float] = None,
         class_init_std: float = 0.01,
-        class_beta_a: float = 0.0,
+        class_beta_a: Optional[float] = None,
         class_transforms: str = "shared",
         caps_init: str = "normal",
         routing_stats: bool = False,
@@ -224,6 +225,8 @@ class MatrixCapsNet(nn.Module):
                                  in_size=(grid0, grid0), init_std=caps_init_std, iterations=per_layer[0], final_lambda=lambdas[0], **routing)  # fmt: skip
         self.caps2 = ConvMatCaps(caps1_types, caps2_types, kernel_size=caps_kernel, stride=caps2_stride,
                                  in_size=(grid1, grid1), init_std=caps_init_std, iterations=per_layer[1], final_lambda=lambdas[1], **routing)  # fmt: skip
+        if coordinate_order not in COORD_ORDERS:  # checked here too: "position" and no coordinate addition never read it
+            raise ValueError(f"coordinate_order must be one of {COORD_ORDERS}, got {coordinate_order!r}")
         if class_transforms not in ("shared", "position"):
             raise ValueError(f"class_transforms must be 'shared' or 'position', got {class_transforms!r}")
         self.class_transforms = class_transforms
@@ -234,9 +237,9 @@ class MatrixCapsNet(nn.Module):
         else:
             self.classes = ConvMatCaps(caps2_types, num_classes, kernel_size=grid2, stride=1, in_size=(grid2, grid2),
                                        init_std=class_init_std, iterations=per_layer[2], final_lambda=lambdas[2], **routing)  # fmt: skip
-        if class_beta_a != 0.0:
-            if not math.isfinite(class_beta_a):
-                raise ValueError(f"class_beta_a must be finite, got {class_beta_a!r}")
+        if class_beta_a is not None:
+            if isinstance(class_beta_a, bool) or not isinstance(class_beta_a, numbers.Real) or not math.isfinite(class_beta_a):
+                raise ValueError(f"class_beta_a must be None or a finite number, got {class_beta_a!r}")
             nn.init.constant_(self.classes.beta_a, float(class_beta_a))
         if caps_init not in ("normal", "identity"):
             raise ValueError(f"caps_init must be 'normal' or 'identity', got {caps_init!r}")
@@ -255,7 +258,7 @@ class MatrixCapsNet(nn.Module):
         primary = self.primary(features)  # poses (B, 14, 14, B_types, 4, 4)
         caps1 = self.caps1(primary.poses, primary.activations)  # (B, 6, 6, C, 4, 4)
         caps2 = self.caps2(caps1.poses, caps1.activations)  # (B, 4, 4, D, 4, 4)
-        out = self.classes(caps2.poses, caps2.activations)  # (B, J, 4, 4)
+        out = self.classes(caps2.poses, caps2.activations)  # (B, J, 4, 4); "position": (B, 1, 1, J, 4, 4)
         if self.class_transforms == "position":  # a 1x1 grid; children (h, w, t) -> (t, h, w) as ClassMatCaps orders them
             h = caps2.poses.shape[1]
             assignments = rearrange(out.assignments, "b 1 (h w t) j -> b (t h w) j", h=h, w=caps2.poses.shape[2])
