@@ -260,8 +260,8 @@ class MatrixCapsNet(nn.Module):
         caps2 = self.caps2(caps1.poses, caps1.activations)  # (B, 4, 4, D, 4, 4)
         out = self.classes(caps2.poses, caps2.activations)  # (B, J, 4, 4); "position": (B, 1, 1, J, 4, 4)
         if self.class_transforms == "position":  # a 1x1 grid; children (h, w, t) -> (t, h, w) as ClassMatCaps orders them
-            h = caps2.poses.shape[1]
-            assignments = rearrange(out.assignments, "b 1 (h w t) j -> b (t h w) j", h=h, w=caps2.poses.shape[2])
+            h, w = caps2.poses.shape[1:3]
+            assignments = rearrange(out.assignments, "b 1 (h w t) j -> b (t h w) j", h=h, w=w)
             return MatrixCapsOutput(out.activations.flatten(1), out.poses.flatten(1, 3), assignments)
         return MatrixCapsOutput(out.activations, out.poses, out.assignments)
 
