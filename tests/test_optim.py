@@ -106,3 +106,57 @@ print("torch._dynamo" in sys.modules)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "True"]
+
+
+def test_lr_scales_make_groups_that_train_like_torchs_adam_with_those_groups():
+    """Factors per parameter become groups of equal factor: the same trajectory and state as torch's grouped Adam."""
+    scales = [2.0, 1.0, 0.5, 2.0, 1.0, 1.0, 1.0, 0.5, 1.0]  # capsnet_tiny's 9 parameters, mixed order
+
+    def torchs(ps):
+        ps = list(ps)
+        groups = {}
+        for p, s in zip(ps, scales):
+            groups.setdefault(s, []).append(p)
+        return torch.optim.Adam([{"params": g, "lr": 1e-3 * s} for s, g in groups.items()], lr=1e-3, betas=(0.8, 0.99), fused=True)
+
+    mine, mine_opt = _trajectory(lambda ps: adam(ps, lr=1e-3, betas=(0.8, 0.99), lr_scales=scales))
+    theirs, theirs_opt = _trajectory(torchs)
+    for a, b in zip(mine, theirs):
+        assert torch.equal(a, b)
+    assert [g["lr"] for g in mine_opt.param_groups] == [2e-3, 1e-3, 5e-4]
+    assert all(g["betas"] == (0.8, 0.99) for g in mine_opt.param_groups)
+    a, b = mine_opt.state_dict()["state"], theirs_opt.state_dict()["state"]
+    assert a.keys() == b.keys()
+    for index in b:
+        assert all(torch.equal(a[index][k], b[index][k]) for k in b[index]), index
+    # A different lr really moves differently: without the factors the trajectory differs.
+    plain, _ = _trajectory(lambda ps: adam(ps, lr=1e-3, betas=(0.8, 0.99)))
+    assert not torch.equal(plain[0], mine[0])
+
+
+def test_lr_scales_match_names_and_refuse_patterns_that_match_nothing():
+    model = capsnet.create_model("capsnet_tiny")
+    names = [n for n, _ in model.named_parameters()]
+    scales = capsnet.train.optim.lr_scales(model, {"*.bias": 3.0, "conv1.*": 0.5})
+    expected = [3.0 if n.endswith(".bias") else 0.5 if n.startswith("conv1.") else 1.0 for n in names]
+    assert scales == expected and scales[names.index("conv1.bias")] == 3.0  # the first pattern wins
+    assert capsnet.train.optim.lr_scales(model, {}) is None
+    with pytest.raises(ValueError, match=r"\['\*.beta_a'\] match no parameter of CapsNet.*conv1.weight"):
+        capsnet.train.optim.lr_scales(model, {"*.beta_a": 2.0})
+    with pytest.raises(ValueError, match="one factor per parameter"):
+        adam(model.parameters(), lr_scales=[1.0])
+    with pytest.raises(ValueError, match="finite and > 0"):
+        adam(model.parameters(), lr_scales=[0.0] * len(names))
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [("adam_beta2", 1.0, "'adam_beta2' must lie in"), ("adam_beta1", -0.1, "'adam_beta1' must lie in"),
+     ("lr_scale", {"*": 0.0}, "finite factor > 0"), ("lr_scale", {"*": "x"}, "maps name patterns"),
+     ("lr_scale", {3: 1.0}, "maps name patterns")],
+)  # fmt: skip
+def test_optimizer_config_keys_are_checked(key, value, match):
+    from capsnet.train import TrainConfig
+
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**{key: value})

@@ -18,11 +18,12 @@ def _weights(path):
     return load_checkpoint(path)["model"]
 
 
-def test_resume_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("optimizer", [{}, {"lr_scale": {"*.bias": 3.0, "conv1.*": 0.5}, "adam_beta2": 0.99}], ids=["plain", "lr-groups"])
+def test_resume_is_bit_identical(tmp_path, optimizer):
     """N steps straight == N/2 steps, stop, resume, N/2 steps: same weights, optimizer and RNG."""
-    straight = TrainConfig(**TINY, max_steps=8)
+    straight = TrainConfig(**TINY, **optimizer, max_steps=8)
     train(straight, data_root=tmp_path, out_dir=tmp_path / "a", progress=False, final_test=False)
-    train(TrainConfig(**TINY, max_steps=4), data_root=tmp_path, out_dir=tmp_path / "b", progress=False, final_test=False)
+    train(TrainConfig(**TINY, **optimizer, max_steps=4), data_root=tmp_path, out_dir=tmp_path / "b", progress=False, final_test=False)
     train(straight, data_root=tmp_path, out_dir=tmp_path / "b", progress=False, final_test=False, resume=True)
     a, b = load_checkpoint(tmp_path / "a" / "last.pt"), load_checkpoint(tmp_path / "b" / "last.pt")
     assert a["progress"]["step"] == b["progress"]["step"] == 8
@@ -31,6 +32,11 @@ def test_resume_is_bit_identical(tmp_path):
     for state_a, state_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
     assert torch.equal(a["rng"]["augment"], b["rng"]["augment"])
+    groups = a["optimizer"]["param_groups"]
+    assert len(groups) == (3 if optimizer else 1) and {g["betas"][1] for g in groups} == {optimizer.get("adam_beta2", 0.999)}
+    if optimizer:  # the factors hold through the schedule: bias 3x, conv1.weight 0.5x the rest
+        smallest = min(g["lr"] for g in groups)
+        assert sorted(round(g["lr"] / smallest, 6) for g in groups) == [1.0, 2.0, 6.0]  # 0.5 : 1 : 3
 
 
 def test_resume_crosses_an_epoch_boundary(tmp_path):

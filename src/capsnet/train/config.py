@@ -59,6 +59,10 @@ class TrainConfig:
     learning rate linearly up from ``lr / lr_warmup_steps`` first, under either schedule.
     ``amp``: mixed precision, see :data:`AMP_CHOICES` (``"auto"``: bf16 where the CPU has
     AMX-BF16, float32 elsewhere; ``None`` forces float32).
+    ``adam_beta1`` / ``adam_beta2``: Adam's moment decay rates (Kingma & Ba's 0.9 / 0.999 by
+    default). ``lr_scale``: ``{pattern: factor}``, the lr of every parameter whose name
+    (``model.named_parameters()``) matches the ``fnmatch`` pattern times the factor (the first
+    pattern that matches wins; each pattern must match a parameter), e.g. ``{"*.beta_*": 10}``.
     """
 
     model: str = "capsnet_mnist"
@@ -76,6 +80,9 @@ class TrainConfig:
     lr_schedule: str = "exponential"
     lr_warmup_steps: int = 0
     weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    lr_scale: dict = field(default_factory=dict)
     epochs: int = 1
     max_steps: Optional[int] = None
     time_budget_s: Optional[float] = None
@@ -119,6 +126,14 @@ class TrainConfig:
             raise ValueError(f"config key 'lr_min' ({self.lr_min}) must not exceed 'lr' ({self.lr})")
         if self.lr_min < 0 or self.weight_decay < 0:
             raise ValueError(f"config keys 'lr_min' and 'weight_decay' must be >= 0, got {self.lr_min}, {self.weight_decay}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"config key {name!r} must lie in [0, 1), got {getattr(self, name)}")
+        for pattern, factor in self.lr_scale.items():
+            if not isinstance(pattern, str) or isinstance(factor, bool) or not isinstance(factor, (int, float)):
+                raise ValueError(f"config key 'lr_scale' maps name patterns (str) to factors (float), got {pattern!r}: {factor!r}")
+            if not (factor > 0 and math.isfinite(factor)):
+                raise ValueError(f"config key 'lr_scale.{pattern}' must be a finite factor > 0, got {factor}")
         if not 0 <= self.seed < SEED_LIMIT:
             raise ValueError(f"config key 'seed' must lie in [0, {SEED_LIMIT}), got {self.seed}; pick a seed in that range")
         _check_split_sizes(self.dataset_kwargs)

@@ -32,7 +32,7 @@ from .distributed import Dist
 from .evaluation import evaluate
 from .logs import MetricsLogger
 from .objectives import Objective, create_objective
-from .optim import adam
+from .optim import adam, lr_scales
 from .restore import (
     CHECKPOINT_FORMAT,
     build_model,
@@ -165,7 +165,8 @@ class _Run:
         # Fused: one kernel for the whole update instead of a dozen per tensor (the same Adam
         # formula, several times faster on CPU: docs/performance.md, "Proposed changes");
         # its state made now, below the activations (capsnet.train.optim), unless a checkpoint's is loaded.
-        self.optimizer = adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, make_state=found is None)
+        self.optimizer = adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                              lr_scales=lr_scales(model, cfg.lr_scale), make_state=found is None)
         self.n = data.size("train")
         self.steps_per_epoch = math.ceil(self.n / cfg.batch_size)
         self.total_steps = cfg.epochs * self.steps_per_epoch

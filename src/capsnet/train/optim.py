@@ -24,12 +24,14 @@ optimiser) while ``torch._dynamo`` is not loaded, and torch's own ones once it i
 
 from __future__ import annotations
 
+import fnmatch
+import math
 import sys
-from typing import Iterable
+from typing import Iterable, Optional, Sequence
 
 import torch
 
-__all__ = ["adam"]
+__all__ = ["adam", "lr_scales"]
 
 
 def _dynamo_loaded() -> bool:
@@ -71,25 +73,46 @@ class Adam(torch.optim.Adam):
 
 
 def adam(
-    params: Iterable[torch.nn.Parameter], *, lr: float = 1e-3, weight_decay: float = 0.0, make_state: bool = True
+    params: Iterable[torch.nn.Parameter],
+    *,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    lr_scales: Optional[Sequence[float]] = None,
+    make_state: bool = True,
 ) -> torch.optim.Adam:
     """``torch.optim.Adam`` (fused when every parameter is a floating CPU or CUDA tensor) with its state already made.
 
     ``params`` are tensors (no parameter-group dicts); ``make_state=False`` leaves the state to
-    ``load_state_dict`` (a resumed run) or to the first ``step``.
+    ``load_state_dict`` (a resumed run) or to the first ``step``. ``lr_scales``, one positive
+    factor per parameter, puts the parameters into groups of equal factor (in order of first
+    appearance) whose lr is ``lr`` times the factor; None: one group at ``lr``.
     """
     params = list(params)
     if any(not isinstance(p, torch.Tensor) for p in params):
         raise TypeError("capsnet.train.optim.adam takes an iterable of parameters (tensors), not parameter groups")
+    if lr_scales is None:
+        lr_scales = [1.0] * len(params)
+    lr_scales = [float(s) for s in lr_scales]
+    if len(lr_scales) != len(params):
+        raise ValueError(f"lr_scales must hold one factor per parameter: {len(lr_scales)} factors for {len(params)} parameters")
+    if any(not (s > 0 and math.isfinite(s)) for s in lr_scales):
+        raise ValueError(f"lr_scales must be finite and > 0, got {sorted(set(lr_scales))}")
+    groups: dict[float, list[torch.Tensor]] = {}
+    for p, scale in zip(params, lr_scales):
+        groups.setdefault(scale, []).append(p)
     floating = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # as torch's fused Adam accepts
     fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype in floating for p in params)
-    optimizer = Adam(params, lr=lr, weight_decay=weight_decay, fused=fused)
+    param_groups = [{"params": ps, "lr": lr * scale} for scale, ps in groups.items()] if len(groups) > 1 else params
+    optimizer = Adam(param_groups, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
     if not make_state:
         return optimizer
     # The step counter's dtype as torch makes it: float32 for fused, else the default float dtype.
     step_dtype = torch.float32 if fused or torch.get_default_dtype() != torch.float64 else torch.float64
     state = optimizer.state_dict()
-    for index, p in enumerate(params):
+    # state_dict numbers the parameters group after group.
+    ordered = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, p in enumerate(ordered):
         if p.requires_grad:
             state["state"][index] = {
                 "step": torch.zeros((), dtype=step_dtype),
@@ -98,3 +121,20 @@ def adam(
             }
     optimizer.load_state_dict(state)
     return optimizer
+
+
+def lr_scales(model: torch.nn.Module, patterns: dict[str, float]) -> Optional[list[float]]:
+    """One lr factor per ``model.parameters()``: that of the first ``fnmatch`` pattern its name matches, else 1.
+
+    None when ``patterns`` is empty. A pattern that matches no parameter is a ValueError that
+    lists the names, so a typo cannot silently leave every lr as it was.
+    """
+    if not patterns:
+        return None
+    names = [name for name, _ in model.named_parameters()]
+    unused = [pattern for pattern in patterns if not fnmatch.filter(names, pattern)]
+    if unused:
+        raise ValueError(
+            f"lr_scale pattern(s) {unused} match no parameter of {type(model).__name__}; its parameters are: {', '.join(names)}"
+        )
+    return [next((float(f) for pattern, f in patterns.items() if fnmatch.fnmatchcase(name, pattern)), 1.0) for name in names]
