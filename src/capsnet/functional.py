@@ -18,7 +18,7 @@ from .validation import assert_on_device, check_labels
 
 __all__ = ["safe_norm", "squash", "margin_loss", "reconstruction_loss", "spread_loss"]
 __all__ += ["multi_digit_classes", "multi_hot", "two_digit_correct", "two_digit_accuracy"]
-__all__ += ["matched_reconstruction_loss", "sigmoid_cross_entropy"]
+__all__ += ["matched_reconstruction_loss", "sigmoid_cross_entropy", "activation_cross_entropy"]
 
 #: Added under the square root of every norm: keeps ``d|s|/ds`` finite at s = 0
 #: (the gradient of a plain norm is 0/0 there, which turns a model's weights NaN).
@@ -217,6 +217,28 @@ def spread_loss(activations: Tensor, targets: Tensor, *, margin: float) -> Tenso
     a_t = (activations * t).sum(dim=1, keepdim=True)
     per_class = torch.relu(margin - (a_t - activations)).pow(2) * (1.0 - t)
     return per_class.sum() / max(activations.shape[0], 1)
+
+
+def activation_cross_entropy(activations: Tensor, targets: Tensor) -> Tensor:
+    """Softmax cross-entropy on the logits ``z = ln(a / (1 - a))`` of logistic activations, mean over the batch.
+
+    Not in Hinton, Sabour & Frosst 2018 (their loss is the spread loss, Eq. 3): an option for
+    EM capsules, whose class activation is ``a_j = logistic(z_j)``. The spread loss reads
+    ``a``, so a wrong class whose ``a`` saturates near 1 passes back only ``a (1 - a)`` of its
+    gradient; here ``dL/dz_j = softmax(z)_j - [j = t]``, which does not vanish while the sample
+    is wrong. ``z`` is recovered from ``a`` (``d z / d a = 1 / (a (1 - a))`` undoes the
+    logistic's derivative exactly); ``a`` is clamped to ``[tiny, 1 - eps/2]`` of its dtype
+    (``|z| <= 16.6`` in float32, ``87`` below), where the gradient then stops.
+
+    Shape:
+        activations: ``(B, J)`` in ``(0, 1)``; targets: ``(B,)`` integer labels; returns a scalar.
+    """
+    if activations.dim() != 2:
+        raise ValueError(f"activations must be (B, J), got shape {tuple(activations.shape)}")
+    info = torch.finfo(activations.dtype)
+    a = activations.clamp(min=info.tiny, max=1.0 - info.eps / 2)
+    logits = torch.log(a) - torch.log1p(-a)
+    return torch.nn.functional.cross_entropy(logits, targets)
 
 
 # Multi-digit targets (Sabour et al. 2017, Sec. 6, MultiMNIST). Labels may be a

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..functional import margin_loss, matched_reconstruction_loss, multi_digit_classes, multi_hot, reconstruction_loss, sigmoid_cross_entropy, spread_loss, two_digit_correct
+from ..functional import activation_cross_entropy, margin_loss, matched_reconstruction_loss, multi_digit_classes, multi_hot, reconstruction_loss, sigmoid_cross_entropy, spread_loss, two_digit_correct
 from .schedules import spread_margin
 
 __all__ = ["MultiDigitMarginObjective", "Objective", "SigmoidCrossEntropyObjective", "create_objective"]
@@ -57,6 +57,16 @@ class SpreadObjective(Objective):
 
     def loss(self, output, images, labels, step):
         return spread_loss(output.activations, labels, margin=spread_margin(step, **self.schedule))
+
+    def scores(self, output):
+        return output.activations
+
+
+class ActivationCrossEntropyObjective(Objective):
+    """Softmax cross-entropy on the logits of ``output.activations`` (an option for EM capsules; the paper's loss is "spread")."""
+
+    def loss(self, output, images, labels, step):
+        return activation_cross_entropy(output.activations, labels)
 
     def scores(self, output):
         return output.activations
@@ -143,6 +153,7 @@ class SigmoidCrossEntropyObjective(Objective):
 _OBJECTIVES = {
     "margin": MarginObjective,
     "spread": SpreadObjective,
+    "activation_cross_entropy": ActivationCrossEntropyObjective,  # EM capsules, not the paper's (functional.py)
     "cross_entropy": CrossEntropyObjective,
     "multi_margin": MultiDigitMarginObjective,  # MultiMNIST CapsNet, Sabour et al. 2017 Sec. 6
     "sigmoid_cross_entropy": SigmoidCrossEntropyObjective,  # MultiMNIST baseline CNN, Sec. 6
