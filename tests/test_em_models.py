@@ -504,3 +504,30 @@ def test_em_mnist_config_routes_twice_and_keeps_the_papers_three_as_variants():
     assert load_config(path).model_kwargs["iterations"] == 2
     with pytest.raises(ValueError, match="unknown variant 'nope'"):
         load_config(f"{path}:nope")
+
+
+def test_em_model_trains_with_the_activation_cross_entropy_objective(tmp_path):
+    """The option runs end to end: the loss falls on a fixed batch and the scores are the activations."""
+    from capsnet.train import TrainConfig, train
+    from capsnet.train.objectives import create_objective
+
+    objective = create_objective("activation_cross_entropy")
+    torch.manual_seed(0)
+    model = create_model("em_tiny", iterations=2, image_size=28, num_classes=10)
+    x, y = torch.rand(8, 1, 28, 28), torch.arange(8)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        out = model(x)
+        loss = objective.loss(out, x, y, 0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert torch.equal(objective.scores(out), out.activations)
+    cfg = TrainConfig(model="em_tiny", model_kwargs=dict(iterations=2, image_size=28, num_classes=10), dataset="synthetic",
+                      dataset_kwargs=dict(train_size=16, val_size=8, test_size=8, image_size=28, num_classes=10),
+                      objective="activation_cross_entropy", batch_size=8, epochs=1, figures=False)
+    summary = train(cfg, data_root=tmp_path, out_dir=tmp_path / "run", progress=False, final_test=False)
+    assert summary is not None and (tmp_path / "run" / "last.pt").exists()

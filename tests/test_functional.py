@@ -8,6 +8,7 @@ from reference import reference_margin_loss, reference_squash
 from torch.autograd import gradcheck
 
 from capsnet import margin_loss, reconstruction_loss, safe_norm, spread_loss, squash
+from capsnet.functional import activation_cross_entropy
 
 DTYPES = [torch.float32, torch.float64]
 
@@ -320,3 +321,28 @@ def test_squash_and_safe_norm_of_zero_are_finite_in_float16():
     n = safe_norm(s)
     n.sum().backward()
     assert torch.isfinite(n).all() and torch.isfinite(s.grad).all()
+
+
+# --------------------------------------------------------------------------- activation cross-entropy (EM option)
+
+
+def test_activation_cross_entropy_is_cross_entropy_on_the_logistic_logits_float64():
+    torch.manual_seed(0)
+    z = (4 * torch.randn(6, 10, dtype=torch.float64)).requires_grad_()
+    labels = torch.tensor([0, 3, 9, 1, 1, 5])
+    ours = activation_cross_entropy(torch.sigmoid(z), labels)
+    ref = -sum(torch.log(torch.exp(z[b, labels[b]]) / torch.exp(z[b]).sum()) for b in range(6)) / 6  # the definition
+    (g_ours,) = torch.autograd.grad(ours, z)
+    (g_ref,) = torch.autograd.grad(ref, z)
+    assert abs(ours.item() - ref.item()) < 1e-12 and torch.allclose(g_ours, g_ref, atol=1e-12, rtol=0)
+    a = torch.sigmoid(torch.randn(6, 10, dtype=torch.float64)).requires_grad_()  # away from 0 and 1, where 1e-6 steps are steep
+    assert gradcheck(lambda a: activation_cross_entropy(a, labels), (a,))
+
+
+def test_activation_cross_entropy_stays_finite_where_activations_saturate():
+    a = torch.tensor([[1.0, 0.0, 0.5], [0.0, 1.0, 1.0]], requires_grad=True)  # float32 sigmoid of +-100
+    loss = activation_cross_entropy(a, torch.tensor([1, 0]))
+    loss.backward()
+    assert torch.isfinite(loss) and loss > 50 and torch.isfinite(a.grad).all()
+    with pytest.raises(ValueError, match=r"must be \(B, J\)"):
+        activation_cross_entropy(torch.rand(2, 3, 1), torch.tensor([0, 1]))
