@@ -204,6 +204,12 @@ def test_bad_config_values_are_rejected_by_name(values, message):
         TrainConfig.from_dict(values)
 
 
+def test_an_lr_scale_pattern_that_matches_no_parameter_is_refused_before_the_run_directory(tmp_path):
+    with pytest.raises(ValueError, match=r"lr_scale pattern\(s\) \['classes\.\*'\] match no parameter of CapsNet"):
+        train(TrainConfig(**TINY, lr_scale={"classes.*": 2.0}), data_root=tmp_path, out_dir=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_config_file_overrides_reach_nested_keys():
     cfg = load_config(str(REPO / "configs" / "mnist.py"), ("model_kwargs.routing_iterations=1", "batch_size=64", "dataset=fashion_mnist"))
     assert cfg.model_kwargs["routing_iterations"] == 1 and cfg.batch_size == 64 and cfg.dataset == "fashion_mnist"

@@ -135,6 +135,7 @@ def train(
     data = load_data_in_rank_order(cfg, data_root, download, dist) if data is None else data
     model = build_model(cfg, data).to(device)
     objective = create_objective(cfg.objective, **cfg.objective_kwargs)
+    lr_scales(model, cfg.lr_scale)  # a pattern that matches no parameter is refused here, not after the directory
     # Only now, with every name and *_kwargs of the config accepted: a refused config leaves no run directory.
     with claim_run_dir(out, dist, resume=resume, overwrite=overwrite):
         run = _Run(cfg, data, model, objective, out=out, dist=dist, device=device, found=resume_point(out, dist, device) if resume else None)
