@@ -153,7 +153,8 @@ def test_lr_scales_match_names_and_refuse_patterns_that_match_nothing():
     "key, value, match",
     [("adam_beta2", 1.0, "'adam_beta2' must lie in"), ("adam_beta1", -0.1, "'adam_beta1' must lie in"),
      ("lr_scale", {"*": 0.0}, "finite factor > 0"), ("lr_scale", {"*": "x"}, "maps name patterns"),
-     ("lr_scale", {3: 1.0}, "maps name patterns")],
+     ("lr_scale", {3: 1.0}, "maps name patterns"), ("grad_clip", 0.0, "'grad_clip' must be a finite norm"),
+     ("grad_clip", float("inf"), "'grad_clip' must be a finite norm")],
 )  # fmt: skip
 def test_optimizer_config_keys_are_checked(key, value, match):
     from capsnet.train import TrainConfig

@@ -1,6 +1,7 @@
 import errno
 import hashlib
 import logging
+import math
 import os
 import pickle
 import sys
@@ -18,7 +19,9 @@ def _weights(path):
     return load_checkpoint(path)["model"]
 
 
-@pytest.mark.parametrize("optimizer", [{}, {"lr_scale": {"*.bias": 3.0, "conv1.*": 0.5}, "adam_beta2": 0.99}], ids=["plain", "lr-groups"])
+@pytest.mark.parametrize(
+    "optimizer", [{}, {"lr_scale": {"*.bias": 3.0, "conv1.*": 0.5}, "adam_beta2": 0.99, "grad_clip": 0.05}], ids=["plain", "lr-groups-clipped"]
+)
 def test_resume_is_bit_identical(tmp_path, optimizer):
     """N steps straight == N/2 steps, stop, resume, N/2 steps: same weights, optimizer and RNG."""
     straight = TrainConfig(**TINY, **optimizer, max_steps=8)
@@ -208,6 +211,19 @@ def test_an_lr_scale_pattern_that_matches_no_parameter_is_refused_before_the_run
     with pytest.raises(ValueError, match=r"lr_scale pattern\(s\) \['classes\.\*'\] match no parameter of CapsNet"):
         train(TrainConfig(**TINY, lr_scale={"classes.*": 2.0}), data_root=tmp_path, out_dir=tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_gradient_clipping_clips_logs_the_norm_and_is_exact_when_it_does_not_bite(tmp_path):
+    runs = {"none": None, "loose": 1e9, "tight": 1e-3}
+    for name, clip in runs.items():
+        train(TrainConfig(**{**TINY, "log_every": 1}, max_steps=4, grad_clip=clip), data_root=tmp_path, out_dir=tmp_path / name,
+              progress=False, final_test=False)
+    w = {name: _weights(tmp_path / name / "last.pt") for name in runs}
+    assert all(torch.equal(w["none"][k], w["loose"][k]) for k in w["none"]), "a norm below the limit is multiplied by exactly 1"
+    assert not all(torch.equal(w["none"][k], w["tight"][k]) for k in w["none"])
+    norms = [float(r["value"]) for r in read_metrics_csv(tmp_path / "tight" / "metrics.csv") if r["tag"] == "train/grad_norm"]
+    assert len(norms) == 4 and all(n > 1e-3 and math.isfinite(n) for n in norms), norms  # before clipping
+    assert not [r for r in read_metrics_csv(tmp_path / "none" / "metrics.csv") if r["tag"] == "train/grad_norm"]
 
 
 def test_config_file_overrides_reach_nested_keys():

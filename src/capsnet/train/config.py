@@ -63,6 +63,9 @@ class TrainConfig:
     default). ``lr_scale``: ``{pattern: factor}``, the lr of every parameter whose name
     (``model.named_parameters()``) matches the ``fnmatch`` pattern times the factor (the first
     pattern that matches wins; each pattern must match a parameter), e.g. ``{"*.beta_*": 10}``.
+    ``grad_clip``: scale the gradients down to this global L2 norm where it is larger
+    (``torch.nn.utils.clip_grad_norm_``, before the optimizer step; the norm before clipping is
+    logged as ``train/grad_norm``); None: no clipping.
     """
 
     model: str = "capsnet_mnist"
@@ -83,6 +86,7 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     lr_scale: dict = field(default_factory=dict)
+    grad_clip: Optional[float] = None
     epochs: int = 1
     max_steps: Optional[int] = None
     time_budget_s: Optional[float] = None
@@ -126,6 +130,8 @@ class TrainConfig:
             raise ValueError(f"config key 'lr_min' ({self.lr_min}) must not exceed 'lr' ({self.lr})")
         if self.lr_min < 0 or self.weight_decay < 0:
             raise ValueError(f"config keys 'lr_min' and 'weight_decay' must be >= 0, got {self.lr_min}, {self.weight_decay}")
+        if self.grad_clip is not None and not (self.grad_clip > 0 and math.isfinite(self.grad_clip)):
+            raise ValueError(f"config key 'grad_clip' must be a finite norm > 0 or None, got {self.grad_clip}")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"config key {name!r} must lie in [0, 1), got {getattr(self, name)}")

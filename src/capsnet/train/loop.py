@@ -186,6 +186,7 @@ class _Run:
         self.saved_step = -1  # the step last.pt holds
         self.pending_rng = None  # during a step: the RNG state before it (see interrupted)
         self.loss = torch.zeros(())  # of the last completed step
+        self.grad_norm = torch.zeros(())  # of the last step, before clipping (with grad_clip)
         if found is not None:
             self.restore(*found)
             del found  # the loaded copies (of the parameters too) are not needed any more
@@ -309,6 +310,9 @@ class _Run:
             loss = self.objective.loss(output, images, labels, state.step)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        if cfg.grad_clip is not None:  # on the true gradients: unscaled first (a no-op without fp16's scaler)
+            self.scaler.unscale_(self.optimizer)
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.pending_rng = _UPDATING
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -354,6 +358,8 @@ class _Run:
         speed = self.window_images / max(time.perf_counter() - self.window_start, 1e-9)
         if self.dist.is_main:
             scalars = {"train/loss": loss_sum / count, "train/accuracy": hits / count, "train/images_per_s": speed, "train/lr": self.scheduler.get_last_lr()[0]}
+            if self.cfg.grad_clip is not None:  # the last step's norm before clipping
+                scalars["train/grad_norm"] = float(self.grad_norm)
             self.logger.log(self.state.step, {**scalars, **self.model_metrics()})
         bar.set_postfix(loss=f"{loss_sum / count:.4f}", acc=f"{hits / count:.3f}", img_s=f"{speed:.0f}", refresh=False)
         self.window_images, self.window_start = 0, time.perf_counter()
