@@ -213,6 +213,21 @@ def test_an_lr_scale_pattern_that_matches_no_parameter_is_refused_before_the_run
     assert not (tmp_path / "run").exists()
 
 
+def test_resume_warns_about_changed_keys_only_not_about_keys_added_since_the_checkpoint(tmp_path, caplog):
+    train(TrainConfig(**TINY, max_steps=2), data_root=tmp_path, out_dir=tmp_path / "run", progress=False, final_test=False)
+    for path in (tmp_path / "run").glob("last*.pt"):  # as written before the optimiser keys existed
+        ckpt = load_checkpoint(path)
+        ckpt["config"] = {k: v for k, v in ckpt["config"].items() if k not in ("adam_beta1", "adam_beta2", "lr_scale", "grad_clip")}
+        save_checkpoint(ckpt, path)
+    with caplog.at_level(logging.WARNING, logger="capsnet.train.loop"):
+        train(TrainConfig(**TINY, max_steps=2), data_root=tmp_path, out_dir=tmp_path / "run", progress=False, final_test=False, resume=True)
+    assert "changed config" not in caplog.text  # the four keys the checkpoint lacks hold their defaults
+    with caplog.at_level(logging.WARNING, logger="capsnet.train.loop"):
+        train(TrainConfig(**TINY, max_steps=4, grad_clip=1.0), data_root=tmp_path, out_dir=tmp_path / "run", progress=False,
+              final_test=False, resume=True)
+    assert "keys that differ: grad_clip, max_steps" in caplog.text
+
+
 def test_gradient_clipping_clips_logs_the_norm_and_is_exact_when_it_does_not_bite(tmp_path):
     runs = {"none": None, "loose": 1e9, "tight": 1e-3}
     for name, clip in runs.items():

@@ -157,6 +157,11 @@ class TrainConfig:
                 raise ValueError(f"unknown config key {key!r}{hint}")
         return cls(**values)
 
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Every key's default value (what a config, or a checkpoint written before a key existed, leaves out)."""
+        return {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default for f in dataclasses.fields(cls)}
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -198,8 +198,10 @@ class _Run:
 
     def restore(self, ckpt: dict, path: Path) -> None:
         cfg = self.cfg
-        if ckpt["config"] != cfg.to_dict():
-            changed = sorted(k for k in ckpt["config"] if ckpt["config"][k] != cfg.to_dict().get(k))
+        now = cfg.to_dict()
+        saved = {**TrainConfig.defaults(), **ckpt["config"]}  # a key added since the checkpoint was written: its default
+        if saved != now:
+            changed = sorted(k for k in {**saved, **now} if saved.get(k) != now.get(k))
             log.warning("resuming with a changed config; keys that differ: %s", ", ".join(changed))
         legacy = checkpoint_model_kwargs(cfg, ckpt)
         if legacy != cfg.model_kwargs:
