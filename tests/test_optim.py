@@ -143,6 +143,9 @@ def test_lr_scales_match_names_and_refuse_patterns_that_match_nothing():
     assert capsnet.train.optim.lr_scales(model, {}) is None
     with pytest.raises(ValueError, match=r"\['\*.beta_a'\] match no parameter of CapsNet.*conv1.weight"):
         capsnet.train.optim.lr_scales(model, {"*.beta_a": 2.0})
+    one = adam(model.parameters(), lr=1e-3, lr_scales=[0.5] * len(names))  # a single factor is still applied
+    assert [g["lr"] for g in one.param_groups] == [5e-4]
+    assert capsnet.train.optim.lr_scales(model, {"*": 0.5}) == [0.5] * len(names)
     with pytest.raises(ValueError, match="one factor per parameter"):
         adam(model.parameters(), lr_scales=[1.0])
     with pytest.raises(ValueError, match="finite and > 0"):

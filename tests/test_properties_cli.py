@@ -96,7 +96,11 @@ _POSITIVE_INTS = [
 def _impossible_values(draw):
     negative = st.floats(min_value=-1e300, max_value=-1e-300)  # no subnormals: they may print as -0.0
     non_positive = st.one_of(st.just(0.0), negative)
-    kind = draw(st.sampled_from(["int", "lr", "decay", "non-negative", "budget"]))
+    kind = draw(st.sampled_from(["int", "lr", "decay", "non-negative", "budget", "beta", "clip"]))
+    if kind == "beta":  # Adam's decay rates lie in [0, 1)
+        return draw(st.sampled_from(["adam_beta1", "adam_beta2"])), repr(draw(st.one_of(negative, st.floats(min_value=1.0, max_value=1e300))))
+    if kind == "clip":
+        return "grad_clip", repr(draw(non_positive))
     if kind == "int":
         return draw(st.sampled_from(_POSITIVE_INTS)), repr(draw(st.integers(-10**6, 0)))
     if kind == "lr":

@@ -29,6 +29,7 @@ from property_cases import (
 )
 
 from capsnet import margin_loss, reconstruction_loss, safe_norm, spread_loss, squash
+from capsnet.functional import activation_cross_entropy
 
 # Tiny tensors: one intra-op thread is ~50x faster than two on cores shared with other jobs.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -214,6 +215,13 @@ def test_margin_and_spread_loss_of_an_empty_batch_are_finite_or_refused(loss):
         _finite_or_refused(lambda: margin_loss(x, torch.zeros(0, 10) if loss == "margin-multi-hot" else labels), [x])
 
 
+def test_activation_cross_entropy_of_an_empty_batch_is_zero_with_zero_gradients():
+    a = torch.rand(0, 10, requires_grad=True)
+    loss = activation_cross_entropy(a, torch.zeros(0, dtype=torch.long))
+    (grad,) = torch.autograd.grad(loss, a)
+    assert loss.item() == 0.0 and grad.shape == (0, 10)
+
+
 @pytest.mark.parametrize("shape", [(0, 1, 4, 4), ()], ids=["empty-batch", "0-d"])
 def test_reconstruction_loss_of_an_empty_batch_or_scalar_is_finite_or_refused(shape):
     recon = torch.rand(shape, requires_grad=True)
@@ -242,6 +250,8 @@ def test_bad_labels_are_refused_by_every_loss(data, bad):
         margin_loss(scores, labels)
     with pytest.raises(ValueError):
         spread_loss(scores, labels, margin=0.5)
+    with pytest.raises(ValueError):
+        activation_cross_entropy(scores, labels)
 
 
 def test_multi_hot_targets_must_be_zeros_and_ones():

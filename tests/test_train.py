@@ -228,6 +228,21 @@ def test_resume_warns_about_changed_keys_only_not_about_keys_added_since_the_che
     assert "keys that differ: grad_clip, max_steps" in caplog.text
 
 
+def test_resuming_with_other_lr_factors_is_refused_and_train_lr_is_the_schedules(tmp_path):
+    scaled = dict(TINY, lr_scale={"conv1.*": 0.5, "*.bias": 2.0}, log_every=1)
+    train(TrainConfig(**scaled, max_steps=2), data_root=tmp_path, out_dir=tmp_path / "run", progress=False, final_test=False)
+    train(TrainConfig(**{**scaled, "lr_scale": {}}, max_steps=2), data_root=tmp_path, out_dir=tmp_path / "plain", progress=False,
+          final_test=False)
+    lrs = [[r["value"] for r in read_metrics_csv(tmp_path / d / "metrics.csv") if r["tag"] == "train/lr"] for d in ("run", "plain")]
+    assert lrs[0] == lrs[1] and len(lrs[0]) == 2  # conv1.weight's group (x0.5) comes first; the log is the unscaled lr
+    for other in ({"conv1.*": 0.5}, {"*.bias": 2.0, "conv1.*": 0.5}, {}):  # another factor set, another order, none
+        with pytest.raises(CheckpointError, match=r"was trained with lr_scale=\{'conv1.\*': 0.5, '\*.bias': 2.0\}"):
+            train(TrainConfig(**{**scaled, "lr_scale": other}, max_steps=4), data_root=tmp_path, out_dir=tmp_path / "run",
+                  progress=False, final_test=False, resume=True)
+    train(TrainConfig(**scaled, max_steps=4), data_root=tmp_path, out_dir=tmp_path / "run", progress=False, final_test=False, resume=True)
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["progress"]["step"] == 4
+
+
 def test_gradient_clipping_clips_logs_the_norm_and_is_exact_when_it_does_not_bite(tmp_path):
     runs = {"none": None, "loose": 1e9, "tight": 1e-3}
     for name, clip in runs.items():

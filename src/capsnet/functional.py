@@ -235,10 +235,12 @@ def activation_cross_entropy(activations: Tensor, targets: Tensor) -> Tensor:
     """
     if activations.dim() != 2:
         raise ValueError(f"activations must be (B, J), got shape {tuple(activations.shape)}")
+    check_labels(targets, activations.shape[0], activations.shape[1])  # (B,) integers in range
     info = torch.finfo(activations.dtype)
     a = activations.clamp(min=info.tiny, max=1.0 - info.eps / 2)
     logits = torch.log(a) - torch.log1p(-a)
-    return torch.nn.functional.cross_entropy(logits, targets)
+    # Mean over the batch; an empty batch (a torchrun shard) gives 0, not 0/0.
+    return torch.nn.functional.cross_entropy(logits, targets, reduction="sum") / max(activations.shape[0], 1)
 
 
 # Multi-digit targets (Sabour et al. 2017, Sec. 6, MultiMNIST). Labels may be a

@@ -62,10 +62,13 @@ class TrainConfig:
     ``adam_beta1`` / ``adam_beta2``: Adam's moment decay rates (Kingma & Ba's 0.9 / 0.999 by
     default). ``lr_scale``: ``{pattern: factor}``, the lr of every parameter whose name
     (``model.named_parameters()``) matches the ``fnmatch`` pattern times the factor (the first
-    pattern that matches wins; each pattern must match a parameter), e.g. ``{"*.beta_*": 10}``.
+    pattern that matches wins; each pattern must match a parameter), e.g. ``{"*.beta_*": 10}``; on the
+    command line as one literal, ``--set 'lr_scale={"*.beta_*": 10}'`` (a dotted ``--set`` key
+    cannot hold a pattern with dots). A run resumes only with the ``lr_scale`` it was started with.
     ``grad_clip``: scale the gradients down to this global L2 norm where it is larger
     (``torch.nn.utils.clip_grad_norm_``, before the optimizer step; the norm before clipping is
-    logged as ``train/grad_norm``); None: no clipping.
+    logged as ``train/grad_norm``; a model's own ``training_metrics``, such as the EM models'
+    per-layer gradient norms, see the clipped gradients); None: no clipping.
     """
 
     model: str = "capsnet_mnist"
@@ -139,7 +142,7 @@ class TrainConfig:
             if not isinstance(pattern, str) or isinstance(factor, bool) or not isinstance(factor, (int, float)):
                 raise ValueError(f"config key 'lr_scale' maps name patterns (str) to factors (float), got {pattern!r}: {factor!r}")
             if not (factor > 0 and math.isfinite(factor)):
-                raise ValueError(f"config key 'lr_scale.{pattern}' must be a finite factor > 0, got {factor}")
+                raise ValueError(f"config key 'lr_scale' must map {pattern!r} to a finite factor > 0, got {factor}")
         if not 0 <= self.seed < SEED_LIMIT:
             raise ValueError(f"config key 'seed' must lie in [0, {SEED_LIMIT}), got {self.seed}; pick a seed in that range")
         _check_split_sizes(self.dataset_kwargs)

@@ -166,8 +166,10 @@ class _Run:
         # Fused: one kernel for the whole update instead of a dozen per tensor (the same Adam
         # formula, several times faster on CPU: docs/performance.md, "Proposed changes");
         # its state made now, below the activations (capsnet.train.optim), unless a checkpoint's is loaded.
+        scales = lr_scales(model, cfg.lr_scale)
         self.optimizer = adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                              lr_scales=lr_scales(model, cfg.lr_scale), make_state=found is None)
+                              lr_scales=scales, make_state=found is None)
+        self.first_group_scale = scales[0] if scales else 1.0  # train/lr logs the schedule's lr, not a scaled group's
         self.n = data.size("train")
         self.steps_per_epoch = math.ceil(self.n / cfg.batch_size)
         self.total_steps = cfg.epochs * self.steps_per_epoch
@@ -200,9 +202,15 @@ class _Run:
         cfg = self.cfg
         now = cfg.to_dict()
         saved = {**TrainConfig.defaults(), **ckpt["config"]}  # a key added since the checkpoint was written: its default
+        if list(saved["lr_scale"].items()) != list(cfg.lr_scale.items()):  # the order too: the first match wins
+            raise CheckpointError(
+                f"{path} was trained with lr_scale={saved['lr_scale']!r}, this config has {cfg.lr_scale!r}; the optimizer's "
+                f"state is grouped by those factors, so resume with --set 'lr_scale={saved['lr_scale']!r}' or start a new run"
+            )
         if saved != now:
             changed = sorted(k for k in {**saved, **now} if saved.get(k) != now.get(k))
-            log.warning("resuming with a changed config; keys that differ: %s", ", ".join(changed))
+            log.warning("resuming with a changed config; keys that differ: %s (the optimizer's lr, betas and weight decay "
+                        "continue from the checkpoint)", ", ".join(changed))
         legacy = checkpoint_model_kwargs(cfg, ckpt)
         if legacy != cfg.model_kwargs:
             sets = " ".join(f"--set model_kwargs.{k}={v}" for k, v in legacy.items() if k not in cfg.model_kwargs)
@@ -359,7 +367,7 @@ class _Run:
         loss_sum, hits, count = self.dist.sum([self.loss.item() * len(labels), hits, float(len(labels))], device=self.device)
         speed = self.window_images / max(time.perf_counter() - self.window_start, 1e-9)
         if self.dist.is_main:
-            scalars = {"train/loss": loss_sum / count, "train/accuracy": hits / count, "train/images_per_s": speed, "train/lr": self.scheduler.get_last_lr()[0]}
+            scalars = {"train/loss": loss_sum / count, "train/accuracy": hits / count, "train/images_per_s": speed, "train/lr": self.scheduler.get_last_lr()[0] / self.first_group_scale}
             if self.cfg.grad_clip is not None:  # the last step's norm before clipping
                 scalars["train/grad_norm"] = float(self.grad_norm)
             self.logger.log(self.state.step, {**scalars, **self.model_metrics()})

@@ -86,14 +86,14 @@ def adam(
     ``params`` are tensors (no parameter-group dicts); ``make_state=False`` leaves the state to
     ``load_state_dict`` (a resumed run) or to the first ``step``. ``lr_scales``, one positive
     factor per parameter, puts the parameters into groups of equal factor (in order of first
-    appearance) whose lr is ``lr`` times the factor; None: one group at ``lr``.
+    appearance) whose lr is ``lr`` times the factor (also when there is only one factor); None:
+    the parameters as one group at ``lr``.
     """
     params = list(params)
     if any(not isinstance(p, torch.Tensor) for p in params):
         raise TypeError("capsnet.train.optim.adam takes an iterable of parameters (tensors), not parameter groups")
-    if lr_scales is None:
-        lr_scales = [1.0] * len(params)
-    lr_scales = [float(s) for s in lr_scales]
+    grouped = lr_scales is not None
+    lr_scales = [1.0] * len(params) if lr_scales is None else [float(s) for s in lr_scales]
     if len(lr_scales) != len(params):
         raise ValueError(f"lr_scales must hold one factor per parameter: {len(lr_scales)} factors for {len(params)} parameters")
     if any(not (s > 0 and math.isfinite(s)) for s in lr_scales):
@@ -103,7 +103,7 @@ def adam(
         groups.setdefault(scale, []).append(p)
     floating = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # as torch's fused Adam accepts
     fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype in floating for p in params)
-    param_groups = [{"params": ps, "lr": lr * scale} for scale, ps in groups.items()] if len(groups) > 1 else params
+    param_groups = [{"params": ps, "lr": lr * scale} for scale, ps in groups.items()] if grouped else params
     optimizer = Adam(param_groups, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
     if not make_state:
         return optimizer
@@ -124,7 +124,7 @@ def adam(
 
 
 def lr_scales(model: torch.nn.Module, patterns: dict[str, float]) -> Optional[list[float]]:
-    """One lr factor per ``model.parameters()``: that of the first ``fnmatch`` pattern its name matches, else 1.
+    """One lr factor per ``model.parameters()``: that of the first pattern its name matches (``fnmatchcase``), else 1.
 
     None when ``patterns`` is empty. A pattern that matches no parameter is a ValueError that
     lists the names, so a typo cannot silently leave every lr as it was.
@@ -132,7 +132,7 @@ def lr_scales(model: torch.nn.Module, patterns: dict[str, float]) -> Optional[li
     if not patterns:
         return None
     names = [name for name, _ in model.named_parameters()]
-    unused = [pattern for pattern in patterns if not fnmatch.filter(names, pattern)]
+    unused = [pattern for pattern in patterns if not any(fnmatch.fnmatchcase(name, pattern) for name in names)]
     if unused:
         raise ValueError(
             f"lr_scale pattern(s) {unused} match no parameter of {type(model).__name__}; its parameters are: {', '.join(names)}"
