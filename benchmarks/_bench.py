@@ -272,6 +272,8 @@ def worker_main(spec_json: str) -> None:
     spec = json.loads(spec_json)
     if spec.get("malloc") == "kept":  # what the CLI does; the bound runs under the same allocator
         capsnet.allocator.keep_freed_memory()
+    elif spec.get("malloc") == "compact":  # CAPSNET_MALLOC=compact
+        capsnet.allocator.compact_memory()
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     result = MEASUREMENTS[spec["kind"]](spec)

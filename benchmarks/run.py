@@ -62,8 +62,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5, --quick 3)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in every worker")
-    p.add_argument("--system-malloc", action="store_true",
-                   help="keep glibc's malloc defaults (default: capsnet.allocator.keep_freed_memory, as the CLI does)")
+    p.add_argument("--malloc", choices=("kept", "compact", "system"), default="kept",
+                   help="the workers' malloc policy (capsnet.allocator): kept (default, as the CLI does), "
+                        "compact (CAPSNET_MALLOC=compact), system (glibc's defaults)")
+    p.add_argument("--system-malloc", action="store_const", dest="malloc", const="system", help="the same as --malloc system")
     p.add_argument("--reference-routing", action="store_true", help="also time DenseCaps models with the unfused routing")
     p.add_argument("--precisions", default=None,
                    help="comma-separated: fp32, bf16 (default: fp32, and bf16 too on a CPU with bf16 units)")
@@ -163,7 +165,7 @@ def machine(args) -> dict:
 
 def run(args) -> dict:
     common = dict(device=args.device, warmup=args.warmup, repeats=args.repeats, threads=args.threads,
-                  malloc="system" if args.system_malloc else "kept")  # fmt: skip
+                  malloc=args.malloc)  # fmt: skip
     report = {"machine": machine(args), "settings": {**common, "batches": args.batch_list}, "bounds": [], "models": [], "data": []}
     print(f"capsnet benchmark on {report['machine']['cpu']}, torch {torch.__version__}, {report['machine']['threads']} threads")
     report["gemm"] = run_worker({"kind": "gemm", **common}, args.timeout)
@@ -230,7 +232,7 @@ def markdown(report: dict) -> str:
         f"| CPU bf16 unit | {m.get('cpu_bf16_units') or 'none (bf16 emulated)'}; `amp=\"auto\"` runs {m.get('amp_auto', 'fp32')} |",
         f"| load average (1 min) at start / end | {m['loadavg_start']:.2f} / {m['loadavg_end']:.2f} |",
         f"| warm-up steps / timed repeats | {report['settings']['warmup']} / {report['settings']['repeats']} |",
-        f"| malloc | {report['settings'].get('malloc', 'system')} (`kept`: `capsnet.allocator.keep_freed_memory()`, as `capsnet train`) |",
+        f"| malloc | {report['settings'].get('malloc', 'system')} (`kept`: `capsnet.allocator.keep_freed_memory()`, as `capsnet train`; `compact`: `compact_memory()`) |",
     ]
     if m["env"]:
         lines.append(f"| environment | {', '.join(f'{k}={v}' for k, v in m['env'].items())} |")

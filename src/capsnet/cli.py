@@ -18,7 +18,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from . import __version__
+from . import __version__, allocator
 
 DATA_ENV = "CAPSNET_DATA"
 DEFAULT_DATA = Path.home() / ".cache" / "capsnet"
@@ -204,13 +204,13 @@ def main(argv: list[str] | None = None) -> int:
             _check_writable(_run_dir(args), is_dir=True)
         elif args.out:
             _check_writable(Path(args.out), is_dir=args.command == "viz")
-    except ValueError as exc:
+        # CAPSNET_MALLOC: keep (default: large tensors reused without page faults), compact, system.
+        allocator.apply_policy()
+    except (ValueError, RuntimeError) as exc:
         return refuse(exc)
-    from .allocator import keep_freed_memory
     from .ops import kernels
     from .train.distributed import Dist
 
-    keep_freed_memory()  # large tensors reused without page faults; CAPSNET_MALLOC=system keeps glibc's defaults
     kernels.configure(**kernel_settings(os.environ))
     if args.threads:
         torch.set_num_threads(args.threads)
