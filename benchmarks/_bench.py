@@ -270,10 +270,11 @@ MEASUREMENTS = {"model": measure_model, "bound": measure_conv_bound, "gemm": mea
 
 def worker_main(spec_json: str) -> None:
     spec = json.loads(spec_json)
-    if spec.get("malloc") == "kept":  # what the CLI does; the bound runs under the same allocator
-        capsnet.allocator.keep_freed_memory()
-    elif spec.get("malloc") == "compact":  # CAPSNET_MALLOC=compact
-        capsnet.allocator.compact_memory()
+    # What the CLI does (keep; "kept" in reports before session 12), or the policy asked for; the
+    # bound runs under the same allocator.
+    policy = {"kept": "keep"}.get(spec.get("malloc"), spec.get("malloc"))
+    if policy in ("keep", "compact"):
+        capsnet.allocator.apply_policy(policy)
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     result = MEASUREMENTS[spec["kind"]](spec)

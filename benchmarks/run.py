@@ -62,9 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5, --quick 3)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in every worker")
-    p.add_argument("--malloc", choices=("kept", "compact", "system"), default="kept",
-                   help="the workers' malloc policy (capsnet.allocator): kept (default, as the CLI does), "
-                        "compact (CAPSNET_MALLOC=compact), system (glibc's defaults)")
+    p.add_argument("--malloc", choices=("keep", "compact", "system"), default="keep",
+                   help="the workers' malloc policy (capsnet.allocator, as CAPSNET_MALLOC names them): keep "
+                        "(default, as the CLI does), compact, system (glibc's defaults)")
     p.add_argument("--system-malloc", action="store_const", dest="malloc", const="system", help="the same as --malloc system")
     p.add_argument("--reference-routing", action="store_true", help="also time DenseCaps models with the unfused routing")
     p.add_argument("--precisions", default=None,
@@ -232,7 +232,7 @@ def markdown(report: dict) -> str:
         f"| CPU bf16 unit | {m.get('cpu_bf16_units') or 'none (bf16 emulated)'}; `amp=\"auto\"` runs {m.get('amp_auto', 'fp32')} |",
         f"| load average (1 min) at start / end | {m['loadavg_start']:.2f} / {m['loadavg_end']:.2f} |",
         f"| warm-up steps / timed repeats | {report['settings']['warmup']} / {report['settings']['repeats']} |",
-        f"| malloc | {report['settings'].get('malloc', 'system')} (`kept`: `capsnet.allocator.keep_freed_memory()`, as `capsnet train`; `compact`: `compact_memory()`) |",
+        f"| malloc | {report['settings'].get('malloc', 'system')} (`keep`/`kept`: `capsnet.allocator.keep_freed_memory()`, as `capsnet train`; `compact`: `compact_memory()`) |",
     ]
     if m["env"]:
         lines.append(f"| environment | {', '.join(f'{k}={v}' for k, v in m['env'].items())} |")

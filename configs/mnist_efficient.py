@@ -7,7 +7,7 @@ Reproduce:
     capsnet train --config configs/mnist_efficient.py:smoke      # seconds, synthetic data (tests)
     CAPSNET_MALLOC=compact capsnet train --config configs/mnist_efficient.py:epoch10
         # in less memory: freed blocks go back to the system (float32 training at batch 128 peaks
-        # at 385 MB instead of 462 MB in benchmarks/run.py, at 23% more time: docs/performance.md)
+        # at 385 MB instead of 462 MB in benchmarks/run.py, at 30% more time: docs/performance.md)
 
 Recipe (the authors' published code, github.com/EscVM/Efficient-CapsNet, config.json and
 utils/tools.py): Adam at lr 5e-4 decayed by 0.97 per epoch, floored at 5e-5; batch 16;

@@ -18,7 +18,7 @@ step's larger requests, so the resident peak exceeds the live peak (Efficient-Ca
 fixed mmap threshold of 1 MiB (every block of at least 1 MiB is mapped fresh and unmapped on
 ``free``, and glibc no longer raises the threshold after such a free) with PyTorch's
 transparent huge pages for large tensors (``THP_MEM_ALLOC_ENABLE=1``: one fault per 2 MiB
-instead of per 4 KiB), so the resident peak is the live peak, at 15-30% more time per training
+instead of per 4 KiB), so the resident peak is the live peak, at 13-33% more time per training
 step (docs/performance.md, "A compact heap").
 
 The command line applies the policy that ``CAPSNET_MALLOC`` names at start (:func:`apply_policy`):
@@ -45,12 +45,12 @@ COMPACT_MMAP_THRESHOLD = 1 << 20
 _applied: Optional[str] = None  # the policy this process runs under, once one was set
 
 
-def _env_policy() -> str:
-    value = os.environ.get(_ENV, "").strip().lower() or "keep"
-    if value not in POLICIES:
-        raise ValueError(f"{_ENV}={os.environ[_ENV]!r} is not a malloc policy: expected one of {', '.join(POLICIES)} "
-                         f"(or unset, meaning keep); see capsnet/allocator.py")
-    return value
+def _policy_name(value: str, where: str) -> str:
+    name = value.strip().lower() or "keep"
+    if name not in POLICIES:
+        raise ValueError(f"{where} is not a malloc policy: expected one of {', '.join(POLICIES)} "
+                         "(an empty CAPSNET_MALLOC means keep); see capsnet/allocator.py")
+    return name
 
 
 def _mallopt():
@@ -65,33 +65,47 @@ def _mallopt():
     return mallopt
 
 
-def _set(policy: str, options: list[tuple[int, int]]) -> bool:
+#: mallopt settings of each policy. keep: no mmap at all, and a trim threshold of the largest
+#: int (never trim); compact: a fixed mmap threshold; system: glibc's defaults.
+_OPTIONS = {
+    "keep": [(_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1)],
+    "compact": [(_M_MMAP_THRESHOLD, COMPACT_MMAP_THRESHOLD)],
+    "system": [],
+}
+#: glibc's defaults, put back if a policy could only be set in part.
+_DEFAULTS = [(_M_MMAP_MAX, 65536), (_M_TRIM_THRESHOLD, 128 * 1024), (_M_MMAP_THRESHOLD, 128 * 1024)]
+
+
+def _set(policy: str) -> bool:
+    """Put the process under ``policy``; True if it now runs under it (False: not glibc)."""
     global _applied
     if _applied is not None:
         if _applied != policy:
             raise RuntimeError(f"this process already runs under the malloc policy {_applied!r}; "
                                f"{policy!r} can only be chosen before another one is set")
         return True
+    if policy == "system":
+        _applied = policy
+        return True
     mallopt = _mallopt()
     if mallopt is None:
         return False
-    # mallopt returns 1 on success.
-    if all(bool(mallopt(param, value)) for param, value in options):
+    if all(mallopt(param, value) == 1 for param, value in _OPTIONS[policy]):  # mallopt returns 1 on success
         _applied = policy
-    return _applied == policy
+        return True
+    for param, value in _DEFAULTS:  # set in part: back to glibc's defaults rather than half a policy
+        mallopt(param, value)
+    return False
 
 
 def keep_freed_memory() -> bool:
     """Make glibc keep freed memory for reuse (no mmap, no trimming); True if it now does.
 
-    A no-op returning False off Linux/glibc and when ``CAPSNET_MALLOC`` names another policy
-    (``system`` or ``compact``). Affects the whole process from this call on; blocks already
-    allocated keep their pages. RuntimeError if :func:`compact_memory` was applied before.
+    A no-op returning False off Linux/glibc. Affects the whole process from this call on; blocks
+    already allocated keep their pages. RuntimeError if another policy was applied before.
+    ``CAPSNET_MALLOC`` is read by :func:`apply_policy` (the command line), not here.
     """
-    if _applied is None and _env_policy() != "keep":
-        return False
-    # Trim threshold: the largest int, i.e. never trim.
-    return _set("keep", [(_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1)])
+    return _set("keep")
 
 
 def compact_memory() -> bool:
@@ -100,32 +114,28 @@ def compact_memory() -> bool:
     A fixed mmap threshold of :data:`COMPACT_MMAP_THRESHOLD` (glibc raises its default threshold
     after each free of a mapped block, up to 32 MiB, which lets the heap fragment again), and
     ``THP_MEM_ALLOC_ENABLE=1`` unless the environment sets it: PyTorch then backs CPU tensors of
-    2 MiB and more by transparent huge pages where the kernel allows (it reads the variable at its
-    first such allocation, so call this first). A no-op returning False off Linux/glibc.
-    RuntimeError if :func:`keep_freed_memory` was applied before.
+    2 MiB and more by transparent huge pages where the kernel allows. PyTorch reads that variable
+    at its first CPU allocation, so the huge pages only come when this is called before any tensor
+    exists (the command line does); without them the policy holds, with 4 KiB page faults. A no-op
+    returning False off Linux/glibc. RuntimeError if another policy was applied before.
     """
-    applied = _set("compact", [(_M_MMAP_THRESHOLD, COMPACT_MMAP_THRESHOLD)])
+    applied = _set("compact")
     if applied:
         os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     return applied
 
 
 def apply_policy(policy: Optional[str] = None) -> str:
-    """Apply ``policy`` (default: ``CAPSNET_MALLOC``, unset meaning ``keep``); returns what the
-    process now runs under: the policy, or ``"system"`` where it could not be set (not glibc).
+    """Apply ``policy`` (default: the ``CAPSNET_MALLOC`` variable, unset or empty meaning ``keep``);
+    returns what the process now runs under: the policy, or ``"system"`` where it could not be
+    set (not glibc).
 
-    ValueError for a name not in :data:`POLICIES`, naming the variable.
+    ValueError for a name not in :data:`POLICIES` (naming the variable when it came from there);
+    RuntimeError if another policy was applied before.
     """
-    policy = _env_policy() if policy is None else policy
-    if policy not in POLICIES:
-        raise ValueError(f"malloc policy {policy!r}: expected one of {', '.join(POLICIES)}")
-    if policy == "keep":
-        applied = _set("keep", [(_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1)])
-    elif policy == "compact":
-        applied = compact_memory()
+    if policy is None:
+        policy = _policy_name(os.environ.get(_ENV, ""), f"{_ENV}={os.environ.get(_ENV, '')!r}")
     else:
-        if _applied is not None:
-            raise RuntimeError(f"this process already runs under the malloc policy {_applied!r}; "
-                               "'system' can only be chosen before another one is set")
-        applied = False
+        policy = _policy_name(policy, repr(policy))
+    applied = compact_memory() if policy == "compact" else _set(policy)
     return policy if applied else "system"
