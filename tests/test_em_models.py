@@ -499,8 +499,15 @@ def test_em_mnist_config_routes_twice_and_keeps_the_papers_three_as_variants():
         assert (cfg.model_kwargs["iterations"], cfg.lr, cfg.batch_size, cfg.amp) == (2, lr, 32, None), variant
         it3 = load_config(f"{path}:{variant}_it3")
         assert (it3.model_kwargs["iterations"], it3.lr, it3.max_steps, it3.epochs) == (3, 2e-3, cfg.max_steps, cfg.epochs)
+        wide = load_config(f"{path}:{variant}_wide")
+        assert wide.model_kwargs == dict(cfg.model_kwargs, primary_types=16, caps1_types=32, caps2_types=32,
+                                         class_transforms="position"), variant
+        assert (wide.lr, wide.max_steps, wide.epochs) == (cfg.lr, cfg.max_steps, cfg.epochs)
+        assert load_config(f"{path}:{variant}_it3_wide").model_kwargs == dict(wide.model_kwargs, iterations=3)
     paper = load_config(f"{path}:paper")
     assert paper.model_kwargs == dict(iterations=3, **PAPER)
+    wide = create_model("em_mnist", **load_config(f"{path}:epoch3_wide").model_kwargs)
+    assert sum(p.numel() for p in wide.parameters()) == 286_756  # the docstring's count
     assert load_config(path).model_kwargs["iterations"] == 2
     with pytest.raises(ValueError, match="unknown variant 'nope'"):
         load_config(f"{path}:nope")
