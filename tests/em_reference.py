@@ -128,12 +128,13 @@ def reference_em_routing(votes, activations, beta_a, beta_v, *, lambdas, childre
 
 
 def autograd_em_routing_dense(votes, activations, beta_a, beta_v, *, lambdas, var_floor=5e-4, eps=1e-6,
-                              activation="paper", truncate=False, cost_eps=1e-6):
+                              activation="paper", truncate=False, cost_eps=1e-6, grad_scale=1.0):
     """Procedure 1 for a fully connected layer in plain differentiable torch, for gradient tests.
 
     Every ``(patch, slot)`` is its own child (no geometry), ``beta`` is ``(J,)``. ``truncate``
     detaches the Gaussians and activations each E-step reads (``truncate_gradient`` of
-    :func:`capsnet.routing.em.em_routing`). votes ``(B, L, I, J, D)``, activations ``(B, L, I)``;
+    :func:`capsnet.routing.em.em_routing`); ``grad_scale`` multiplies their gradient instead, by a
+    hook (``iteration_grad_scale``). votes ``(B, L, I, J, D)``, activations ``(B, L, I)``;
     returns poses ``(B, L, J, D)`` and activations ``(B, L, J)``.
     """
     import torch
@@ -157,5 +158,9 @@ def autograd_em_routing_dense(votes, activations, beta_a, beta_v, *, lambdas, va
         if it == len(lambdas) - 1:
             return mu, a
         m, v, act = (mu.detach(), var.detach(), a.detach()) if truncate else (mu, var, a)
+        if grad_scale != 1.0 and not truncate:
+            m, v, act = (t * 1.0 for t in (m, v, act))  # new nodes, so the hooks see only the E-step's share
+            for t in (m, v, act):
+                t.register_hook(lambda g: g * grad_scale)
         log_p = (-((votes - m.unsqueeze(2)) ** 2) / (2 * v.unsqueeze(2)) - 0.5 * torch.log(2 * math.pi * v.unsqueeze(2))).sum(-1)
         r = torch.softmax(log_p + torch.log(act).unsqueeze(2), dim=-1)  # over the J parents of each child

@@ -135,7 +135,8 @@ class MatrixCapsNet(nn.Module):
             :func:`~capsnet.routing.em.em_routing` ("paper" default; "centred", "standardised", "offset").
         beta: ``"type"`` or ``"capsule"``, see :class:`~capsnet.layers.matrix.ConvMatCaps`.
         coordinate_addition, coordinate_order: see :func:`~capsnet.layers.matrix.coordinate_offsets`.
-        var_floor, eps, detach_intermediate, truncate_gradient: passed to :func:`~capsnet.routing.em.em_routing`.
+        var_floor, eps, detach_intermediate, truncate_gradient, iteration_grad_scale: passed to
+            :func:`~capsnet.routing.em.em_routing` (the last is not in the paper: docs/em_training.md, session 12).
 
     Shape:
         x: ``(B, in_channels, image_size, image_size)`` floats; y: ``(B,)`` labels or None
@@ -171,6 +172,7 @@ class MatrixCapsNet(nn.Module):
         eps: float = MASS_EPS,
         detach_intermediate: bool = False,
         truncate_gradient: bool = False,
+        iteration_grad_scale: float = 1.0,
         caps_init_std: Optional[float] = None,
         class_init_std: float = 0.01,
         class_beta_a: Optional[float] = None,
@@ -211,7 +213,7 @@ class MatrixCapsNet(nn.Module):
             raise ValueError(f"final_lambda must be None, a number or three numbers (ConvCaps1, ConvCaps2, ClassCaps), got {final_lambda!r}")
         routing = dict(schedule=schedule, activation=activation,
                        beta=beta, var_floor=var_floor, eps=eps, detach_intermediate=detach_intermediate,
-                       truncate_gradient=truncate_gradient)  # fmt: skip
+                       truncate_gradient=truncate_gradient, iteration_grad_scale=iteration_grad_scale)  # fmt: skip
         self.conv1 = Conv2d(in_channels, conv_channels, conv_kernel, stride=conv_stride, padding=conv_padding)
         _trunc_normal_(self.conv1.weight.data, 0.05)
         nn.init.constant_(self.conv1.bias, 0.1)

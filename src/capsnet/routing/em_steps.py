@@ -154,6 +154,7 @@ class EMConfig(NamedTuple):
     geometry: Optional[ConvGeometry]
     shape: tuple[int, int, int, int, int]  # (I, B, L, J, D)
     keep_r: bool = False  # R of every iteration (for statistics), not only the last
+    iteration_grad_scale: float = 1.0  # the gradient an E-step passes back to the previous iteration, scaled
 
 
 class Gaussians(NamedTuple):
@@ -224,6 +225,14 @@ def activation_argument(cost: Tensor, b_a: Union[Tensor, float], activation: str
     return b_a + (mean - cost) / spread
 
 
+def _scale_grad(t: Tensor, scale: float) -> Tensor:
+    """``t`` exactly (``t.detach() + 0``), with ``scale`` times its gradient."""
+    if not t.requires_grad:
+        return t
+    frozen = t.detach()
+    return frozen + scale * (t - frozen)
+
+
 def e_step(quadratic, it: int, gaussians: Gaussians, a_in: Tensor, need_r: bool, cfg: EMConfig) -> tuple[Optional[Tensor], Tensor]:
     """E-step of Procedure 1: ``R_ij = a_j p_ij / sum_k a_k p_ik`` over every parent ``k`` of child ``i``.
 
@@ -236,6 +245,8 @@ def e_step(quadratic, it: int, gaussians: Gaussians, a_in: Tensor, need_r: bool,
     mu_c, var, log_var, logit = gaussians
     if cfg.truncate_gradient:  # the previous iteration's Gaussians and activations are constants here
         mu_c, var, log_var, logit = mu_c.detach(), var.detach(), log_var.detach(), logit.detach()
+    elif cfg.iteration_grad_scale != 1.0:  # the same values, their gradient scaled (0: truncate_gradient)
+        mu_c, var, log_var, logit = (_scale_grad(t, cfg.iteration_grad_scale) for t in (mu_c, var, log_var, logit))
     # ln p_ij = -sum_h (V - mu)^2 / (2 sigma^2) - sum_h ln(2 pi sigma^2) / 2, expanded in X = V - c:
     # (V - mu)^2 = X^2 - 2 X (mu - c) + (mu - c)^2, so one read of the votes gives every child's term.
     inv2var = 0.5 / var  # (B, L, J, D)
