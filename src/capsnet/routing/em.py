@@ -196,7 +196,7 @@ def em_routing(
             change): 1 (default) is the exact gradient of Procedure 1, 0 is ``truncate_gradient``,
             and in between the paths through ``k`` E-steps are weighted by the scale to the
             ``k``-th power. Not in the paper: on trained ``em_mnist`` checkpoints the gradient
-            through earlier iterations is 8-15x the truncated one and points another way on every
+            through earlier iterations makes the gradient of the lower layers 8-27x the truncated one, pointing another way on every
             batch (docs/em_training.md, session 12).
         stats: a list to append one dict of floats per iteration to (the instruments for
             training logs): ``a_mean``, ``a_std`` of the parent activations; ``var_floor_fraction``,
