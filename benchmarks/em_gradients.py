@@ -6,13 +6,14 @@ For each checkpoint of a ``MatrixCapsNet`` trained on MNIST: the spread loss (ma
 batches of 32 validation digits (the 5,000-digit split, no shifts), back-propagated three ways:
 the exact gradient, ``truncate_gradient`` (the Gaussians each E-step reads held constant) and
 ``detach_intermediate`` (the assignments R constant). Per layer it prints the mean gradient norm
-over the batches and the cosine between the gradients of the first two. docs/em_training.md,
+over the batches and the mean cosine between the gradients of two batches (every pair). docs/em_training.md,
 session 12, has what it showed. A diagnostic, not a speed benchmark: one thread, seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 
 import torch
@@ -23,7 +24,9 @@ from capsnet.train.restore import load_model
 
 #: Parameter-name prefixes of the layers reported.
 LAYERS = {"conv1": "conv1.", "primary": "primary.", "caps1": "caps1.weight", "caps2": "caps2.weight", "classes": "classes.weight"}
-VARIANTS = {"exact": {}, "truncated": {"truncate_gradient": True}, "R detached": {"detach_intermediate": True}}
+_EXACT = dict(truncate_gradient=False, detach_intermediate=False, iteration_grad_scale=1.0)
+#: Routing gradient options per row, whatever the checkpoint was trained with.
+VARIANTS = {"exact": _EXACT, "truncated": dict(_EXACT, truncate_gradient=True), "R detached": dict(_EXACT, detach_intermediate=True)}
 
 
 def layer_gradients(model, batches) -> list[dict[str, torch.Tensor]]:
@@ -42,8 +45,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoints", nargs="+")
     parser.add_argument("--data", default=os.environ.get("CAPSNET_DATA"), help="data root (default: $CAPSNET_DATA)")
-    parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--batches", type=int, default=4, help="batches of 32 (at least 2)")
     args = parser.parse_args(argv)
+    if args.batches < 2:
+        parser.error("--batches must be at least 2: the cosine compares two batches")
     if not args.data:
         parser.error("no data root: pass --data or set CAPSNET_DATA")
     torch.set_num_threads(1)
@@ -61,7 +66,8 @@ def main(argv=None) -> None:
             cells = []
             for layer in LAYERS:
                 norm = torch.stack([g[layer].norm() for g in grads]).mean()
-                cosine = torch.nn.functional.cosine_similarity(grads[0][layer], grads[1][layer], dim=0)
+                cosine = torch.stack([torch.nn.functional.cosine_similarity(a[layer], b[layer], dim=0)
+                                      for a, b in itertools.combinations(grads, 2)]).mean()
                 cells.append(f"{layer} {norm:.3g} / {cosine:.2f}")
             print(f"  {variant:10s}  " + "  ".join(cells))
 

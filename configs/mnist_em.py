@@ -60,6 +60,7 @@ def get_config(variant: str = "default") -> dict:
         checkpoint_every=500,
     )
     budget = dict(batch_size=32, lr=2e-3, lr_schedule="cosine", lr_warmup_steps=100, lr_decay_steps=None)
+    suffixed = variant.endswith(("_wide", "_it3"))
     if variant.endswith("_wide"):  # the wide network with unshared class transforms (session 12)
         config = dict(config, model_kwargs=dict(config["model_kwargs"], **WIDE))
         variant = variant[: -len("_wide")]
@@ -87,6 +88,8 @@ def get_config(variant: str = "default") -> dict:
         return dict(config, **budget, dataset=dataset, epochs=epochs, eval_every=430 if epochs == 1 else 860,
                     checkpoint_every=200, objective_kwargs=dict(schedule="linear", start=0.2, end=0.9, steps=steps))
     if variant == "smoke":
+        if suffixed:
+            raise ValueError("configs/mnist_em.py:smoke takes no _it3 or _wide suffix (it builds its own tiny network)")
         return dict(
             config,
             model="em_tiny",

@@ -128,13 +128,23 @@ def test_iteration_grad_scale_interpolates_between_truncated_and_exact():
     exact, truncated = grads(), grads(truncate_gradient=True)
     for a, b in zip(grads(iteration_grad_scale=1.0), exact):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    for a, b in zip(grads(iteration_grad_scale=0.0), truncated):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    for a, b in zip(grads(iteration_grad_scale=0.0), truncated):  # scale 0 runs as truncate_gradient
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
     for a, e, t in zip(grads(iteration_grad_scale=0.25), exact, truncated):
         assert not torch.allclose(e, t)
         torch.testing.assert_close(a, t + 0.25 * (e - t), rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match=r"iteration_grad_scale must be a number in \[0, 1\], got 1.5"):
         em_routing(votes, act, beta_a, beta_v, geometry=GEOMETRY, iteration_grad_scale=1.5)
+
+
+def test_scale_grad_keeps_every_bit_and_scales_the_gradient():
+    from capsnet.routing.em_steps import _scale_grad
+
+    t = torch.tensor([-0.0, 0.0, float("inf"), -float("inf"), 1.5, float("nan")], dtype=F64, requires_grad=True)
+    out = _scale_grad(t, 0.25)
+    assert torch.equal(out.detach().view(torch.int64), t.detach().view(torch.int64))  # bit for bit, -0.0 and inf too
+    (g,) = torch.autograd.grad(out, t, torch.arange(6, dtype=F64))
+    torch.testing.assert_close(g, 0.25 * torch.arange(6, dtype=F64), rtol=0, atol=0)
 
 
 def test_model_passes_iteration_grad_scale_to_every_routed_layer():

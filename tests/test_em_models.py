@@ -511,6 +511,8 @@ def test_em_mnist_config_routes_twice_and_keeps_the_papers_three_as_variants():
     assert load_config(path).model_kwargs["iterations"] == 2
     with pytest.raises(ValueError, match="unknown variant 'nope'"):
         load_config(f"{path}:nope")
+    with pytest.raises(ValueError, match="smoke takes no _it3 or _wide suffix"):
+        load_config(f"{path}:smoke_wide")
 
 
 def test_em_model_trains_with_the_activation_cross_entropy_objective(tmp_path):

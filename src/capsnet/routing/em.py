@@ -195,9 +195,9 @@ def em_routing(
             Gaussians and activations of the iteration before it (the forward values do not
             change): 1 (default) is the exact gradient of Procedure 1, 0 is ``truncate_gradient``,
             and in between the paths through ``k`` E-steps are weighted by the scale to the
-            ``k``-th power. Not in the paper: on trained ``em_mnist`` checkpoints the gradient
-            through earlier iterations makes the gradient of the lower layers 8-27x the truncated one, pointing another way on every
-            batch (docs/em_training.md, session 12).
+            ``k``-th power. Not in the paper: on trained ``em_mnist`` checkpoints the path through
+            earlier iterations makes the gradient of the lower layers 8-27x the truncated one and
+            close to uncorrelated between batches (docs/em_training.md, session 12).
         stats: a list to append one dict of floats per iteration to (the instruments for
             training logs): ``a_mean``, ``a_std`` of the parent activations; ``var_floor_fraction``,
             the fraction of parent variances within 1% of ``var_floor``; ``r_entropy``, the mean
@@ -241,6 +241,9 @@ def em_routing(
         raise ValueError(f"var_floor must be > 0 and eps >= 0, got var_floor={var_floor} eps={eps}")
     if isinstance(iteration_grad_scale, bool) or not 0.0 <= iteration_grad_scale <= 1.0:
         raise ValueError(f"iteration_grad_scale must be a number in [0, 1], got {iteration_grad_scale!r}")
+    # Scale 0 is truncation: said so, the backward skips the earlier iterations (and cuts a
+    # non-finite gradient there instead of multiplying it by 0).
+    truncate_gradient = truncate_gradient or iteration_grad_scale == 0
     fan_in = dim * children_per_parent(num_patches, slots, types, geometry)
     lambdas = inverse_temperatures(schedule, iterations, final_lambda=final_lambda, fan_in=fan_in)
     if cost_scale is None:

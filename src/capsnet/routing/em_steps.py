@@ -225,12 +225,22 @@ def activation_argument(cost: Tensor, b_a: Union[Tensor, float], activation: str
     return b_a + (mean - cost) / spread
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """``t`` itself in the forward pass (a view: every bit kept), ``scale`` times its gradient backward."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad * ctx.scale, None
+
+
 def _scale_grad(t: Tensor, scale: float) -> Tensor:
-    """``t`` exactly (``t.detach() + 0``), with ``scale`` times its gradient."""
-    if not t.requires_grad:
-        return t
-    frozen = t.detach()
-    return frozen + scale * (t - frozen)
+    """``t``, with ``scale`` times its gradient (unchanged where ``t`` needs none)."""
+    return _ScaleGrad.apply(t, scale) if t.requires_grad else t
 
 
 def e_step(quadratic, it: int, gaussians: Gaussians, a_in: Tensor, need_r: bool, cfg: EMConfig) -> tuple[Optional[Tensor], Tensor]:
@@ -245,7 +255,7 @@ def e_step(quadratic, it: int, gaussians: Gaussians, a_in: Tensor, need_r: bool,
     mu_c, var, log_var, logit = gaussians
     if cfg.truncate_gradient:  # the previous iteration's Gaussians and activations are constants here
         mu_c, var, log_var, logit = mu_c.detach(), var.detach(), log_var.detach(), logit.detach()
-    elif cfg.iteration_grad_scale != 1.0:  # the same values, their gradient scaled (0: truncate_gradient)
+    elif cfg.iteration_grad_scale != 1.0:  # the same values, their gradient scaled (0 arrives as truncate_gradient)
         mu_c, var, log_var, logit = (_scale_grad(t, cfg.iteration_grad_scale) for t in (mu_c, var, log_var, logit))
     # ln p_ij = -sum_h (V - mu)^2 / (2 sigma^2) - sum_h ln(2 pi sigma^2) / 2, expanded in X = V - c:
     # (V - mu)^2 = X^2 - 2 X (mu - c) + (mu - c)^2, so one read of the votes gives every child's term.
