@@ -56,6 +56,16 @@ def test_inputs_of_mixed_dtypes_raise_value_error():
         em_routing(votes, act, beta_a, beta_v.bfloat16(), geometry=GEOMETRY)
 
 
+def _assert_same_gradients(fast, inputs, plain, plain_inputs):
+    """The gradients of one random weighting of the outputs, routing's against plain autograd's, to 1e-8."""
+    poses, acts = plain
+    weights = torch.randn_like(acts), torch.randn_like(poses)
+    fast_grads = torch.autograd.grad((fast.activations * weights[0]).sum() + (fast.poses * weights[1]).sum(), inputs)
+    plain_grads = torch.autograd.grad((acts * weights[0]).sum() + (poses * weights[1]).sum(), plain_inputs)
+    for name, a, b in zip(("votes", "activations", "beta_a", "beta_v"), fast_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10, msg=name)
+
+
 @pytest.mark.parametrize("truncate", [False, True])
 @pytest.mark.parametrize("activation", ["paper", "centred", "offset"])
 def test_dense_gradients_equal_plain_autograd(truncate, activation):
@@ -69,11 +79,7 @@ def test_dense_gradients_equal_plain_autograd(truncate, activation):
     poses, acts = autograd_em_routing_dense(*plain_inputs, lambdas=lambdas, activation=activation, truncate=truncate)
     torch.testing.assert_close(fast.poses, poses, rtol=0, atol=1e-10)
     torch.testing.assert_close(fast.activations, acts, rtol=0, atol=1e-10)
-    weights = torch.randn_like(acts), torch.randn_like(poses)
-    fast_grads = torch.autograd.grad((fast.activations * weights[0]).sum() + (fast.poses * weights[1]).sum(), inputs)
-    plain_grads = torch.autograd.grad((acts * weights[0]).sum() + (poses * weights[1]).sum(), plain_inputs)
-    for name, a, b in zip(("votes", "activations", "beta_a", "beta_v"), fast_grads, plain_grads):
-        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10, msg=name)
+    _assert_same_gradients(fast, inputs, (poses, acts), plain_inputs)
 
 
 def test_truncated_gradient_differs_from_the_full_one_only_through_earlier_iterations():
@@ -108,11 +114,7 @@ def test_scaled_iteration_gradients_equal_plain_autograd_with_hooks(scale, activ
     torch.testing.assert_close(fast.activations, exact.activations, rtol=0, atol=0)
     plain_inputs = [t.clone().requires_grad_() for t in (votes, act, beta_a, beta_v)]
     poses, acts = autograd_em_routing_dense(*plain_inputs, lambdas=lambdas, activation=activation, grad_scale=scale)
-    weights = torch.randn_like(acts), torch.randn_like(poses)
-    fast_grads = torch.autograd.grad((fast.activations * weights[0]).sum() + (fast.poses * weights[1]).sum(), inputs)
-    plain_grads = torch.autograd.grad((acts * weights[0]).sum() + (poses * weights[1]).sum(), plain_inputs)
-    for name, a, b in zip(("votes", "activations", "beta_a", "beta_v"), fast_grads, plain_grads):
-        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10, msg=name)
+    _assert_same_gradients(fast, inputs, (poses, acts), plain_inputs)
 
 
 def test_iteration_grad_scale_interpolates_between_truncated_and_exact():
