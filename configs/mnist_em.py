@@ -29,7 +29,8 @@ Every budget variant also exists with the suffix ``_wide``: B = 16 primary types
 ConvCaps types and one class transform per grid position (``class_transforms="position"``, not
 in the paper), 286,756 parameters against 68,444 and about 2x the time per step; the best
 network so far on MNIST (session 12, three epochs, seed 0: 98.92% validation / 99.14% test
-against 98.60% / 98.97%; docs/results.md), not the default until it leads over seeds. With B = 8
+against 98.60% / 98.97%; one epoch: 98.24% / 98.91% against 97.90% / 98.40%; docs/results.md), not the
+default until it leads over seeds. With B = 8
 the same network stretched to ten epochs reached 99.30% / 99.42% (session 12; the recipe's
 network 99.08% / 99.09%): the ten-epoch command below with ``--set model_kwargs.caps1_types=32
 --set model_kwargs.caps2_types=32 --set model_kwargs.class_transforms=position``.
