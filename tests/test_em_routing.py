@@ -20,6 +20,7 @@ from capsnet.routing.em import (
     parent_counts,
     to_patches,
 )
+from capsnet.routing.em_steps import _Assign, assignments
 
 F64 = torch.float64
 
@@ -373,3 +374,66 @@ def test_em_routing_is_exported_at_the_top_level():
     assert capsnet.em_routing is capsnet.routing.em_routing is em_routing
     assert capsnet.EMRoutingResult is capsnet.routing.EMRoutingResult
     assert {"em_routing", "EMRoutingResult"} <= set(capsnet.__all__) & set(capsnet.routing.__all__)
+
+
+
+def _softmax_over_parents(log_ap, geometry):
+    """``R`` by plain autograd ops, one child at a time: ``exp(ln(a_j p_ij) - ln sum_k a_k p_ik)``
+    with the sum over every parent ``k`` (all types, all patches) that holds the child."""
+    slots, batch, num_patches, _ = log_ap.shape
+    per_slot = torch.logsumexp(log_ap, dim=-1)  # (I, B, L)
+    if geometry is None:
+        return torch.exp(log_ap - per_slot.unsqueeze(-1))
+    children = geometry.types * geometry.in_size[0] * geometry.in_size[1]
+    ids = torch.arange(children, dtype=torch.float64).view(1, geometry.types, *geometry.in_size)
+    child = to_patches(ids, geometry)[0].long().t().reshape(-1)  # (I L,): the child in each slot, slot-major
+    flat = per_slot.permute(1, 0, 2).reshape(batch, -1)  # (B, I L), slot-major like `child`
+    log_norm = torch.zeros_like(flat)
+    for c in child.unique().tolist():
+        held = child == c
+        log_norm = log_norm + held * torch.logsumexp(flat[:, held], dim=-1, keepdim=True)
+    return torch.exp(log_ap - log_norm.view(batch, slots, num_patches).permute(1, 0, 2).unsqueeze(-1))
+
+
+@pytest.mark.parametrize("geometry", [None, ConvGeometry((5, 5), (3, 3), (1, 1), 2), ConvGeometry((5, 4), (3, 2), (2, 1), 1)])
+@pytest.mark.parametrize("detach", [False, True])
+def test_e_step_assignments_and_their_gradient_match_plain_autograd(geometry, detach):
+    """The E-step's softmax over each child's parents (values of :func:`assignments`, gradient of
+    ``_Assign``'s one-pass backward) against autograd through the per-child loop above, float64."""
+    gen = torch.Generator().manual_seed(21)
+    slots, num_patches = (geometry.slots, geometry.num_patches) if geometry is not None else (6, 3)
+    shape = (slots, 2, num_patches, 4)
+    log_ap = (3 * torch.randn(shape, generator=gen, dtype=torch.float64)).requires_grad_()
+    a_in = torch.rand(slots, 2, num_patches, 1, generator=gen, dtype=torch.float64).requires_grad_()
+    w_r, w_ra = torch.randn(shape, generator=gen, dtype=torch.float64), torch.randn(shape, generator=gen, dtype=torch.float64)
+
+    expected_r = _softmax_over_parents(log_ap, geometry)
+    expected_ra = (expected_r.detach() if detach else expected_r) * a_in
+    loss = (w_ra * expected_ra).sum() + (0.0 if detach else (w_r * expected_r).sum())
+    expected = torch.autograd.grad(loss, (log_ap, a_in), allow_unused=True)
+
+    with torch.no_grad():
+        r = assignments(log_ap, geometry)
+    torch.testing.assert_close(r, expected_r.detach(), rtol=1e-12, atol=1e-14)
+    r_out, ra = _Assign.apply(log_ap, a_in, r, geometry, detach)
+    loss = (w_ra * ra).sum() + (0.0 if detach else (w_r * r_out).sum())
+    got = torch.autograd.grad(loss, (log_ap, a_in), allow_unused=True)
+    if detach:
+        assert got[0] is None and expected[0] is None
+    else:
+        torch.testing.assert_close(got[0], expected[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-10, atol=1e-12)
+
+
+def test_gradcheck_e_step_assignments_float64():
+    geometry = ConvGeometry((4, 4), (2, 2), (1, 1), 2)
+    gen = torch.Generator().manual_seed(22)
+    log_ap = torch.randn(geometry.slots, 2, geometry.num_patches, 3, generator=gen, dtype=torch.float64).requires_grad_()
+    a_in = torch.rand(geometry.slots, 2, geometry.num_patches, 1, generator=gen, dtype=torch.float64).requires_grad_()
+
+    def fn(x, a):
+        with torch.no_grad():
+            r = assignments(x, geometry)
+        return _Assign.apply(x, a, r, geometry, False)
+
+    assert gradcheck(fn, (log_ap, a_in), eps=1e-6, atol=1e-7)

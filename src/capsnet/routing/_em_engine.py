@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from . import em_steps
 from ._em_votes import FactoredVotes, Moments, Term, VoteReader, factored_centre
 from .em_steps import Gaussians, VoteReads, em_iteration, iteration_stats, routing_outputs
 
@@ -45,13 +46,18 @@ class _ReplayMoments(torch.autograd.Function):
 
 
 class _ReplayQuadratic(torch.autograd.Function):
-    """Stands in for :meth:`VoteReader.quadratic` while the backward pass replays the loop."""
+    """Stands in for :meth:`VoteReader.quadratic` while the backward pass replays the loop.
+
+    Returns zeros of the read's shape ``(I, N)`` (one stored float, expanded): the replayed
+    E-step takes the ``R`` that forward recorded, so the read's values are never used; its
+    backward is the adjoint read.
+    """
 
     @staticmethod
-    def forward(ctx, u1: Tensor, u2: Tensor, u0: Tensor, anchor: Tensor, reader: VoteReader, recorded: Tensor):
+    def forward(ctx, u1: Tensor, u2: Tensor, u0: Tensor, anchor: Tensor, reader: VoteReader, shape: tuple[int, int]):
         ctx.reader = reader
         ctx.save_for_backward(u1, u2)
-        return recorded.clone()
+        return u1.new_zeros(()).expand(shape)
 
     @staticmethod
     def backward(ctx, gq):
@@ -92,16 +98,16 @@ class _Saved(NamedTuple):
 
 
 class _Step(NamedTuple):
-    """What forward recorded of one iteration: its Gaussians and the results of the two vote reads
-    that used them, replayed as they were by backward."""
+    """What forward recorded of one iteration: its Gaussians, the result of the vote read that
+    fitted them and the assignments of the E-step that used them, replayed as they were by backward."""
 
     gaussians: Gaussians
     moments: Moments  # the M-step's read, which fitted them
-    quadratic: Optional[Tensor]  # the next E-step's read of them, (I, N); None after the last iteration
+    assignments: Optional[Tensor]  # the next E-step's R, (I, B, L, J); None after the last iteration
 
 
 def _save(ctx, saved: _Saved, steps: list[_Step]) -> None:
-    ctx.save_for_backward(*saved, *(t for step in steps for t in (*step.gaussians, *step.moments, step.quadratic)))
+    ctx.save_for_backward(*saved, *(t for step in steps for t in (*step.gaussians, *step.moments, step.assignments)))
 
 
 def _load(ctx, iterations: int) -> tuple[_Saved, list[_Step]]:
@@ -119,11 +125,13 @@ class EMRoutingFunction(torch.autograd.Function):
     """EM routing with a vote gradient accumulated in one pass.
 
     Forward runs the iterations without autograd, keeping each iteration's Gaussians, the
-    results of the vote reads and the centred votes (or, for :class:`FactoredVotes`, only their
-    factors). Backward goes through the iterations in reverse, replaying one at a time on the
-    small tensors with autograd (so only one iteration's intermediates are alive), the reads
-    replaced by :class:`_ReplayMoments` / :class:`_ReplayQuadratic` (same values; adjoint reads
-    as backward); then it builds the votes' gradient from the recorded outer products. Plain
+    results of its moments read, the assignments ``R`` of each E-step and the centred votes (or,
+    for :class:`FactoredVotes`, only their factors). Backward goes through the iterations in
+    reverse, replaying one at a time on the small tensors with autograd (so only one iteration's
+    intermediates are alive), the reads replaced by :class:`_ReplayMoments` /
+    :class:`_ReplayQuadratic` (recorded values, or none where the recorded ``R`` stands in; adjoint
+    reads as backward) and the E-step's softmax by the recorded ``R`` with its one-pass gradient
+    (``em_steps._Assign``); then it builds the votes' gradient from the recorded outer products. Plain
     autograd would instead keep every iteration's intermediates and allocate and add one
     vote-sized gradient per read.
 
@@ -148,20 +156,21 @@ class EMRoutingFunction(torch.autograd.Function):
             centre = flat.mean(0)
             reader = VoteReader(cfg.shape, centred=flat - centre)
         recorded_m: dict[int, Moments] = {}  # by the iteration whose Gaussians the read fitted
-        recorded_q: dict[int, Tensor] = {}  # by the iteration whose Gaussians the read used
+        recorded_r: dict[int, Tensor] = {}  # R of the E-step, by the iteration whose Gaussians it used
 
         def moments(r, it):
             recorded_m[it] = reader.moments(r)
             return recorded_m[it]
 
-        def quadratic(u1, u2, u0, it):
-            recorded_q[it] = reader.quadratic(u1, u2, u0)
-            return recorded_q[it]
+        def assignments(log_ap, it):
+            recorded_r[it] = em_steps.assignments(log_ap, cfg.geometry)
+            return recorded_r[it]
 
         centre_view = centre.view(batch, num_patches, types, dim)
         gaussians, history = None, []
         for it in range(len(cfg.lambdas)):
-            r, gaussians = em_iteration(VoteReads(moments, quadratic), it, gaussians, a_in, beta_a, beta_v, centre_view, cfg)
+            reads = VoteReads(moments, lambda u1, u2, u0, it: reader.quadratic(u1, u2, u0), assignments)
+            r, gaussians = em_iteration(reads, it, gaussians, a_in, beta_a, beta_v, centre_view, cfg)
             history.append(gaussians)
             if stats is not None:
                 stats.append(iteration_stats(r, gaussians, cfg))
@@ -177,7 +186,7 @@ class EMRoutingFunction(torch.autograd.Function):
             beta_v=beta_v,
             centre=centre,
         )
-        _save(ctx, saved, [_Step(g, recorded_m[it], recorded_q.get(it)) for it, g in enumerate(history)])
+        _save(ctx, saved, [_Step(g, recorded_m[it], recorded_r.get(it)) for it, g in enumerate(history)])
         return routing_outputs(r, gaussians, centre_view, cfg)
 
     @staticmethod
@@ -211,10 +220,14 @@ class EMRoutingFunction(torch.autograd.Function):
                 return _ReplayMoments.apply(r, anchor, reader, steps[k].moments)
 
             def quadratic(u1, u2, u0, k, anchor=anchor):
-                return _ReplayQuadratic.apply(u1, u2, u0, anchor, reader, steps[k].quadratic)
+                return _ReplayQuadratic.apply(u1, u2, u0, anchor, reader, (slots, u0.shape[0]))
+
+            def assignments(log_ap, k):
+                return steps[k].assignments
 
             with torch.enable_grad():
-                r, gaussians = em_iteration(VoteReads(moments, quadratic), it, prev, **params, centre=centre_view, cfg=cfg)
+                reads = VoteReads(moments, quadratic, assignments)
+                r, gaussians = em_iteration(reads, it, prev, **params, centre=centre_view, cfg=cfg)
                 outputs = routing_outputs(r, gaussians, centre_view, cfg) if it == iters - 1 else gaussians
                 # R carries no graph when detach_intermediate; outputs without a graph are skipped.
                 used = [(out, g) for out, g in zip(outputs, outputs_grad) if out.requires_grad and g is not None]

@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
-from .em_geometry import ConvGeometry, log_child_normaliser, parent_counts, to_patches
+from .em_geometry import ConvGeometry, child_sum, log_child_normaliser, parent_counts, to_patches
 
 __all__ = [
     "ACTIVATIONS",
@@ -173,10 +174,13 @@ class Gaussians(NamedTuple):
 class VoteReads(NamedTuple):
     """The two reads of the votes that the steps make (see the module docstring): ``moments(r, it)``
     for the M-step of iteration ``it``, ``quadratic(u1, u2, u0, it)`` for the E-step that reads
-    the Gaussians of iteration ``it``."""
+    the Gaussians of iteration ``it``; and, optionally, ``assignments(log_ap, it)``, that E-step's
+    ``R`` from the result of its read (default: :func:`assignments`; a replay passes the ``R`` it
+    recorded, and its ``quadratic`` need not return the values then)."""
 
     moments: Callable[[Tensor, int], tuple[Tensor, Tensor, Tensor]]
     quadratic: Callable[[Tensor, Tensor, Tensor, int], Tensor]
+    assignments: Optional[Callable[[Tensor, int], Tensor]] = None
 
 
 def m_step(moments, it: int, ra: Tensor, b_a: Tensor, b_v: Tensor, lam: float, centre: Tensor, cfg: EMConfig):
@@ -243,13 +247,13 @@ def _scale_grad(t: Tensor, scale: float) -> Tensor:
     return _ScaleGrad.apply(t, scale) if t.requires_grad else t
 
 
-def e_step(quadratic, it: int, gaussians: Gaussians, a_in: Tensor, need_r: bool, cfg: EMConfig) -> tuple[Optional[Tensor], Tensor]:
+def e_step(reads: VoteReads, it: int, gaussians: Gaussians, a_in: Tensor, need_r: bool, cfg: EMConfig) -> tuple[Optional[Tensor], Tensor]:
     """E-step of Procedure 1: ``R_ij = a_j p_ij / sum_k a_k p_ik`` over every parent ``k`` of child ``i``.
 
-    ``gaussians`` are those of iteration ``it``, read by ``quadratic``.
+    ``gaussians`` are those of iteration ``it``, read by ``reads.quadratic``.
 
     Returns ``R`` (None unless ``need_r``) and ``R_ij a_i``, what the next M-step uses: both
-    ``(I, B, L, J)``, the product taken with the per-child factor so it costs no extra pass.
+    ``(I, B, L, J)``.
     """
     slots, batch, num_patches, types, dim = cfg.shape
     mu_c, var, log_var, logit = gaussians
@@ -263,20 +267,83 @@ def e_step(quadratic, it: int, gaussians: Gaussians, a_in: Tensor, need_r: bool,
     # The per-parent terms, plus ln a_j: logsigmoid is the exact ln a_j, finite even where a_j underflows to 0.
     const = -(mu_c.square() * inv2var).sum(-1) - 0.5 * (log_var + _LOG_2PI).sum(-1) + F.logsigmoid(logit)  # (B, L, J)
     u1, u2 = (2.0 * mu_c * inv2var).reshape(-1, dim), (-inv2var).reshape(-1, dim)
-    log_ap = quadratic(u1, u2, const.reshape(-1), it).view(slots, batch, num_patches, types)  # ln(a_j p_ij)
-    # ln sum_j a_j p_ij within one patch, shifted by the (constant) largest term of each slot; the
-    # shifted exponentials are reused for R, so the (I, B, L, J) tensor sees one exp, not two.
-    shift = log_ap.detach().amax(dim=-1, keepdim=True)  # (I, B, L, 1)
+    log_ap = reads.quadratic(u1, u2, const.reshape(-1), it).view(slots, batch, num_patches, types)  # ln(a_j p_ij)
+    if reads.assignments is not None:
+        r = reads.assignments(log_ap, it)
+    else:
+        with torch.no_grad():
+            r = assignments(log_ap, cfg.geometry)
+    r, ra = _Assign.apply(log_ap, a_in, r, cfg.geometry, cfg.detach_intermediate)
+    return (r if need_r else None), ra
+
+
+def assignments(log_ap: Tensor, geometry: Optional[ConvGeometry]) -> Tensor:
+    """``R_ij = a_j p_ij / sum_k a_k p_ik`` from ``ln(a_j p_ij)``, over every parent ``k`` of child ``i``
+    (Procedure 1, E-step): a softmax over all types in all patches that hold the child.
+
+    The values only: :class:`_Assign` gives their gradient (in one pass, without the steps below).
+
+    Shape:
+        log_ap: ``(I, B, L, J)``; returns ``(I, B, L, J)``.
+    """
+    # ln sum_j a_j p_ij within one patch, shifted by the largest term of each slot; the shifted
+    # exponentials are reused for R, so the (I, B, L, J) tensor sees one exp, not two.
+    shift = log_ap.amax(dim=-1, keepdim=True)  # (I, B, L, 1)
     e = torch.exp(log_ap - shift)  # (I, B, L, J), at most 1
     per_slot = torch.log(e.sum(-1)) + shift.squeeze(-1)  # (I, B, L); the sum is >= 1
     # ln sum_k a_k p_ik over every parent k of child i: all types in all patches that hold it.
-    log_norm = log_child_normaliser(per_slot.permute(1, 2, 0), cfg.geometry).permute(2, 0, 1)
-    scale = torch.exp(shift.squeeze(-1) - log_norm).unsqueeze(-1)  # (I, B, L, 1)
-    if cfg.detach_intermediate:  # R is a constant, R a still depends on a_i
-        r = (e * scale).detach()
-        return (r if need_r else None), r * a_in
-    r = e * scale if need_r else None  # R_ij = a_j p_ij / sum_k a_k p_ik, (I, B, L, J)
-    return r, e * (scale * a_in)  # and R_ij a_i, the per-child factor taken first
+    log_norm = log_child_normaliser(per_slot.permute(1, 2, 0), geometry).permute(2, 0, 1)
+    return e.mul_(torch.exp(shift.squeeze(-1) - log_norm).unsqueeze(-1))
+
+
+class _Assign(torch.autograd.Function):
+    """``(R, R a_in)`` from ``R`` computed by :func:`assignments` (an input here, so a replay can
+    pass the one it recorded), with the gradient of the softmax over each child's parents.
+
+    With ``G_ij = g_(Ra)ij a_i + g_Rij`` the gradient reaching ``ln(a_j p_ij)`` is
+    ``R_ij (G_ij - sum_(k over parents of i) R_ik G_ik)``, and ``a_i`` gets ``sum_j g_(Ra)ij R_ij``:
+    four passes over ``(I, B, L, J)`` where autograd through :func:`assignments` takes about a dozen.
+    With ``detach`` (``detach_intermediate``) ``R`` is a constant and only ``a_i`` gets a gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, log_ap: Tensor, a_in: Tensor, r: Tensor, geometry: Optional[ConvGeometry], detach: bool):
+        ctx.geometry, ctx.detach = geometry, detach
+        ctx.save_for_backward(r, a_in)
+        ra = r * a_in
+        if detach:
+            ctx.mark_non_differentiable(r)
+            return r, ra
+        return r.view_as(r), ra
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_r: Optional[Tensor], g_ra: Optional[Tensor]):
+        r, a_in = ctx.saved_tensors
+        g_r = None if ctx.detach else g_r
+        need_log = ctx.needs_input_grad[0] and not ctx.detach
+        # t_i = sum_j g_(Ra)ij R_ij is a_i's gradient, and a_i t_i + sum_j g_Rij R_ij = sum_j R_ij G_ij.
+        t = _dot_last(g_ra, r) if g_ra is not None else None  # (I, B, L, 1)
+        g_a = t if ctx.needs_input_grad[1] else None
+        if not need_log:
+            return None, g_a, None, None, None
+        s = t * a_in if t is not None else torch.zeros_like(a_in)
+        if g_r is not None:
+            s += _dot_last(g_r, r)
+        if ctx.geometry is not None:  # summed over every slot that holds the same child
+            per_child = child_sum(s.squeeze(-1).permute(1, 2, 0), ctx.geometry)
+            s = to_patches(per_child, ctx.geometry).permute(2, 0, 1).unsqueeze(-1)
+        # R_ij (G_ij - s_i) with G = g_(Ra) a + g_R.
+        g = g_r.clone() if g_ra is None else g_ra * a_in
+        if g_ra is not None and g_r is not None:
+            g += g_r
+        return g.sub_(s).mul_(r), g_a, None, None, None
+
+
+def _dot_last(x: Tensor, y: Tensor) -> Tensor:
+    """``sum_j x_j y_j`` over the last axis, kept: ``(..., J) -> (..., 1)``. A batched matrix
+    product, several times faster on CPU than ``(x * y).sum(-1)`` over a short axis (J = 16)."""
+    return torch.matmul(x.unsqueeze(-2), y.unsqueeze(-1)).squeeze(-1)
 
 
 def em_iteration(reads: VoteReads, it: int, prev: Optional[Gaussians], a_in: Tensor, beta_a: Tensor, beta_v: Tensor,
@@ -290,7 +357,7 @@ def em_iteration(reads: VoteReads, it: int, prev: Optional[Gaussians], a_in: Ten
     """
     slots, batch, num_patches, types, dim = cfg.shape
     if it > 0:
-        r, ra = e_step(reads.quadratic, it - 1, prev, a_in, cfg.keep_r or it == len(cfg.lambdas) - 1, cfg)
+        r, ra = e_step(reads, it - 1, prev, a_in, cfg.keep_r or it == len(cfg.lambdas) - 1, cfg)
     else:
         if cfg.geometry is None:  # Procedure 1 init: R_ij = 1 / (number of parents of child i)
             r = a_in.new_full((slots, 1, num_patches, 1), 1.0 / types)
