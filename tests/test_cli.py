@@ -30,6 +30,15 @@ def test_train_eval_viz_smoke(tmp_path, capsys):
     assert (tmp_path / "figs" / "pose_perturbations.png").exists()
 
 
+def test_em_smoke_with_a_decoder_writes_reconstructions_and_pose_perturbations(tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--config", str(REPO / "configs" / "mnist_em.py:smoke"), "--out", str(out), "--data", str(tmp_path), "--no-progress",
+            "--set", "max_steps=2", "--set", "model_kwargs.decoder=True", "--set", "objective_kwargs.recon_weight=0.0005"]
+    assert main(args) == 0
+    for name in ("reconstructions.png", "pose_perturbations.png"):
+        assert (out / "figures" / name).read_bytes()[:8] == PNG, name
+
+
 def test_train_resume_flag(tmp_path):
     args = ["train", "--config", str(REPO / "configs" / "mnist.py:smoke"), "--out", str(tmp_path), "--data", str(tmp_path), "--no-progress", "--set", "figures=False"]
     assert main(args + ["--set", "max_steps=3"]) == 0

@@ -540,3 +540,45 @@ def test_em_model_trains_with_the_activation_cross_entropy_objective(tmp_path):
                       objective="activation_cross_entropy", batch_size=8, epochs=1, figures=False)
     summary = train(cfg, data_root=tmp_path, out_dir=tmp_path / "run", progress=False, final_test=False)
     assert summary is not None and (tmp_path / "run" / "last.pt").exists()
+
+
+@pytest.mark.parametrize("class_transforms", ["shared", "position"])
+def test_decoder_reconstructs_from_the_labelled_class_pose(class_transforms):
+    """``decoder=True``: Sabour et al.'s decoder on the 16 pose elements; the true class masks in
+    training, the most active class without labels; ``reconstruct`` decodes any poses."""
+    torch.manual_seed(0)
+    plain = create_model("em_mnist", class_transforms=class_transforms)
+    model = create_model("em_mnist", class_transforms=class_transforms, decoder=True)
+    decoder_params = (160 * 512 + 512) + (512 * 1024 + 1024) + (1024 * 784 + 784)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in plain.parameters()) + decoder_params
+    assert plain(torch.rand(2, 1, 28, 28)).reconstruction is None
+    x, y = torch.rand(3, 1, 28, 28), torch.tensor([1, 4, 7])
+    out = model(x, y)
+    assert out.reconstruction.shape == (3, 1, 28, 28)
+    torch.testing.assert_close(out.reconstruction, model.reconstruct(out.poses, y))
+    other = model.reconstruct(out.poses, (y + 1) % 10)
+    assert not torch.allclose(other, out.reconstruction)  # the mask picks the class
+    unlabelled = model(x)
+    torch.testing.assert_close(unlabelled.reconstruction, model.reconstruct(out.poses, out.activations.argmax(1)))
+    with pytest.raises(ValueError, match="decoder=False"):
+        plain.reconstruct(out.poses, y)
+
+
+def test_spread_objective_adds_the_weighted_reconstruction_loss_and_refuses_a_model_without_decoder():
+    from capsnet.functional import reconstruction_loss, spread_loss
+    from capsnet.train.objectives import create_objective
+    from capsnet.train.schedules import spread_margin
+
+    torch.manual_seed(1)
+    x, y = torch.rand(4, 1, 28, 28), torch.tensor([0, 3, 5, 9])
+    schedule = dict(schedule="linear", start=0.2, end=0.9, steps=10)
+    out = create_model("em_mnist", decoder=True)(x, y)
+    loss = create_objective("spread", recon_weight=0.01, **schedule).loss(out, x, y, 4)
+    margin = spread_margin(4, **schedule)
+    expected = spread_loss(out.activations, y, margin=margin) + reconstruction_loss(out.reconstruction, x, weight=0.01)
+    torch.testing.assert_close(loss, expected)
+    assert float(create_objective("spread", **schedule).loss(out, x, y, 4)) == pytest.approx(float(spread_loss(out.activations, y, margin=margin)))
+    with pytest.raises(ValueError, match="decoder"):
+        create_objective("spread", recon_weight=0.01, **schedule).loss(create_model("em_mnist")(x, y), x, y, 4)
+    with pytest.raises(ValueError, match="recon_weight"):
+        create_objective("spread", recon_weight=-1.0, **schedule)

@@ -31,6 +31,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .._shapes import conv_output_size
+from ..layers.decoder import CapsuleDecoder
 from ..layers.matrix import COORD_ORDERS, ClassMatCaps, ConvMatCaps, PrimaryMatCaps, _trunc_normal_
 from ..ops.conv import Conv2d
 from ..routing.em import MASS_EPS, VAR_FLOOR
@@ -86,11 +87,13 @@ class MatrixCapsOutput(NamedTuple):
     poses: ``(B, J, 4, 4)`` class capsule pose matrices.
     assignments: ``(B, I, J)`` class-layer routing assignments ``R`` of the last iteration,
         ``I = D H W`` ConvCaps2 capsules ordered ``(type, h, w)``.
+    reconstruction: ``(B, C, H, W)`` the decoder's image (``decoder=True``), or None.
     """
 
     activations: Tensor
     poses: Tensor
     assignments: Tensor
+    reconstruction: Optional[Tensor] = None
 
 
 class MatrixCapsNet(nn.Module):
@@ -126,6 +129,10 @@ class MatrixCapsNet(nn.Module):
             ``"identity"``: the identity plus that noise, so each vote starts as its child's pose.
         routing_stats: measure routing in every forward pass for the training logs, see
             :meth:`training_metrics` (off by default: it costs a little time).
+        decoder, decoder_hidden: a reconstruction decoder on the class poses (not in the EM paper:
+            Sabour et al. 2017's, Sec. 4.1, with the 4x4 poses flattened to 16): FC ``decoder_hidden``
+            ReLU layers, then the image's pixels through a sigmoid, fed the poses of the labelled class
+            (the most active class without labels). The spread objective's ``recon_weight`` uses it.
         iterations: EM iterations in every routed layer (the paper: 3), or a sequence of three:
             ConvCaps1, ConvCaps2, ClassCaps.
         schedule, final_lambda: inverse-temperature schedule, see
@@ -179,6 +186,8 @@ class MatrixCapsNet(nn.Module):
         class_transforms: str = "shared",
         caps_init: str = "normal",
         routing_stats: bool = False,
+        decoder: bool = False,
+        decoder_hidden: tuple[int, ...] = (512, 1024),
     ):
         super().__init__()
         sizes = dict(in_channels=in_channels, image_size=image_size, num_classes=num_classes,
@@ -248,6 +257,9 @@ class MatrixCapsNet(nn.Module):
         if caps_init == "identity":  # W = I + noise: votes start as the child poses, the pose scale carries through
             for layer in (self.caps1, self.caps2):
                 layer.weight.data += torch.eye(4, dtype=layer.weight.dtype)
+        # Not in the EM paper: Sabour et al.'s reconstruction decoder (Sec. 4.1) on the flattened
+        # 4x4 class poses, masked by the label in training and by the most active class otherwise.
+        self.decoder = CapsuleDecoder(num_classes, 16, (in_channels, image_size, image_size), hidden=tuple(decoder_hidden)) if decoder else None
         self.record_routing_stats(routing_stats)
 
     def forward(self, x: Tensor, y: Optional[Tensor] = None) -> MatrixCapsOutput:
@@ -261,11 +273,22 @@ class MatrixCapsNet(nn.Module):
         caps1 = self.caps1(primary.poses, primary.activations)  # (B, 6, 6, C, 4, 4)
         caps2 = self.caps2(caps1.poses, caps1.activations)  # (B, 4, 4, D, 4, 4)
         out = self.classes(caps2.poses, caps2.activations)  # (B, J, 4, 4); "position": (B, 1, 1, J, 4, 4)
+        activations, poses, assignments = out.activations, out.poses, out.assignments
         if self.class_transforms == "position":  # a 1x1 grid; children (h, w, t) -> (t, h, w) as ClassMatCaps orders them
             h, w = caps2.poses.shape[1:3]
-            assignments = rearrange(out.assignments, "b 1 (h w t) j -> b (t h w) j", h=h, w=w)
-            return MatrixCapsOutput(out.activations.flatten(1), out.poses.flatten(1, 3), assignments)
-        return MatrixCapsOutput(out.activations, out.poses, out.assignments)
+            assignments = rearrange(assignments, "b 1 (h w t) j -> b (t h w) j", h=h, w=w)
+            activations, poses = activations.flatten(1), poses.flatten(1, 3)
+        reconstruction = None
+        if self.decoder is not None:
+            mask_labels = y if y is not None else activations.argmax(dim=1)
+            reconstruction = self.decoder(poses.flatten(2), mask_labels)
+        return MatrixCapsOutput(activations, poses, assignments, reconstruction)
+
+    def reconstruct(self, poses: Tensor, labels: Tensor) -> Tensor:
+        """Decode the class capsule named by ``labels`` ``(B,)`` from ``poses`` ``(B, J, 16)`` or ``(B, J, 4, 4)``."""
+        if self.decoder is None:
+            raise ValueError("this MatrixCapsNet was built with decoder=False and cannot reconstruct")
+        return self.decoder(poses.flatten(2) if poses.dim() == 4 else poses, labels)
 
     def record_routing_stats(self, enabled: bool = True) -> None:
         """Measure every routed layer's iterations from the next forward pass on (see :meth:`training_metrics`)."""

@@ -50,13 +50,24 @@ class MarginObjective(Objective):
 
 
 class SpreadObjective(Objective):
-    """Spread loss (Eq. 3, Hinton et al. 2018) with its margin schedule from 0.2 to 0.9."""
+    """Spread loss (Eq. 3, Hinton et al. 2018) with its margin schedule from 0.2 to 0.9.
 
-    def __init__(self, **schedule):
-        self.schedule = schedule
+    ``recon_weight`` (default 0, the paper): plus that times the reconstruction loss of a model
+    built with a decoder (Sabour et al. 2017's, not in the EM paper); a model without one is refused.
+    """
+
+    def __init__(self, *, recon_weight: float = 0.0, **schedule):
+        if not recon_weight >= 0:
+            raise ValueError(f"recon_weight must be >= 0, got {recon_weight!r}")
+        self.recon_weight, self.schedule = float(recon_weight), schedule
 
     def loss(self, output, images, labels, step):
-        return spread_loss(output.activations, labels, margin=spread_margin(step, **self.schedule))
+        loss = spread_loss(output.activations, labels, margin=spread_margin(step, **self.schedule))
+        if self.recon_weight:
+            if getattr(output, "reconstruction", None) is None:
+                raise ValueError("the spread objective's recon_weight needs a model with a decoder (em_* models: decoder=True)")
+            loss = loss + reconstruction_loss(output.reconstruction, images, weight=self.recon_weight)
+        return loss
 
     def scores(self, output):
         return output.activations

@@ -28,7 +28,8 @@ def write_figures(model, data: ExperimentData, out_dir: str | Path, *, split: st
         labels = labels.classes[:, 0]
     if getattr(output, "reconstruction", None) is not None:
         written.append(reconstruction_figure(images, output.reconstruction, out / "reconstructions.png", labels=labels.tolist()))
-        grid = pose_perturbations(model, output.poses[0], int(output.lengths[0].argmax()))
+        scores = output.lengths if getattr(output, "lengths", None) is not None else output.activations  # EM: activations
+        grid = pose_perturbations(model, output.poses[0].flatten(1), int(scores[0].argmax()))
         written.append(pose_perturbation_figure(grid, out / "pose_perturbations.png"))
     if getattr(output, "coupling", None) is not None and hasattr(model, "primary"):
         written.append(coupling_figure(images[0], output.coupling[0], out / "routing.png", types=model.primary.types, label=int(labels[0])))
