@@ -396,8 +396,8 @@ def _softmax_over_parents(log_ap, geometry):
 
 
 @pytest.mark.parametrize("geometry", [None, ConvGeometry((5, 5), (3, 3), (1, 1), 2), ConvGeometry((5, 4), (3, 2), (2, 1), 1)])
-@pytest.mark.parametrize("detach", [False, True])
-def test_e_step_assignments_and_their_gradient_match_plain_autograd(geometry, detach):
+@pytest.mark.parametrize("detach, use_r", [(False, True), (False, False), (True, True)])
+def test_e_step_assignments_and_their_gradient_match_plain_autograd(geometry, detach, use_r):
     """The E-step's softmax over each child's parents (values of :func:`assignments`, gradient of
     ``_Assign``'s one-pass backward) against autograd through the per-child loop above, float64."""
     gen = torch.Generator().manual_seed(21)
@@ -409,14 +409,14 @@ def test_e_step_assignments_and_their_gradient_match_plain_autograd(geometry, de
 
     expected_r = _softmax_over_parents(log_ap, geometry)
     expected_ra = (expected_r.detach() if detach else expected_r) * a_in
-    loss = (w_ra * expected_ra).sum() + (0.0 if detach else (w_r * expected_r).sum())
+    loss = (w_ra * expected_ra).sum() + ((w_r * expected_r).sum() if use_r and not detach else 0.0)
     expected = torch.autograd.grad(loss, (log_ap, a_in), allow_unused=True)
 
     with torch.no_grad():
         r = assignments(log_ap, geometry)
     torch.testing.assert_close(r, expected_r.detach(), rtol=1e-12, atol=1e-14)
     r_out, ra = _Assign.apply(log_ap, a_in, r, geometry, detach)
-    loss = (w_ra * ra).sum() + (0.0 if detach else (w_r * r_out).sum())
+    loss = (w_ra * ra).sum() + ((w_r * r_out).sum() if use_r and not detach else 0.0)  # unused R: its gradient is None
     got = torch.autograd.grad(loss, (log_ap, a_in), allow_unused=True)
     if detach:
         assert got[0] is None and expected[0] is None
@@ -437,3 +437,14 @@ def test_gradcheck_e_step_assignments_float64():
         return _Assign.apply(x, a, r, geometry, False)
 
     assert gradcheck(fn, (log_ap, a_in), eps=1e-6, atol=1e-7)
+
+
+def test_the_returned_assignments_are_the_callers_to_modify():
+    """R is also recorded for the backward pass; the caller's copy may be changed in place."""
+    geometry = ConvGeometry((4, 4), (2, 2), (1, 1), 2)
+    votes, act, beta_a, beta_v = random_problem(geometry, types=2, dim=3, seed=23)
+    v = votes.clone().requires_grad_()
+    out = em_routing(v, act, beta_a, beta_v, iterations=3, geometry=geometry)
+    out.assignments.detach().clamp_(min=0.5)
+    out.activations.sum().backward()
+    assert torch.isfinite(v.grad).all()

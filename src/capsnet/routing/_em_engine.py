@@ -65,7 +65,7 @@ class _ReplayQuadratic(torch.autograd.Function):
         ctx.reader.terms.append(Term(left=gq, right1=u1.detach(), right2=u2.detach()))  # detached: see _ReplayMoments
         g1, g2, g0 = ctx.reader.moments(gq)
         grad_anchor = torch.zeros((), dtype=u1.dtype, device=u1.device)
-        return g1, g2, g0, grad_anchor, None, None  # u1, u2, u0, anchor, reader, recorded
+        return g1, g2, g0, grad_anchor, None, None  # u1, u2, u0, anchor, reader, shape
 
 
 class _Args(NamedTuple):
@@ -187,7 +187,8 @@ class EMRoutingFunction(torch.autograd.Function):
             centre=centre,
         )
         _save(ctx, saved, [_Step(g, recorded_m[it], recorded_r.get(it)) for it, g in enumerate(history)])
-        return routing_outputs(r, gaussians, centre_view, cfg)
+        # R is also saved for backward (as the last E-step's record): the caller gets its own copy.
+        return routing_outputs(r if ctx.cfg.lambdas[1:] == () else r.clone(), gaussians, centre_view, cfg)
 
     @staticmethod
     @once_differentiable

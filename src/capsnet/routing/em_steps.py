@@ -172,7 +172,7 @@ class Gaussians(NamedTuple):
 
 
 class VoteReads(NamedTuple):
-    """The two reads of the votes that the steps make (see the module docstring): ``moments(r, it)``
+    """The reads of the votes that the steps make (see the module docstring): ``moments(r, it)``
     for the M-step of iteration ``it``, ``quadratic(u1, u2, u0, it)`` for the E-step that reads
     the Gaussians of iteration ``it``; and, optionally, ``assignments(log_ap, it)``, that E-step's
     ``R`` from the result of its read (default: :func:`assignments`; a replay passes the ``R`` it
@@ -302,13 +302,15 @@ class _Assign(torch.autograd.Function):
 
     With ``G_ij = g_(Ra)ij a_i + g_Rij`` the gradient reaching ``ln(a_j p_ij)`` is
     ``R_ij (G_ij - sum_(k over parents of i) R_ik G_ik)``, and ``a_i`` gets ``sum_j g_(Ra)ij R_ij``:
-    four passes over ``(I, B, L, J)`` where autograd through :func:`assignments` takes about a dozen.
-    With ``detach`` (``detach_intermediate``) ``R`` is a constant and only ``a_i`` gets a gradient.
+    a few passes over ``(I, B, L, J)`` where autograd through :func:`assignments` takes about a dozen
+    (an unused output's gradient arrives as None, not as zeros, and costs nothing). With
+    ``detach`` (``detach_intermediate``) ``R`` is a constant and only ``a_i`` gets a gradient.
     """
 
     @staticmethod
     def forward(ctx, log_ap: Tensor, a_in: Tensor, r: Tensor, geometry: Optional[ConvGeometry], detach: bool):
         ctx.geometry, ctx.detach = geometry, detach
+        ctx.set_materialize_grads(False)  # R is an output the caller mostly does not use: no zero gradient for it
         ctx.save_for_backward(r, a_in)
         ra = r * a_in
         if detach:
@@ -325,7 +327,7 @@ class _Assign(torch.autograd.Function):
         # t_i = sum_j g_(Ra)ij R_ij is a_i's gradient, and a_i t_i + sum_j g_Rij R_ij = sum_j R_ij G_ij.
         t = _dot_last(g_ra, r) if g_ra is not None else None  # (I, B, L, 1)
         g_a = t if ctx.needs_input_grad[1] else None
-        if not need_log:
+        if not need_log or (g_ra is None and g_r is None):
             return None, g_a, None, None, None
         s = t * a_in if t is not None else torch.zeros_like(a_in)
         if g_r is not None:

@@ -53,7 +53,8 @@ class SpreadObjective(Objective):
     """Spread loss (Eq. 3, Hinton et al. 2018) with its margin schedule from 0.2 to 0.9.
 
     ``recon_weight`` (default 0, the paper): plus that times the reconstruction loss of a model
-    built with a decoder (Sabour et al. 2017's, not in the EM paper); a model without one is refused.
+    built with a decoder (Sabour et al. 2017's, not in the EM paper). A weight without a decoder
+    is refused, and so is a decoder without a weight (nothing would train it).
     """
 
     def __init__(self, *, recon_weight: float = 0.0, **schedule):
@@ -63,9 +64,12 @@ class SpreadObjective(Objective):
 
     def loss(self, output, images, labels, step):
         loss = spread_loss(output.activations, labels, margin=spread_margin(step, **self.schedule))
+        has_decoder = getattr(output, "reconstruction", None) is not None
+        if self.recon_weight and not has_decoder:
+            raise ValueError("the spread objective's recon_weight needs a model with a decoder (em_* models: decoder=True)")
+        if has_decoder and not self.recon_weight:  # nothing would train the decoder, and DDP refuses unused parameters
+            raise ValueError("a model with a decoder needs the spread objective's recon_weight > 0 (e.g. 0.0005), or decoder=False")
         if self.recon_weight:
-            if getattr(output, "reconstruction", None) is None:
-                raise ValueError("the spread objective's recon_weight needs a model with a decoder (em_* models: decoder=True)")
             loss = loss + reconstruction_loss(output.reconstruction, images, weight=self.recon_weight)
         return loss
 
