@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # em_mnist one-epoch probes side by side on a lent GPU (the `device` tool), one thread each:
-# configs/mnist_em.py:epoch1 with the overrides below, validated every 430 steps. Carry .gpudata
+# configs/mnist_em.py:epoch1_it3_small (session 7's base: 3 iterations, em_mnist's own sizes; the
+# recipe's lr has changed since) with the overrides below, validated every 430 steps. Carry .gpudata
 # (see gpu_check.sh). Writes $OUT/em_probes.tgz (metrics.csv / metrics.json of every probe).
 set -u
 OUT=${OUT:-/tmp/gpu_em}
@@ -9,7 +10,7 @@ SECONDS_EACH=${SECONDS_EACH:-290}
 mkdir -p /tmp/ge/logs
 probe() {  # name, then --set overrides
   local name=$1; shift
-  timeout $SECONDS_EACH python3 -m capsnet train --config configs/mnist_em.py:epoch1 --device cuda --threads 1 --no-progress \
+  timeout $SECONDS_EACH python3 -m capsnet train --config configs/mnist_em.py:epoch1_it3_small --device cuda --threads 1 --no-progress \
     --out /tmp/ge/$name --set eval_every=430 --set figures=False "$@" > /tmp/ge/logs/$name.txt 2>&1 &
 }
 IT2="--set model_kwargs.iterations=2"

@@ -486,33 +486,42 @@ def test_routing_statistics_reach_the_training_log(tmp_path):
 
 
 def test_em_mnist_config_routes_twice_and_keeps_the_papers_three_as_variants():
-    """The CPU budgets route with 2 iterations at lr 2e-3 (``short``: 3e-3); ``_it3`` (lr 2e-3) and ``:paper`` keep the paper's 3."""
+    """The CPU budgets route the wide network with 2 iterations at lr 2e-3 (``short``: 3e-3);
+    ``_it3`` (lr 2e-3) and ``:paper`` keep the paper's 3; ``_small`` is em_mnist's own network;
+    ``_wide`` (sessions 12-13's name) changes nothing."""
     from pathlib import Path
 
     from capsnet.models.em import PAPER
     from capsnet.train import load_config
 
     path = str(Path(__file__).resolve().parents[1] / "configs" / "mnist_em.py")
-    for variant in ("epoch1", "epoch3", "short", "fashion_epoch3"):
-        cfg = load_config(f"{path}:{variant}")
-        lr = 3e-3 if variant == "short" else 2e-3
-        assert (cfg.model_kwargs["iterations"], cfg.lr, cfg.batch_size, cfg.amp) == (2, lr, 32, None), variant
+    wide_kwargs = dict(iterations=2, primary_types=16, caps1_types=32, caps2_types=32, class_transforms="position")
+    for variant in ("epoch1", "epoch3", "short", "fashion_epoch3", "fashion", "default"):
+        cfg = load_config(path if variant == "default" else f"{path}:{variant}")
+        assert cfg.model_kwargs == wide_kwargs, variant
+        if variant not in ("fashion", "default"):
+            lr = 3e-3 if variant == "short" else 2e-3
+            assert (cfg.lr, cfg.batch_size, cfg.amp) == (lr, 32, None), variant
         it3 = load_config(f"{path}:{variant}_it3")
-        assert (it3.model_kwargs["iterations"], it3.lr, it3.max_steps, it3.epochs) == (3, 2e-3, cfg.max_steps, cfg.epochs)
-        wide = load_config(f"{path}:{variant}_wide")
-        assert wide.model_kwargs == dict(cfg.model_kwargs, primary_types=16, caps1_types=32, caps2_types=32,
-                                         class_transforms="position"), variant
-        assert (wide.lr, wide.max_steps, wide.epochs) == (cfg.lr, cfg.max_steps, cfg.epochs)
-        assert load_config(f"{path}:{variant}_it3_wide").model_kwargs == dict(wide.model_kwargs, iterations=3)
+        assert it3.model_kwargs == dict(wide_kwargs, iterations=3)
+        assert (it3.lr, it3.max_steps, it3.epochs) == (cfg.lr if variant in ("fashion", "default") else 2e-3, cfg.max_steps, cfg.epochs)
+        small = load_config(f"{path}:{variant}_small")
+        assert small.model_kwargs == dict(iterations=2), variant
+        assert (small.lr, small.max_steps, small.epochs) == (cfg.lr, cfg.max_steps, cfg.epochs)
+        assert load_config(f"{path}:{variant}_it3_small").model_kwargs == dict(iterations=3)
+        assert load_config(f"{path}:{variant}_wide").to_dict() == cfg.to_dict()
+        assert load_config(f"{path}:{variant}_it3_wide").to_dict() == it3.to_dict()
     paper = load_config(f"{path}:paper")
     assert paper.model_kwargs == dict(iterations=3, **PAPER)
-    wide = create_model("em_mnist", **load_config(f"{path}:epoch3_wide").model_kwargs)
+    wide = create_model("em_mnist", **load_config(f"{path}:epoch3").model_kwargs)
     assert sum(p.numel() for p in wide.parameters()) == 286_756  # the docstring's count
-    assert load_config(path).model_kwargs["iterations"] == 2
+    small = create_model("em_mnist", **load_config(f"{path}:epoch3_small").model_kwargs)
+    assert sum(p.numel() for p in small.parameters()) == 68_444
     with pytest.raises(ValueError, match="unknown variant 'nope'"):
         load_config(f"{path}:nope")
-    with pytest.raises(ValueError, match="smoke takes no _it3 or _wide suffix"):
-        load_config(f"{path}:smoke_wide")
+    for suffix in ("_wide", "_small", "_it3"):
+        with pytest.raises(ValueError, match="smoke takes no _it3, _wide or _small suffix"):
+            load_config(f"{path}:smoke{suffix}")
 
 
 def test_em_model_trains_with_the_activation_cross_entropy_objective(tmp_path):
