@@ -126,6 +126,8 @@ def main() -> None:
     parser.add_argument("--out", help="also write the JSON here")
     parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.clock == "cpu" and args.threads != 1:  # CPU time sums every thread's, OpenMP's spinning included
+        parser.error("--clock cpu needs --threads 1")
     if args.worker:
         name, batch, steps, warmup, malloc = args.worker
         print(json.dumps(_worker(name, int(batch), int(steps), int(warmup), args.threads, malloc, args.clock)))

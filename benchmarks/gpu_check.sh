@@ -19,10 +19,11 @@ stamp() { echo "[$(( $(date +%s) - start )) s] $*" | tee -a $LOG/steps.txt; }
 stamp "machine"
 { nvidia-smi; python3 -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"; nproc; } > $LOG/env.txt 2>&1
 
-# em_mnist probes: 1 epoch of configs/mnist_em.py:epoch1 each, validated every 430 steps.
+# em_mnist probes: 1 epoch of configs/mnist_em.py:epoch1_it3_small each (session 7's base: 3 iterations,
+# em_mnist's own sizes; the recipe's lr has changed since), validated every 430 steps.
 probe() {  # name, then --set overrides
   local name=$1; shift
-  timeout $EM_SECONDS python3 -m capsnet train --config configs/mnist_em.py:epoch1 --device cuda --no-progress \
+  timeout $EM_SECONDS python3 -m capsnet train --config configs/mnist_em.py:epoch1_it3_small --device cuda --no-progress \
     --out /tmp/gc/em/$name --set eval_every=430 --set figures=False "$@" > $LOG/em_$name.txt 2>&1 &
 }
 stamp "em probes start"

@@ -2,7 +2,7 @@
 
 Reproduce:
     capsnet train --config configs/mnist_em.py            # MNIST, the paper-length recipe (50 epochs)
-    capsnet train --config configs/mnist_em.py:paper      # the same with the paper's parametrisation
+    capsnet train --config configs/mnist_em.py:paper      # the paper's parametrisation, 3 iterations, em_small's sizes
     capsnet train --config configs/mnist_em.py:fashion    # Fashion-MNIST, same recipe (no paper number)
     capsnet train --config configs/mnist_em.py:short      # CPU budget: 300 steps at batch 32, lr 3e-3 (docs/results.md)
     capsnet train --config configs/mnist_em.py:epoch1     # CPU budget: one epoch at batch 32 (docs/results.md)
@@ -20,11 +20,11 @@ per epoch at every budget and seed run (docs/results.md): 300 steps 96.11% valid
 seeds; em_small's sizes 94.81%); one epoch
 98.24% / 98.91% (seed 0; em_small's sizes 97.90% / 98.40%); three epochs EPOCH3_ROW; with B = 8
 over ten epochs 99.30% / 99.42% (em_small's sizes: 99.08% / 99.09%). The suffix ``_small`` on
-every variant but smoke gives em_mnist's own sizes (em_small's B, C, D with the paper's shared
+every variant but paper and smoke gives em_mnist's own sizes (em_small's B, C, D with the paper's shared
 class transforms and coordinate addition), the recipe before session 13; ``_wide`` is accepted
 and changes nothing (sessions 12-13 named the wide variants so). 2 EM iterations (not the
 paper's 3: they learned faster in whole-epoch probes, docs/em_training.md; every variant but
-smoke also exists with the suffix ``_it3``, combined ``_it3_small``, and ``:paper`` has 3), in
+paper and smoke also exists with the suffix ``_it3``, combined ``_it3_small``; ``:paper`` has 3), in
 the builders' TRAINABLE parametrisation (centred activation logit with beta_a as an offset,
 identity-plus-noise ConvCaps transforms, fan-in lambda 5 in the ConvCaps layers and 1/2 in the
 class layer: capsnet.models.em and docs/em_training.md); ``:paper`` swaps in the paper's
@@ -35,9 +35,9 @@ pixels; 5,000 training digits held out for validation. The CPU budgets use batch
 warm-up to lr 2e-3 and half a cosine to the end of the run (the dynamic-routing recipe's shape),
 the ``_it3`` variants too (session 9: three epochs 98.11% test at lr 2e-3 against 97.70% at
 1e-3); ``:short`` with 2 iterations peaks at lr 3e-3 (session 10: three seeds, +0.6 points
-validation). Longer budgets are the epoch3 variant stretched, e.g. ten epochs (session 12, with
-B = 8: 99.42% test):
-    capsnet train --config configs/mnist_em.py:epoch3 --set epochs=10 --set objective_kwargs.steps=17190 --set eval_every=1719
+validation). Longer budgets are the epoch3 variant stretched, e.g. ten epochs (session 12's
+99.42% test had B = 8, as here; without the last override, B = 16, unmeasured at ten epochs):
+    capsnet train --config configs/mnist_em.py:epoch3 --set epochs=10 --set objective_kwargs.steps=17190 --set eval_every=1719 --set model_kwargs.primary_types=8
 """
 
 from capsnet.models.em import PAPER
@@ -65,6 +65,7 @@ def get_config(variant: str = "default") -> dict:
         checkpoint_every=500,
     )
     budget = dict(batch_size=32, lr=2e-3, lr_schedule="cosine", lr_warmup_steps=100, lr_decay_steps=None)
+    asked = variant
     suffixed = variant.endswith(("_wide", "_small", "_it3"))
     if variant.endswith("_wide"):  # the default network since session 13; the suffix stays for sessions 12-13's commands
         variant = variant[: -len("_wide")]
@@ -78,6 +79,8 @@ def get_config(variant: str = "default") -> dict:
     if variant == "default":
         return config
     if variant == "paper":  # the paper's parametrisation, routing and (MNIST network unknown) em_small's sizes
+        if suffixed:
+            raise ValueError(f"configs/mnist_em.py:paper takes no suffix (it is the paper's network and 3 iterations), got {asked!r}")
         return dict(config, model_kwargs=dict(iterations=3, **PAPER))
     if variant == "fashion":
         return dict(config, dataset="fashion_mnist")
@@ -96,7 +99,7 @@ def get_config(variant: str = "default") -> dict:
                     checkpoint_every=200, objective_kwargs=dict(schedule="linear", start=0.2, end=0.9, steps=steps))
     if variant == "smoke":
         if suffixed:
-            raise ValueError("configs/mnist_em.py:smoke takes no _it3, _wide or _small suffix (it builds its own tiny network)")
+            raise ValueError(f"configs/mnist_em.py:smoke takes no _it3, _wide or _small suffix (it builds its own tiny network), got {asked!r}")
         return dict(
             config,
             model="em_tiny",
@@ -111,7 +114,7 @@ def get_config(variant: str = "default") -> dict:
             log_every=1,
         )
     raise ValueError(
-        f"unknown variant {variant!r} of configs/mnist_em.py; expected default, paper, fashion, short, epoch1, epoch3, "
-        "fashion_epoch3 or smoke (each but smoke also with the suffix _it3: the paper's 3 iterations, and _small: "
-        "em_mnist's own sizes instead of the wide network; both: _it3_small)"
+        f"unknown variant {asked!r} of configs/mnist_em.py; expected default, paper, fashion, short, epoch1, epoch3, "
+        "fashion_epoch3 or smoke, the budgets and fashion also with the suffix _it3 (the paper's 3 iterations) and then "
+        "_small (em_mnist's own sizes instead of the wide network) or _wide (no change), in that order: e.g. epoch3_it3_small"
     )

@@ -522,6 +522,10 @@ def test_em_mnist_config_routes_twice_and_keeps_the_papers_three_as_variants():
     for suffix in ("_wide", "_small", "_it3"):
         with pytest.raises(ValueError, match="smoke takes no _it3, _wide or _small suffix"):
             load_config(f"{path}:smoke{suffix}")
+        with pytest.raises(ValueError, match="paper takes no suffix"):
+            load_config(f"{path}:paper{suffix}")
+    with pytest.raises(ValueError, match="unknown variant 'epoch3_small_it3'"):  # the suffixes' order is fixed
+        load_config(f"{path}:epoch3_small_it3")
 
 
 def test_em_model_trains_with_the_activation_cross_entropy_objective(tmp_path):
