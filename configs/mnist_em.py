@@ -16,10 +16,11 @@ Model: em_mnist (28x28 one-channel input, 10 class capsules, grids 12 -> 5 -> 3)
 network since session 13: A = 64, B = 16 primary types, C = D = 32 ConvCaps types and one class
 transform per grid position (``class_transforms="position"``, not in the paper): 286,756
 parameters against em_small's 68,444, about 2x the time per step. It learns faster per step and
-per epoch at every budget and seed run (docs/results.md): 300 steps 96.11% validation (mean of three
-seeds; em_small's sizes 94.81%); one epoch
-98.24% / 98.91% (seed 0; em_small's sizes 97.90% / 98.40%); three epochs EPOCH3_ROW; with B = 8
-over ten epochs 99.30% / 99.42% (em_small's sizes: 99.08% / 99.09%). The suffix ``_small`` on
+per epoch at every budget and seed run (docs/results.md): 300 steps 96.11% validation (mean of
+three seeds; em_small's sizes 94.81%); one epoch 98.24% / 98.91% (seed 0; em_small's sizes
+97.90% / 98.40%); three epochs 98.92 / 98.96 / 98.84% validation and 99.14 / 99.01 / 99.13% test
+at seeds 0 / 1 / 2 (em_small's sizes: 98.60 / 98.78 / 98.62% and 98.97 / 99.03 / 98.89%); with
+B = 8 over ten epochs 99.30% / 99.42% (em_small's sizes: 99.08% / 99.09%). The suffix ``_small`` on
 every variant but paper and smoke gives em_mnist's own sizes (em_small's B, C, D with the paper's shared
 class transforms and coordinate addition), the recipe before session 13; ``_wide`` is accepted
 and changes nothing (sessions 12-13 named the wide variants so). 2 EM iterations (not the
