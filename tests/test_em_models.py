@@ -575,6 +575,8 @@ def test_decoder_reconstructs_from_the_labelled_class_pose(class_transforms):
     torch.testing.assert_close(unlabelled.reconstruction, model.reconstruct(out.poses, out.activations.argmax(1)))
     with pytest.raises(ValueError, match="decoder=False"):
         plain.reconstruct(out.poses, y)
+    with pytest.raises(ValueError, match="decoder must be True or False"):
+        create_model("em_mnist", decoder="yes")
 
 
 def test_spread_objective_adds_the_weighted_reconstruction_loss_and_refuses_a_model_without_decoder():

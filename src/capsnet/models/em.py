@@ -257,6 +257,8 @@ class MatrixCapsNet(nn.Module):
         if caps_init == "identity":  # W = I + noise: votes start as the child poses, the pose scale carries through
             for layer in (self.caps1, self.caps2):
                 layer.weight.data += torch.eye(4, dtype=layer.weight.dtype)
+        if not isinstance(decoder, bool):
+            raise ValueError(f"decoder must be True or False, got {decoder!r}")
         # Not in the EM paper: Sabour et al.'s reconstruction decoder (Sec. 4.1) on the flattened
         # 4x4 class poses, masked by the label in training and by the most active class otherwise.
         self.decoder = CapsuleDecoder(num_classes, 16, (in_channels, image_size, image_size), hidden=tuple(decoder_hidden)) if decoder else None
