@@ -69,6 +69,10 @@ class TrainConfig:
     (``torch.nn.utils.clip_grad_norm_``, before the optimizer step; the norm before clipping is
     logged as ``train/grad_norm``; a model's own ``training_metrics``, such as the EM models'
     per-layer gradient norms, see the clipped gradients); None: no clipping.
+    ``ema_decay``: keep an exponential moving average of the weights with this decay (e.g.
+    0.999; :class:`capsnet.train.ema.WeightAverage`, with a warm-up of the decay) and validate,
+    select ``best.pt`` and test with it; ``last.pt`` holds both the trained weights and the
+    average. None (default): no average, as the papers.
     """
 
     model: str = "capsnet_mnist"
@@ -90,6 +94,7 @@ class TrainConfig:
     adam_beta2: float = 0.999
     lr_scale: dict = field(default_factory=dict)
     grad_clip: Optional[float] = None
+    ema_decay: Optional[float] = None
     epochs: int = 1
     max_steps: Optional[int] = None
     time_budget_s: Optional[float] = None
@@ -135,6 +140,8 @@ class TrainConfig:
             raise ValueError(f"config keys 'lr_min' and 'weight_decay' must be >= 0, got {self.lr_min}, {self.weight_decay}")
         if self.grad_clip is not None and not (self.grad_clip > 0 and math.isfinite(self.grad_clip)):
             raise ValueError(f"config key 'grad_clip' must be a finite norm > 0 or None, got {self.grad_clip}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"config key 'ema_decay' must lie in (0, 1) (e.g. 0.999) or be None, got {self.ema_decay}")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"config key {name!r} must lie in [0, 1), got {getattr(self, name)}")

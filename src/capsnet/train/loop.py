@@ -29,6 +29,7 @@ from .checkpoint import (
 )
 from .config import AMP_DTYPES, EPOCH_SEED_STRIDE, TrainConfig
 from .distributed import Dist
+from .ema import WeightAverage
 from .evaluation import evaluate
 from .logs import MetricsLogger
 from .objectives import Objective, create_objective
@@ -189,6 +190,8 @@ class _Run:
         self.pending_rng = None  # during a step: the RNG state before it (see interrupted)
         self.loss = torch.zeros(())  # of the last completed step
         self.grad_norm = torch.zeros(())  # of the last step, before clipping (with grad_clip)
+        # The weights' moving average (ema_decay), copied before a checkpoint's weights are loaded: restore loads its own.
+        self.ema = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay is not None else None
         if found is not None:
             self.restore(*found)
             del found  # the loaded copies (of the parameters too) are not needed any more
@@ -219,6 +222,12 @@ class _Run:
                 f"to continue it as it was trained, resume with {sets}"
             )
         self.model.load_state_dict(ckpt["model"])
+        if self.ema is not None:
+            if ckpt.get("ema") is not None:
+                self.ema.load_state_dict(ckpt["ema"])
+            else:
+                self.ema = WeightAverage(self.model, cfg.ema_decay)
+                log.warning("%s holds no weight average (it was trained without ema_decay): the average starts from its weights", path)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):
@@ -327,6 +336,8 @@ class _Run:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
         state.step += 1
         state.batch_in_epoch += 1
         epoch_end = state.batch_in_epoch == self.steps_per_epoch
@@ -381,13 +392,14 @@ class _Run:
 
     def validate(self) -> None:
         cfg, state = self.cfg, self.state
-        result = evaluate(self.model, self.data, "val", self.objective, batch_size=cfg.eval_batch_size, device=self.device, step=state.step, dist=self.dist,
+        model = self.ema.module if self.ema is not None else self.model  # best.pt and the test then hold the average
+        result = evaluate(model, self.data, "val", self.objective, batch_size=cfg.eval_batch_size, device=self.device, step=state.step, dist=self.dist,
                           amp=self.amp)
         accuracy = result["accuracy"]  # None without validation samples (evaluate warned): best.pt then follows the last step
         if accuracy is None or accuracy > state.best_val_accuracy:
             state.best_val_accuracy, state.best_step = state.best_val_accuracy if accuracy is None else accuracy, state.step
             if self.dist.is_main:
-                save_checkpoint({"config": cfg.to_dict(), "model": self.model.state_dict(), "step": state.step, "val": result,
+                save_checkpoint({"config": cfg.to_dict(), "model": model.state_dict(), "step": state.step, "val": result,
                                  "format": CHECKPOINT_FORMAT}, self.out / BEST)
         if self.dist.is_main and accuracy is not None:
             self.logger.log(state.step, {"val/accuracy": result["accuracy"], "val/loss": result["loss"]})
@@ -404,6 +416,7 @@ class _Run:
             payload = {
                 "config": self.cfg.to_dict(),
                 "model": self.model.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
