@@ -6,8 +6,14 @@ import pytest
 import torch
 from conftest import REPO, TINY
 
+from capsnet import create_model
+from capsnet.precision import resolve_amp
 from capsnet.train import TrainConfig, load_checkpoint, load_config, train
 from capsnet.train.ema import WeightAverage
+from capsnet.train.evaluation import evaluate
+from capsnet.train.loop import load_data
+from capsnet.train.objectives import create_objective
+from capsnet.train.restore import build_model, load_model
 
 
 def test_the_average_follows_the_formula_with_its_warm_up():
@@ -53,7 +59,16 @@ def test_validation_best_and_test_use_the_average(tmp_path):
         assert torch.equal(tensor, last["ema"]["module"][name]), name
     differs = [name for name, tensor in last["model"].items() if tensor.is_floating_point() and not torch.equal(tensor, best["model"][name])]
     assert differs  # the average is not the trained weights
-    assert summary["test_accuracy"] is not None
+    # Scored on the average: validation's and the test's numbers are best.pt's own.
+    model, _, _ = load_model(tmp_path / "run" / "best.pt")
+    data = load_data(cfg, tmp_path, download=False)
+    objective, amp = create_objective(cfg.objective, **cfg.objective_kwargs), resolve_amp(cfg.amp, "cpu")
+    assert evaluate(model, data, "val", objective, amp=amp)["accuracy"] == best["val"]["accuracy"]
+    assert evaluate(model, data, "test", objective, amp=amp)["accuracy"] == summary["test_accuracy"]
+    trained = build_model(cfg, data)
+    trained.load_state_dict(last["model"])
+    assert evaluate(model, data, "val", objective, amp=amp)["loss"] == best["val"]["loss"]
+    assert evaluate(trained, data, "val", objective, amp=amp)["loss"] != best["val"]["loss"]  # the trained weights score otherwise
     # Without the option nothing changes: no average in the checkpoint, best.pt holds the trained weights.
     train(TrainConfig(**TINY, max_steps=3), data_root=tmp_path, out_dir=tmp_path / "plain", progress=False, final_test=False)
     plain = load_checkpoint(tmp_path / "plain" / "last.pt")
@@ -62,9 +77,10 @@ def test_validation_best_and_test_use_the_average(tmp_path):
 
 
 def test_resume_with_the_average_is_bit_identical(tmp_path):
-    straight = TrainConfig(**TINY, max_steps=8, ema_decay=0.95)
+    # decay 0.3: the warm-up (1 + t) / (10 + t) passes it at t = 4, so the config's decay is in play before and after the resume
+    straight = TrainConfig(**TINY, max_steps=8, ema_decay=0.3)
     train(straight, data_root=tmp_path, out_dir=tmp_path / "a", progress=False, final_test=False)
-    train(TrainConfig(**TINY, max_steps=4, ema_decay=0.95), data_root=tmp_path, out_dir=tmp_path / "b", progress=False, final_test=False)
+    train(TrainConfig(**TINY, max_steps=4, ema_decay=0.3), data_root=tmp_path, out_dir=tmp_path / "b", progress=False, final_test=False)
     train(straight, data_root=tmp_path, out_dir=tmp_path / "b", progress=False, final_test=False, resume=True)
     a, b = load_checkpoint(tmp_path / "a" / "last.pt"), load_checkpoint(tmp_path / "b" / "last.pt")
     assert a["ema"]["updates"] == b["ema"]["updates"] == 8
@@ -72,6 +88,20 @@ def test_resume_with_the_average_is_bit_identical(tmp_path):
         assert torch.equal(tensor, b["ema"]["module"][name]), name
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
+
+
+def test_a_resume_uses_the_configs_decay_and_dropping_the_average_warns(tmp_path, caplog):
+    train(TrainConfig(**TINY, max_steps=6, ema_decay=0.3), data_root=tmp_path, out_dir=tmp_path, progress=False, final_test=False)
+    before = load_checkpoint(tmp_path / "last.pt")
+    train(TrainConfig(**TINY, max_steps=7, ema_decay=0.1), data_root=tmp_path, out_dir=tmp_path, progress=False, final_test=False, resume=True)
+    after = load_checkpoint(tmp_path / "last.pt")
+    assert after["ema"]["updates"] == 7 and after["ema"]["decay"] == 0.1
+    for name, _ in create_model(TINY["model"]).named_parameters():  # the new decay: 0.1, not 0.3
+        torch.testing.assert_close(after["ema"]["module"][name], 0.1 * before["ema"]["module"][name] + 0.9 * after["model"][name])
+    with caplog.at_level(logging.WARNING, logger="capsnet"):
+        train(TrainConfig(**TINY, max_steps=8), data_root=tmp_path, out_dir=tmp_path, progress=False, final_test=False, resume=True)
+    assert "holds a weight average (ema_decay=0.1) that this config drops" in caplog.text
+    assert load_checkpoint(tmp_path / "last.pt")["ema"] is None
 
 
 def test_turning_the_average_on_at_resume_starts_it_from_the_checkpoint(tmp_path, caplog):
@@ -83,8 +113,10 @@ def test_turning_the_average_on_at_resume_starts_it_from_the_checkpoint(tmp_path
     last = load_checkpoint(tmp_path / "last.pt")
     assert last["ema"]["updates"] == 1
     d = min(0.5, 2 / 11)  # the first update's rate: from the checkpoint's weights toward step 4's
+    parameters = {name for name, _ in create_model(TINY["model"]).named_parameters()}
+    assert parameters
     for name, start in weights.items():
-        if start.is_floating_point() and name in dict(last["ema"]["module"]):
+        if name in parameters:  # buffers are copied, not averaged
             torch.testing.assert_close(last["ema"]["module"][name], d * start + (1 - d) * last["model"][name])
 
 

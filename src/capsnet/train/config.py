@@ -71,8 +71,9 @@ class TrainConfig:
     per-layer gradient norms, see the clipped gradients); None: no clipping.
     ``ema_decay``: keep an exponential moving average of the weights with this decay (e.g.
     0.999; :class:`capsnet.train.ema.WeightAverage`, with a warm-up of the decay) and validate,
-    select ``best.pt`` and test with it; ``last.pt`` holds both the trained weights and the
-    average. None (default): no average, as the papers.
+    select ``best.pt`` and test with it; ``last.pt`` holds both the trained weights (its
+    ``"model"``, what ``capsnet eval last.pt`` scores) and the average (``"ema"``); the logged
+    ``train/accuracy`` is the trained weights'. None (default): no average, as the papers.
     """
 
     model: str = "capsnet_mnist"

@@ -5,10 +5,13 @@ After every optimizer step the average moves toward the trained weights,
 
     avg_t = d_t avg_{t-1} + (1 - d_t) theta_t,    d_t = min(decay, (1 + t) / (10 + t)),
 
-with ``t`` the number of updates so far (TensorFlow's ``ExponentialMovingAverage`` with
+with ``t = 1, 2, ...`` the update (TensorFlow's ``ExponentialMovingAverage`` with
 ``num_updates``): early on ``d_t`` is small, so the average does not keep the random initial
-weights for the ``1 / (1 - decay)`` steps a fixed decay would. Buffers (batch-norm statistics)
-are copied, not averaged. The average is kept in the parameters' own dtype (float32).
+weights for the ``1 / (1 - decay)`` steps a fixed decay would; the cap ``decay`` takes over
+only at ``t = (10 decay - 1) / (1 - decay)`` (about 9,000 updates for 0.999, so in shorter
+runs the average spans about a tenth of the steps so far). Buffers (batch-norm statistics)
+are copied from the trained model, not averaged. The average is kept in the parameters' own
+dtype (float32). A step that float16 loss scaling skips still counts as an update.
 """
 
 from __future__ import annotations

@@ -222,6 +222,10 @@ class _Run:
                 f"to continue it as it was trained, resume with {sets}"
             )
         self.model.load_state_dict(ckpt["model"])
+        if self.ema is None and ckpt.get("ema") is not None:
+            log.warning("%s holds a weight average (ema_decay=%s) that this config drops: validation now scores the trained "
+                        "weights, while best.pt (validation accuracy %.4f) holds the average; resume with --set ema_decay=%s to keep it",
+                        path, saved["ema_decay"], ckpt["progress"]["best_val_accuracy"], saved["ema_decay"])
         if self.ema is not None:
             if ckpt.get("ema") is not None:
                 self.ema.load_state_dict(ckpt["ema"])
@@ -366,7 +370,8 @@ class _Run:
     def check_finite(self) -> None:
         """Stop a diverged run before it overwrites a good checkpoint (only where the loop syncs anyway)."""
         loss = self.loss.item()
-        if not math.isfinite(loss) or not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+        weights = [*self.model.parameters(), *(self.ema.module.parameters() if self.ema is not None else ())]
+        if not math.isfinite(loss) or not all(bool(torch.isfinite(p).all()) for p in weights):
             raise ValueError(
                 f"training diverged at step {self.state.step}: loss {loss} or weights are not finite; "
                 f"{self.out / LAST} holds the last finite state. Lower lr (now {self.cfg.lr}) and resume or restart."
