@@ -293,9 +293,13 @@ def test_ctrl_c_writes_a_resumable_checkpoint(tmp_path, monkeypatch):
 #: ``capsnet`` (the CLI) whose training waits in the forward of step 5, after last.pt got step 4, for a signal.
 WAIT_AT_STEP_5 = textwrap.dedent(
     """
-    import sys, time
+    import signal, sys, time
     import capsnet.train.loop as loop
     from capsnet.cli import main
+
+    # A shell that starts a job in the background without job control (`cmd &` in a script, nohup) starts
+    # it with SIGINT ignored, and Python keeps that: the test sends SIGINT as a terminal's Ctrl-C would.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     make = loop.create_objective
 
