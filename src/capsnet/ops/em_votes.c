@@ -327,3 +327,75 @@ void capsnet_gradient_4x4(const capsnet_votes *v, int64_t terms, const float *co
         }
     }
 }
+
+/* The M-step on the moments and the E-step inputs of its Gaussians, one pass per parent
+ * (capsnet.routing.em_steps.m_step and e_step; the logarithm and everything per parent only,
+ * (B, L, J), stay in PyTorch). For parent n and pose element d, with m = mass[n] + eps:
+ *     mu = (m1 - eps c) / m,   q = (m2 - 2 mu m1 + mu^2 mass) / m,   var = max(q, 0) + floor,
+ *     u1 = 2 mu / (2 var),     u2 = -1 / (2 var),                    quad[n] = sum_d mu^2 / (2 var). */
+void capsnet_m_step(int64_t n, int64_t dim, const float *restrict m1, const float *restrict m2, const float *restrict mass, const float *restrict centre,
+                    float eps, float var_floor, float *restrict mu, float *restrict var, float *restrict u1, float *restrict u2, float *restrict quad, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t p = 0; p < n; ++p) {
+        const int64_t o = p * dim;
+        const float ms = mass[p], den = ms + eps;
+        float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t d = 0; d < dim; ++d) {
+            const float a = m1[o + d];
+            const float u = (a - eps * centre[o + d]) / den;
+            const float q = (m2[o + d] - 2.0f * u * a + u * u * ms) / den;
+            const float v = (q > 0.0f ? q : 0.0f) + var_floor;
+            const float h = 0.5f / v;
+            mu[o + d] = u;
+            var[o + d] = v;
+            u1[o + d] = 2.0f * u * h;
+            u2[o + d] = -h;
+            acc += u * u * h;
+        }
+        quad[p] = acc;
+    }
+}
+
+/* The adjoint of an M-step and of the E-step inputs of its Gaussians, one pass per parent
+ * (capsnet.routing._em_adjoint.m_step_backward after e_step_backward). Given the gradients of
+ * the E-step inputs u1, u2 (n, dim) and const (n) (each NULL when none; times `gscale`), of mu
+ * from routing's output (g_mu, or NULL), and of cost_n = (D beta_v + sum_d log(var) / 2) mass s
+ * (g_cost, or NULL; bv the beta_v of each parent, sum_lv = sum_d log(var)), writes the gradients
+ * of m1, m2 (n, dim) and mass (n). */
+void capsnet_m_step_backward(int64_t n, int64_t dim, const float *restrict g_u1, const float *restrict g_u2, const float *restrict g_const,
+                             float gscale, const float *restrict g_mu, const float *restrict g_cost, const float *restrict m1, const float *restrict m2,
+                             const float *restrict mass, const float *restrict mu, const float *restrict var, const float *restrict bv, const float *restrict sum_lv,
+                             float eps, float cost_scale, float *restrict g_m1, float *restrict g_m2, float *restrict g_mass, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t p = 0; p < n; ++p) {
+        const int64_t o = p * dim;
+        const float ms = mass[p], den = ms + eps;
+        const float gc = g_const ? g_const[p] : 0.0f;
+        const float gcost = g_cost ? g_cost[p] : 0.0f;
+        /* d const / d log var = -1/2 (times gscale); d cost / d log var = mass s / 2. */
+        const float glv = -0.5f * gc * gscale + 0.5f * gcost * cost_scale * ms;
+        float gmass = 0.0f, gden = 0.0f;
+#pragma omp simd reduction(+ : gmass, gden)
+        for (int64_t d = 0; d < dim; ++d) {
+            const float u = mu[o + d], v = var[o + d], a = m1[o + d];
+            const float h = 0.5f / v;
+            float gmu = g_mu ? g_mu[o + d] : 0.0f, gvar = glv / v;
+            if (g_u1) {
+                const float gu1 = g_u1[o + d], gu2 = g_u2[o + d];
+                gmu += 2.0f * h * (gu1 - gc * u) * gscale;
+                gvar -= (2.0f * u * gu1 - gu2 - gc * u * u) * h / v * gscale;
+            }
+            const float q = (m2[o + d] - 2.0f * u * a + u * u * ms) / den;
+            const float gq = (q >= 0.0f ? gvar : 0.0f) / den;
+            gmu += gq * 2.0f * (u * ms - a);
+            gmass += gq * u * u;
+            gden -= gq * q;
+            const float gmd = gmu / den;
+            gden -= gmd * u;
+            g_m1[o + d] = gmd - 2.0f * u * gq;
+            g_m2[o + d] = gq;
+        }
+        g_mass[p] = gmass + gden + gcost * cost_scale * ((float)dim * bv[p] + 0.5f * sum_lv[p]);
+    }
+}

@@ -48,7 +48,7 @@ try:
 except ImportError:  # not POSIX: builders are not serialised (each renames a finished file into place)
     fcntl = None
 
-__all__ = ["EMVotes", "MODES", "Settings", "build", "configure", "em_votes", "enabled", "set_enabled", "settings"]
+__all__ = ["EMSteps", "EMVotes", "MODES", "Settings", "build", "configure", "em_steps", "em_votes", "enabled", "set_enabled", "settings"]
 
 _SOURCE = Path(__file__).with_name("em_votes.c")
 _FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=gnu99")
@@ -208,7 +208,12 @@ def _build() -> ctypes.CDLL:
     ptrs = ctypes.POINTER(ctypes.c_void_p)
     lib.capsnet_gradient.argtypes = [votes_p, i64, ptrs, ptrs, ptrs, i64, i64, f_p, i32]
     lib.capsnet_gradient_4x4.argtypes = [votes_p, i64, ptrs, ptrs, ptrs, f_p, f_p, f_p, i32]
-    for fn in (lib.capsnet_moments, lib.capsnet_quadratic, lib.capsnet_gradient, lib.capsnet_gradient_4x4):
+    f32 = ctypes.c_float
+    lib.capsnet_m_step.argtypes = [i64, i64, f_p, f_p, f_p, f_p, f32, f32, f_p, f_p, f_p, f_p, f_p, i32]
+    lib.capsnet_m_step_backward.argtypes = [i64, i64, f_p, f_p, f_p, f32, f_p, f_p, f_p, f_p, f_p, f_p, f_p, f_p, f_p, f32, f32,
+                                            f_p, f_p, f_p, i32]
+    for fn in (lib.capsnet_moments, lib.capsnet_quadratic, lib.capsnet_gradient, lib.capsnet_gradient_4x4,
+               lib.capsnet_m_step, lib.capsnet_m_step_backward):
         fn.restype = None
     return lib
 
@@ -362,3 +367,50 @@ def em_votes(poses, transforms, offsets, matrices, centre, shape) -> Optional[EM
     if lib is None or shape[3] * shape[4] > lib.capsnet_max_row():
         return None
     return EMVotes(lib, poses, transforms, offsets, matrices, centre, shape)
+
+
+def _opt(t: Optional[torch.Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+class EMSteps:
+    """The M-step and its adjoint per parent, compiled (``capsnet_m_step``, ``capsnet_m_step_backward``
+    in ``em_votes.c``): one pass over the ``(N, D)`` tensors where the eager code makes about twenty.
+    Every tensor is contiguous float32 on the CPU (:func:`em_steps` checks the inputs' kind)."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        self.lib = lib
+
+    def m_step(self, m1, m2, mass, centre, eps: float, var_floor: float):
+        """``(mu - c, var, u1, u2)`` ``(N, D)`` and ``sum_d mu^2 / (2 var)`` ``(N,)`` from the moments."""
+        m1, m2, mass, centre = (t.contiguous() for t in (m1, m2, mass, centre))
+        n, dim = m1.shape
+        mu, var, u1, u2 = (torch.empty_like(m1) for _ in range(4))
+        quad = mass.new_empty(n)
+        self.lib.capsnet_m_step(n, dim, _ptr(m1), _ptr(m2), _ptr(mass), _ptr(centre), eps, var_floor,
+                                _ptr(mu), _ptr(var), _ptr(u1), _ptr(u2), _ptr(quad), torch.get_num_threads())  # fmt: skip
+        return mu, var, u1, u2, quad
+
+    def m_step_backward(self, g_u1, g_u2, g_const, gscale: float, g_mu, g_cost, m1, m2, mass, mu, var, bv, sum_lv,
+                        eps: float, cost_scale: float):
+        """The gradients ``(N, D), (N, D), (N,)`` of an M-step's moments: see ``capsnet_m_step_backward``."""
+        tensors = [None if t is None else t.contiguous() for t in (g_u1, g_u2, g_const, g_mu, g_cost, m1, m2, mass, mu, var, bv, sum_lv)]
+        g_u1, g_u2, g_const, g_mu, g_cost, m1, m2, mass, mu, var, bv, sum_lv = tensors
+        n, dim = m1.shape
+        g_m1, g_m2 = torch.empty_like(m1), torch.empty_like(m1)
+        g_mass = mass.new_empty(n)
+        self.lib.capsnet_m_step_backward(n, dim, _opt(g_u1), _opt(g_u2), _opt(g_const), gscale, _opt(g_mu), _opt(g_cost),
+                                         _ptr(m1), _ptr(m2), _ptr(mass), _ptr(mu), _ptr(var), _ptr(bv), _ptr(sum_lv), eps,
+                                         cost_scale, _ptr(g_m1), _ptr(g_m2), _ptr(g_mass), torch.get_num_threads())  # fmt: skip
+        return g_m1, g_m2, g_mass
+
+
+def em_steps(like: torch.Tensor) -> Optional[EMSteps]:
+    """The compiled M-step for routing on tensors like ``like``, or None where the eager code
+    must run (kernels off or unavailable, not a plain float32 CPU tensor)."""
+    if not enabled() or type(like) not in (torch.Tensor, torch.nn.Parameter):
+        return None
+    if like.device.type != "cpu" or like.dtype != torch.float32:
+        return None
+    lib = _load()
+    return None if lib is None else EMSteps(lib)

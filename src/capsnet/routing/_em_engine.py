@@ -14,59 +14,22 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ..ops import kernels
 from . import em_steps
+from ._em_adjoint import Upstream, m_step_adjoint
 from ._em_votes import FactoredVotes, Moments, Term, VoteReader, factored_centre
-from .em_steps import Gaussians, VoteReads, em_iteration, iteration_stats, routing_outputs
+from .em_steps import (
+    EStepInputs,
+    Gaussians,
+    VoteReads,
+    assign_backward,
+    em_iteration,
+    initial_assignments,
+    iteration_stats,
+    routing_outputs,
+)
 
 __all__ = ["EMRoutingFunction"]
-
-class _ReplayMoments(torch.autograd.Function):
-    """Stands in for :meth:`VoteReader.moments` while the backward pass replays the loop.
-
-    Returns the sums the forward pass computed (``recorded``); its backward is the adjoint read
-    and records the outer product that the votes' gradient needs.
-    """
-
-    @staticmethod
-    def forward(ctx, r: Tensor, anchor: Tensor, reader: VoteReader, recorded: Moments):
-        ctx.reader = reader
-        ctx.save_for_backward(r)
-        return recorded.m1.clone(), recorded.m2.clone(), recorded.mass.clone()
-
-    @staticmethod
-    def backward(ctx, g1, g2, g_mass):
-        (r,) = ctx.saved_tensors
-        # Detached: a term holding r's graph would close a cycle (graph -> ctx -> reader -> r)
-        # through C++ autograd nodes that the garbage collector cannot break.
-        ctx.reader.terms.append(Term(left=r.detach(), right1=g1, right2=g2))
-        g_mass = g1.new_zeros(g1.shape[0]) if g_mass is None else g_mass  # d sum_i r_i / d r_i = 1
-        grad_r = ctx.reader.quadratic(g1, g2, g_mass) if ctx.needs_input_grad[0] else None
-        grad_anchor = torch.zeros((), dtype=r.dtype, device=r.device)
-        return grad_r, grad_anchor, None, None  # r, anchor, reader, recorded
-
-
-class _ReplayQuadratic(torch.autograd.Function):
-    """Stands in for :meth:`VoteReader.quadratic` while the backward pass replays the loop.
-
-    Returns zeros of the read's shape ``(I, N)`` (one stored float, expanded): the replayed
-    E-step takes the ``R`` that forward recorded, so the read's values are never used; its
-    backward is the adjoint read.
-    """
-
-    @staticmethod
-    def forward(ctx, u1: Tensor, u2: Tensor, u0: Tensor, anchor: Tensor, reader: VoteReader, shape: tuple[int, int]):
-        ctx.reader = reader
-        ctx.save_for_backward(u1, u2)
-        return u1.new_zeros(()).expand(shape)
-
-    @staticmethod
-    def backward(ctx, gq):
-        u1, u2 = ctx.saved_tensors
-        ctx.reader.terms.append(Term(left=gq, right1=u1.detach(), right2=u2.detach()))  # detached: see _ReplayMoments
-        g1, g2, g0 = ctx.reader.moments(gq)
-        grad_anchor = torch.zeros((), dtype=u1.dtype, device=u1.device)
-        return g1, g2, g0, grad_anchor, None, None  # u1, u2, u0, anchor, reader, shape
-
 
 class _Args(NamedTuple):
     """The arguments of :meth:`EMRoutingFunction.forward`, by name: what ``ctx.needs_input_grad``
@@ -104,6 +67,13 @@ class _Step(NamedTuple):
     gaussians: Gaussians
     moments: Moments  # the M-step's read, which fitted them
     assignments: Optional[Tensor]  # the next E-step's R, (I, B, L, J); None after the last iteration
+
+
+def _inputs(gaussians: Gaussians) -> EStepInputs:
+    """``u1, u2`` of the E-step that read ``gaussians`` (no ``const``: the vote gradient needs only these two)."""
+    inv2var = 0.5 / gaussians.var
+    dim = inv2var.shape[-1]
+    return EStepInputs((2.0 * gaussians.mu_c * inv2var).reshape(-1, dim), (-inv2var).reshape(-1, dim), None)
 
 
 def _save(ctx, saved: _Saved, steps: list[_Step]) -> None:
@@ -167,14 +137,16 @@ class EMRoutingFunction(torch.autograd.Function):
             return recorded_r[it]
 
         centre_view = centre.view(batch, num_patches, types, dim)
-        gaussians, history = None, []
+        compiled = kernels.em_steps(centre)  # the M-step and its adjoint in one pass per parent, where they apply
+        reads = VoteReads(moments, lambda u1, u2, u0, it: reader.quadratic(u1, u2, u0), assignments)
+        fitted, history = None, []
         for it in range(len(cfg.lambdas)):
-            reads = VoteReads(moments, lambda u1, u2, u0, it: reader.quadratic(u1, u2, u0), assignments)
-            r, gaussians = em_iteration(reads, it, gaussians, a_in, beta_a, beta_v, centre_view, cfg)
+            r, fitted = em_iteration(reads, it, fitted, a_in, beta_a, beta_v, centre_view, cfg, compiled)
+            gaussians = fitted[0]
             history.append(gaussians)
             if stats is not None:
                 stats.append(iteration_stats(r, gaussians, cfg))
-        ctx.cfg, ctx.factored = cfg._replace(keep_r=False), factored  # the replay needs no statistics
+        ctx.cfg, ctx.factored, ctx.compiled = cfg, factored, compiled is not None
         saved = _Saved(
             centred=None if factored else reader.x,
             poses=votes if factored else None,
@@ -204,42 +176,59 @@ class EMRoutingFunction(torch.autograd.Function):
         else:
             reader = VoteReader(cfg.shape, centred=saved.centred)
         centre_view = saved.centre.view(batch, num_patches, types, dim)
-        params = {
-            name: getattr(saved, name).detach().requires_grad_(getattr(needs, name)) for name in ("a_in", "beta_a", "beta_v")
-        }
-        grad_params = {name: torch.zeros_like(x) for name, x in params.items() if x.requires_grad}
-        outputs_grad = (g_mu, g_a, g_r)  # of what iteration `it` produced: routing's outputs, then Gaussians
+        a_in = saved.a_in
+        need_betas = (needs.beta_a, needs.beta_v)
+        compiled = kernels.em_steps(saved.centre) if ctx.compiled else None
+        grad_a_in = torch.zeros_like(a_in) if needs.a_in else None
+        grad_beta_a = torch.zeros_like(saved.beta_a) if needs.beta_a else None
+        grad_beta_v = torch.zeros_like(saved.beta_v) if needs.beta_v else None
+        # What reaches the last iteration's Gaussians from routing's outputs: mu = mu_c + c, a = sigmoid(logit).
+        g_logit = None
+        if g_a is not None:
+            a = torch.sigmoid(steps[-1].gaussians.logit)
+            g_logit = g_a * a * (1.0 - a)
+        up = Upstream(mu=g_mu, logit=g_logit)
+        g_r = None if iters == 1 else g_r  # one iteration returns the initial R, a constant
         for it in reversed(range(iters)):
-            if all(g is None for g in outputs_grad):
-                break  # detach_intermediate / truncate_gradient: earlier iterations do not reach the outputs
-            # A leaf every replayed read depends on, so autograd runs each read's backward even
-            # when no other input needs a gradient.
-            anchor = saved.centre.new_zeros((), requires_grad=True)
-            prev = None if it == 0 else Gaussians._make(t.detach().requires_grad_() for t in steps[it - 1].gaussians)
-
-            def moments(r, k, anchor=anchor):
-                return _ReplayMoments.apply(r, anchor, reader, steps[k].moments)
-
-            def quadratic(u1, u2, u0, k, anchor=anchor):
-                return _ReplayQuadratic.apply(u1, u2, u0, anchor, reader, (slots, u0.shape[0]))
-
-            def assignments(log_ap, k):
-                return steps[k].assignments
-
-            with torch.enable_grad():
-                reads = VoteReads(moments, quadratic, assignments)
-                r, gaussians = em_iteration(reads, it, prev, **params, centre=centre_view, cfg=cfg)
-                outputs = routing_outputs(r, gaussians, centre_view, cfg) if it == iters - 1 else gaussians
-                # R carries no graph when detach_intermediate; outputs without a graph are skipped.
-                used = [(out, g) for out, g in zip(outputs, outputs_grad) if out.requires_grad and g is not None]
-                inputs = {"anchor": anchor, **(prev._asdict() if prev is not None else {})}
-                inputs.update((name, x) for name, x in params.items() if x.requires_grad)
-                grads = torch.autograd.grad([o for o, _ in used], list(inputs.values()), [g for _, g in used], allow_unused=True)
-                grads = dict(zip(inputs, grads))  # the anchor's is not used
-            outputs_grad = () if prev is None else Gaussians._make(grads[name] for name in Gaussians._fields)
-            for name in grad_params:
-                if grads[name] is not None:
-                    grad_params[name] += grads[name]
+            if up.empty() and (it < iters - 1 or g_r is None):
+                break  # nothing of iteration `it` reaches the outputs (detach_intermediate, truncate_gradient)
+            step = steps[it]
+            # The M-step of iteration `it`, then its moments read, weighted by ra = R a_in.
+            m = None
+            if not up.empty():
+                m = m_step_adjoint(up, step.moments, step.gaussians, saved.beta_a, saved.beta_v, cfg.lambdas[it], centre_view,
+                                   cfg, need_betas, compiled)
+                if m.beta_a is not None:
+                    grad_beta_a += m.beta_a
+                if m.beta_v is not None:
+                    grad_beta_v += m.beta_v
+            r = initial_assignments(cfg, a_in) if it == 0 else steps[it - 1].assignments  # the R this M-step weighted by
+            g_ra = None
+            if m is not None:
+                ra_flat = (r * a_in).expand(slots, batch, num_patches, types).reshape(slots, -1)
+                reader.terms.append(Term(left=ra_flat, right1=m.m1, right2=m.m2))
+                if needs.a_in or (it > 0 and not cfg.detach_intermediate):  # the read's adjoint: d/d(ra)
+                    g_ra = reader.quadratic(m.m1, m.m2, m.mass).view(slots, batch, num_patches, types)
+            if it == 0:
+                if grad_a_in is not None and g_ra is not None:  # ra = R0 a_in, summed over the parents
+                    grad_a_in += (g_ra * r).sum(-1, keepdim=True)
+                break
+            # The E-step of iteration `it`: R from the Gaussians of iteration it - 1.
+            g_r_here = g_r if it == iters - 1 and not cfg.detach_intermediate else None
+            need_log = not cfg.detach_intermediate
+            g_log_ap, g_a_in = assign_backward(r, a_in, g_r_here, g_ra, cfg.geometry, need_log, needs.a_in)
+            if g_a_in is not None:
+                grad_a_in += g_a_in
+            if g_log_ap is None:
+                break  # R is a constant (detach_intermediate): nothing reaches earlier iterations
+            prev = steps[it - 1].gaussians
+            u1, u2, _ = _inputs(prev)
+            g_log_flat = g_log_ap.reshape(slots, -1)
+            reader.terms.append(Term(left=g_log_flat, right1=u1, right2=u2))
+            if cfg.truncate_gradient:
+                break  # the Gaussians the E-step read are constants
+            g_u1, g_u2, g_const = reader.moments(g_log_flat)  # the read's adjoint
+            up = Upstream(u1=g_u1, u2=g_u2, const=g_const, scale=cfg.iteration_grad_scale)
         grad_votes = grad_transforms = grad_matrices = None
         # Straight to the 4x4 matrices, unless only the block transforms want a gradient.
         direct = reader.compiled is not None and reader.compiled.has_matrices
@@ -278,8 +267,8 @@ class EMRoutingFunction(torch.autograd.Function):
             transforms=grad_transforms,
             offsets=None,
             matrices=grad_matrices,
-            a_in=grad_params.get("a_in"),
-            beta_a=grad_params.get("beta_a"),
-            beta_v=grad_params.get("beta_v"),
+            a_in=grad_a_in,
+            beta_a=grad_beta_a,
+            beta_v=grad_beta_v,
         )
         return tuple(grads)

@@ -249,7 +249,7 @@ def em_routing(
     if cost_scale is None:
         cost_scale = 100.0 * types / slots if schedule == "authors" else 1.0
     cfg = EMConfig(lambdas, activation, float(cost_scale), var_floor, eps, detach_intermediate, truncate_gradient, geometry,
-                  (slots, batch, num_patches, types, dim), stats is not None, float(iteration_grad_scale))  # fmt: skip
+                  (slots, batch, num_patches, types, dim), float(iteration_grad_scale))  # fmt: skip
     a_in = rearrange(activations, "b l i -> i b l 1")
     if isinstance(votes, FactoredVotes):
         mu, a_out, r = EMRoutingFunction.apply(*votes, a_in, beta_a, beta_v, cfg, stats)

@@ -42,8 +42,13 @@ __all__ = [
     "Gaussians",
     "VoteReads",
     "activation_argument",
+    "activation_logit",
+    "assign_backward",
+    "EStepInputs",
     "e_step",
+    "e_step_inputs",
     "em_iteration",
+    "initial_assignments",
     "inverse_temperatures",
     "iteration_stats",
     "m_step",
@@ -154,7 +159,6 @@ class EMConfig(NamedTuple):
     truncate_gradient: bool
     geometry: Optional[ConvGeometry]
     shape: tuple[int, int, int, int, int]  # (I, B, L, J, D)
-    keep_r: bool = False  # R of every iteration (for statistics), not only the last
     iteration_grad_scale: float = 1.0  # the gradient an E-step passes back to the previous iteration, scaled
 
 
@@ -183,13 +187,26 @@ class VoteReads(NamedTuple):
     assignments: Optional[Callable[[Tensor, int], Tensor]] = None
 
 
-def m_step(moments, it: int, ra: Tensor, b_a: Tensor, b_v: Tensor, lam: float, centre: Tensor, cfg: EMConfig):
+def m_step(moments, it: int, ra: Tensor, b_a: Tensor, b_v: Tensor, lam: float, centre: Tensor, cfg: EMConfig,
+           compiled=None) -> tuple[Gaussians, Optional[EStepInputs]]:
     """M-step of Procedure 1 on ``ra = R_ij a_i``: parent Gaussians ``(mu - c, sigma^2, ln sigma^2)``
-    and activation logits, as :class:`Gaussians`."""
+    and activation logits, as :class:`Gaussians`; with ``compiled`` (:class:`capsnet.ops.kernels.EMSteps`)
+    also the :class:`EStepInputs` of the E-step that will read them (None otherwise: the eager
+    code computes them when that E-step runs)."""
     slots, batch, num_patches, types, dim = cfg.shape
     ra = ra.expand(slots, batch, num_patches, types)
     # sum_i R a (V - c), sum_i R a (V - c)^2: (N, D); and the mass sum_i R_ij a_i: (N,)
     m1, m2, mass = moments(ra.reshape(slots, -1), it)
+    if compiled is not None:  # the same formulas as below, one pass per parent
+        mu_c, var, u1, u2, quad = compiled.m_step(m1, m2, mass, centre.reshape(-1, dim), cfg.eps, cfg.var_floor)
+        log_var = torch.log(var)
+        sum_lv = log_var.sum(-1)  # (N,)
+        # cost = sum_h (beta_v + ln sigma^h) mass s, summed before the product: (D beta_v + sum_h ln sigma^h) mass s.
+        cost = (dim * b_v.squeeze(-1) + 0.5 * sum_lv.view(batch, num_patches, types)) * (mass.view(batch, num_patches, types) * cfg.cost_scale)
+        logit = activation_logit(cost, b_a, lam, cfg.activation)
+        const = (0.5 * (sum_lv + dim * _LOG_2PI)).add_(quad).neg_().add_(F.logsigmoid(logit).reshape(-1))
+        shape = (batch, num_patches, types, dim)
+        return Gaussians(mu_c.view(shape), var.view(shape), log_var.view(shape), logit), EStepInputs(u1, u2, const)
     m1, m2 = m1.view(batch, num_patches, types, dim), m2.view(batch, num_patches, types, dim)
     mass = mass.view(batch, num_patches, types)
     denom = (mass + cfg.eps).unsqueeze(-1)
@@ -201,9 +218,16 @@ def m_step(moments, it: int, ra: Tensor, b_a: Tensor, b_v: Tensor, lam: float, c
     log_var = torch.log(var)
     # cost^h = (beta_v + log sigma^h) sum_i R_ij, with log sigma = log(sigma^2) / 2.
     cost = (b_v + 0.5 * log_var) * (mass.unsqueeze(-1) * cfg.cost_scale)
-    if cfg.activation == "offset":  # beta_a outside lambda: a logit offset of order 1 whatever lambda is
-        return Gaussians(mu_c, var, log_var, lam * activation_argument(cost.sum(-1), 0.0, "centred") + b_a)
-    return Gaussians(mu_c, var, log_var, lam * activation_argument(cost.sum(-1), b_a, cfg.activation))
+    return Gaussians(mu_c, var, log_var, activation_logit(cost.sum(-1), b_a, lam, cfg.activation)), None
+
+
+def activation_logit(cost: Tensor, b_a: Tensor, lam: float, activation: str) -> Tensor:
+    """The logit of ``a_j``, ``(B, L, J)``, from ``cost_j = sum_h cost^h``: ``lambda`` times
+    :func:`activation_argument`, or for ``"offset"`` the centred argument times ``lambda`` plus
+    ``beta_a`` (a logit offset of order 1 whatever ``lambda`` is)."""
+    if activation == "offset":
+        return lam * activation_argument(cost, 0.0, "centred") + b_a
+    return lam * activation_argument(cost, b_a, activation)
 
 
 def activation_argument(cost: Tensor, b_a: Union[Tensor, float], activation: str) -> Tensor:
@@ -229,52 +253,40 @@ def activation_argument(cost: Tensor, b_a: Union[Tensor, float], activation: str
     return b_a + (mean - cost) / spread
 
 
-class _ScaleGrad(torch.autograd.Function):
-    """``t`` itself in the forward pass (a view: every bit kept), ``scale`` times its gradient backward."""
+class EStepInputs(NamedTuple):
+    """What the E-step that reads one iteration's Gaussians multiplies the votes by:
+    ``u1 = mu / sigma^2``, ``u2 = -1 / (2 sigma^2)`` ``(N, D)`` and the per-parent terms
+    ``const = -sum_h (mu - c)^2 / (2 sigma^2) - sum_h ln(2 pi sigma^2) / 2 + ln a`` ``(N,)``, so that
+    ``ln(a_j p_ij) = const + sum_h X u1 + X^2 u2`` (the log-likelihood expanded in ``X = V - c``)."""
 
-    @staticmethod
-    def forward(ctx, t: Tensor, scale: float) -> Tensor:
-        ctx.scale = scale
-        return t.view_as(t)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return grad * ctx.scale, None
+    u1: Tensor
+    u2: Tensor
+    const: Tensor
 
 
-def _scale_grad(t: Tensor, scale: float) -> Tensor:
-    """``t``, with ``scale`` times its gradient (unchanged where ``t`` needs none)."""
-    return _ScaleGrad.apply(t, scale) if t.requires_grad else t
-
-
-def e_step(reads: VoteReads, it: int, gaussians: Gaussians, a_in: Tensor, need_r: bool, cfg: EMConfig) -> tuple[Optional[Tensor], Tensor]:
-    """E-step of Procedure 1: ``R_ij = a_j p_ij / sum_k a_k p_ik`` over every parent ``k`` of child ``i``.
-
-    ``gaussians`` are those of iteration ``it``, read by ``reads.quadratic``.
-
-    Returns ``R`` (None unless ``need_r``) and ``R_ij a_i``, what the next M-step uses: both
-    ``(I, B, L, J)``.
-    """
-    slots, batch, num_patches, types, dim = cfg.shape
+def e_step_inputs(gaussians: Gaussians) -> EStepInputs:
+    """:class:`EStepInputs` from the Gaussians (the compiled M-step returns them itself)."""
     mu_c, var, log_var, logit = gaussians
-    if cfg.truncate_gradient:  # the previous iteration's Gaussians and activations are constants here
-        mu_c, var, log_var, logit = mu_c.detach(), var.detach(), log_var.detach(), logit.detach()
-    elif cfg.iteration_grad_scale != 1.0:  # the same values, their gradient scaled (0 arrives as truncate_gradient)
-        mu_c, var, log_var, logit = (_scale_grad(t, cfg.iteration_grad_scale) for t in (mu_c, var, log_var, logit))
-    # ln p_ij = -sum_h (V - mu)^2 / (2 sigma^2) - sum_h ln(2 pi sigma^2) / 2, expanded in X = V - c:
-    # (V - mu)^2 = X^2 - 2 X (mu - c) + (mu - c)^2, so one read of the votes gives every child's term.
+    dim = mu_c.shape[-1]
     inv2var = 0.5 / var  # (B, L, J, D)
     # The per-parent terms, plus ln a_j: logsigmoid is the exact ln a_j, finite even where a_j underflows to 0.
     const = -(mu_c.square() * inv2var).sum(-1) - 0.5 * (log_var + _LOG_2PI).sum(-1) + F.logsigmoid(logit)  # (B, L, J)
-    u1, u2 = (2.0 * mu_c * inv2var).reshape(-1, dim), (-inv2var).reshape(-1, dim)
-    log_ap = reads.quadratic(u1, u2, const.reshape(-1), it).view(slots, batch, num_patches, types)  # ln(a_j p_ij)
-    if reads.assignments is not None:
-        r = reads.assignments(log_ap, it)
-    else:
-        with torch.no_grad():
-            r = assignments(log_ap, cfg.geometry)
-    r, ra = _Assign.apply(log_ap, a_in, r, cfg.geometry, cfg.detach_intermediate)
-    return (r if need_r else None), ra
+    return EStepInputs((2.0 * mu_c * inv2var).reshape(-1, dim), (-inv2var).reshape(-1, dim), const.reshape(-1))
+
+
+def e_step(reads: VoteReads, it: int, inputs: EStepInputs, a_in: Tensor, cfg: EMConfig) -> tuple[Tensor, Tensor]:
+    """E-step of Procedure 1: ``R_ij = a_j p_ij / sum_k a_k p_ik`` over every parent ``k`` of child ``i``,
+    from the :class:`EStepInputs` of the Gaussians of iteration ``it`` (read by ``reads.quadratic``).
+
+    Values only (routing's backward pass is :mod:`capsnet.routing._em_adjoint`). Returns ``R`` and
+    ``R_ij a_i``, what the next M-step uses: both ``(I, B, L, J)``.
+    """
+    slots, batch, num_patches, types, dim = cfg.shape
+    # ln p_ij = -sum_h (V - mu)^2 / (2 sigma^2) - sum_h ln(2 pi sigma^2) / 2, expanded in X = V - c:
+    # (V - mu)^2 = X^2 - 2 X (mu - c) + (mu - c)^2, so one read of the votes gives every child's term.
+    log_ap = reads.quadratic(*inputs, it).view(slots, batch, num_patches, types)  # ln(a_j p_ij)
+    r = reads.assignments(log_ap, it) if reads.assignments is not None else assignments(log_ap, cfg.geometry)
+    return r, r * a_in
 
 
 def assignments(log_ap: Tensor, geometry: Optional[ConvGeometry]) -> Tensor:
@@ -324,22 +336,31 @@ class _Assign(torch.autograd.Function):
         r, a_in = ctx.saved_tensors
         g_r = None if ctx.detach else g_r
         need_log = ctx.needs_input_grad[0] and not ctx.detach
-        # t_i = sum_j g_(Ra)ij R_ij is a_i's gradient, and a_i t_i + sum_j g_Rij R_ij = sum_j R_ij G_ij.
-        t = _dot_last(g_ra, r) if g_ra is not None else None  # (I, B, L, 1)
-        g_a = t if ctx.needs_input_grad[1] else None
-        if not need_log or (g_ra is None and g_r is None):
-            return None, g_a, None, None, None
-        s = t * a_in if t is not None else torch.zeros_like(a_in)
-        if g_r is not None:
-            s += _dot_last(g_r, r)
-        if ctx.geometry is not None:  # summed over every slot that holds the same child
-            per_child = child_sum(s.squeeze(-1).permute(1, 2, 0), ctx.geometry)
-            s = to_patches(per_child, ctx.geometry).permute(2, 0, 1).unsqueeze(-1)
-        # R_ij (G_ij - s_i) with G = g_(Ra) a + g_R.
-        g = g_r.clone() if g_ra is None else g_ra * a_in
-        if g_ra is not None and g_r is not None:
-            g += g_r
-        return g.sub_(s).mul_(r), g_a, None, None, None
+        g_log, g_a = assign_backward(r, a_in, g_r, g_ra, ctx.geometry, need_log, ctx.needs_input_grad[1])
+        return g_log, g_a, None, None, None
+
+
+def assign_backward(r: Tensor, a_in: Tensor, g_r: Optional[Tensor], g_ra: Optional[Tensor], geometry: Optional[ConvGeometry],
+                    need_log: bool, need_a: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """Adjoint of ``(R, R a_in)`` (:class:`_Assign`): the gradients of ``ln(a_j p_ij)`` (None unless
+    ``need_log``) and of ``a_in`` (None unless ``need_a``), given those of ``R`` and ``R a_in``
+    (either may be None)."""
+    # t_i = sum_j g_(Ra)ij R_ij is a_i's gradient, and a_i t_i + sum_j g_Rij R_ij = sum_j R_ij G_ij.
+    t = _dot_last(g_ra, r) if g_ra is not None else None  # (I, B, L, 1)
+    g_a = t if need_a else None
+    if not need_log or (g_ra is None and g_r is None):
+        return None, g_a
+    s = t * a_in if t is not None else torch.zeros_like(a_in)
+    if g_r is not None:
+        s += _dot_last(g_r, r)
+    if geometry is not None:  # summed over every slot that holds the same child
+        per_child = child_sum(s.squeeze(-1).permute(1, 2, 0), geometry)
+        s = to_patches(per_child, geometry).permute(2, 0, 1).unsqueeze(-1)
+    # R_ij (G_ij - s_i) with G = g_(Ra) a + g_R.
+    g = g_r.clone() if g_ra is None else g_ra * a_in
+    if g_ra is not None and g_r is not None:
+        g += g_r
+    return g.sub_(s).mul_(r), g_a
 
 
 def _dot_last(x: Tensor, y: Tensor) -> Tensor:
@@ -348,28 +369,36 @@ def _dot_last(x: Tensor, y: Tensor) -> Tensor:
     return torch.matmul(x.unsqueeze(-2), y.unsqueeze(-1)).squeeze(-1)
 
 
-def em_iteration(reads: VoteReads, it: int, prev: Optional[Gaussians], a_in: Tensor, beta_a: Tensor, beta_v: Tensor,
-                 centre: Tensor, cfg: EMConfig) -> tuple[Optional[Tensor], Gaussians]:
-    """Iteration ``it`` of Procedure 1 on the small tensors: the E-step from the previous
-    Gaussians ``prev`` (the uniform init when ``it == 0``), then the M-step.
+def em_iteration(reads: VoteReads, it: int, prev: Optional[tuple[Gaussians, Optional[EStepInputs]]], a_in: Tensor,
+                 beta_a: Tensor, beta_v: Tensor, centre: Tensor, cfg: EMConfig,
+                 compiled=None) -> tuple[Tensor, tuple[Gaussians, Optional[EStepInputs]]]:
+    """Iteration ``it`` of Procedure 1 on the small tensors, values only: the E-step from the
+    previous iteration's Gaussians ``prev`` (with their :class:`EStepInputs`, or None to compute
+    them; the uniform init when ``it == 0``), then the M-step (compiled with ``compiled``, see :func:`m_step`).
 
     ``reads`` are the only vote reads. a_in ``(I, B, L, 1)``, beta ``(J,)`` or ``(L, J)``, centre
-    ``(B, L, J, D)``; returns ``R (I, B, L, J)`` (or a broadcastable init; None before the last
-    iteration unless ``cfg.keep_r``, for statistics) and the iteration's :class:`Gaussians`.
+    ``(B, L, J, D)``; returns ``R (I, B, L, J)`` (or a broadcastable init) and what :func:`m_step` returns.
     """
-    slots, batch, num_patches, types, dim = cfg.shape
     if it > 0:
-        r, ra = e_step(reads, it - 1, prev, a_in, cfg.keep_r or it == len(cfg.lambdas) - 1, cfg)
+        gaussians, inputs = prev
+        r, ra = e_step(reads, it - 1, e_step_inputs(gaussians) if inputs is None else inputs, a_in, cfg)
     else:
-        if cfg.geometry is None:  # Procedure 1 init: R_ij = 1 / (number of parents of child i)
-            r = a_in.new_full((slots, 1, num_patches, 1), 1.0 / types)
-        else:  # ... = 1 / (J * number of patches that hold child i)
-            counts = to_patches(parent_counts(cfg.geometry, like=a_in), cfg.geometry)  # (1, L, I)
-            r = rearrange(1.0 / (types * counts), "1 l i -> i 1 l 1")
+        r = initial_assignments(cfg, a_in)
         ra = r * a_in  # R_ij <- R_ij a_i
     b_a = beta_a if beta_a.dim() == 1 else beta_a.unsqueeze(0)  # (J,) or (1, L, J)
     b_v = (beta_v if beta_v.dim() == 1 else beta_v.unsqueeze(0)).unsqueeze(-1)  # (J, 1) or (1, L, J, 1)
-    return r, m_step(reads.moments, it, ra, b_a, b_v, cfg.lambdas[it], centre, cfg)
+    return r, m_step(reads.moments, it, ra, b_a, b_v, cfg.lambdas[it], centre, cfg, compiled)
+
+
+def initial_assignments(cfg: EMConfig, like: Tensor) -> Tensor:
+    """Procedure 1's initial ``R_ij = 1 / (number of parents of child i)``, ``(I, 1, L, 1)``
+    (``(I, 1, 1, 1)`` broadcast over patches for fully connected layers), of ``like``'s dtype and device."""
+    slots, batch, num_patches, types, dim = cfg.shape
+    if cfg.geometry is None:
+        return like.new_full((slots, 1, num_patches, 1), 1.0 / types)
+    # ... = 1 / (J * number of patches that hold child i)
+    counts = to_patches(parent_counts(cfg.geometry, like=like), cfg.geometry)  # (1, L, I)
+    return rearrange(1.0 / (types * counts), "1 l i -> i 1 l 1")
 
 
 def iteration_stats(r: Tensor, gaussians: Gaussians, cfg: EMConfig) -> dict[str, float]:
