@@ -1,9 +1,10 @@
-"""The engine of EM routing: an autograd Function that replays Procedure 1 backwards.
+"""The engine of EM routing: an autograd Function that runs Procedure 1 and its adjoint.
 
 Forward runs :func:`~capsnet.routing.em_steps.em_iteration` without autograd on the chunked
-vote reads of :class:`~capsnet.routing._em_votes.VoteReader`. Backward replays the cheap part
-of the loop, one iteration at a time, and hands each chunk of the votes' gradient straight to
-the factors (or, compiled, to the 4x4 matrices). See :class:`EMRoutingFunction`.
+vote reads of :class:`~capsnet.routing._em_votes.VoteReader`. Backward goes through the loop in
+reverse with the hand-written adjoints of :mod:`capsnet.routing._em_adjoint` and the adjoint
+reads, and hands each chunk of the votes' gradient straight to the factors (or, compiled, to
+the 4x4 matrices). See :class:`EMRoutingFunction`.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class _Saved(NamedTuple):
 
 class _Step(NamedTuple):
     """What forward recorded of one iteration: its Gaussians, the result of the vote read that
-    fitted them and the assignments of the E-step that used them, replayed as they were by backward."""
+    fitted them and the assignments of the E-step that used them, what backward differentiates at."""
 
     gaussians: Gaussians
     moments: Moments  # the M-step's read, which fitted them
@@ -97,13 +98,15 @@ class EMRoutingFunction(torch.autograd.Function):
     Forward runs the iterations without autograd, keeping each iteration's Gaussians, the
     results of its moments read, the assignments ``R`` of each E-step and the centred votes (or,
     for :class:`FactoredVotes`, only their factors). Backward goes through the iterations in
-    reverse, replaying one at a time on the small tensors with autograd (so only one iteration's
-    intermediates are alive), the reads replaced by :class:`_ReplayMoments` /
-    :class:`_ReplayQuadratic` (recorded values, or none where the recorded ``R`` stands in; adjoint
-    reads as backward) and the E-step's softmax by the recorded ``R`` with its one-pass gradient
-    (``em_steps._Assign``); then it builds the votes' gradient from the recorded outer products. Plain
-    autograd would instead keep every iteration's intermediates and allocate and add one
-    vote-sized gradient per read.
+    reverse with no graph at all: each M-step's adjoint (:func:`~capsnet.routing._em_adjoint.m_step_adjoint`,
+    from the recorded moments and Gaussians; compiled, one pass per parent), the adjoint of its
+    moments read (a quadratic read), the E-step softmax's one-pass adjoint
+    (:func:`~capsnet.routing.em_steps.assign_backward`, from the recorded ``R``), the adjoint of
+    its quadratic read (a moments read), and so on back to the first iteration; each read's
+    adjoint also records an outer product of the votes' gradient (:class:`~capsnet.routing._em_votes.Term`),
+    which is built from them in one pass at the end. Plain autograd would instead keep every
+    iteration's intermediates and allocate and add one vote-sized gradient per read. (Until
+    session 15 backward replayed each iteration under autograd: every small step ran three times.)
 
     Backward is ``once_differentiable``: it runs without a graph of its own, so no second
     derivative (an error, or routing's share silently missing where the incoming gradient is

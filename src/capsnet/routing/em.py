@@ -12,8 +12,8 @@ function; it checks its arguments and runs the modules below.
   inverse-temperature schedules, the M-step, the activation, the E-step, one iteration);
 * ``_em_votes`` and ``_em_engine``: the performance machinery. The votes are read in chunks
   (or by compiled kernels) and, as :class:`FactoredVotes`, never multiplied out whole; an
-  autograd Function replays the iterations in the backward pass and builds the votes'
-  gradient in one pass. See docs/performance.md, "EM routing".
+  autograd Function runs the iterations' hand-written adjoints (``_em_adjoint``) in the
+  backward pass and builds the votes' gradient in one pass. See docs/performance.md, "EM routing".
 
 Axis letters: ``B`` batch, ``L`` patches (output positions), ``I`` child slots per
 patch, ``J`` parent types, ``D`` pose elements (16), ``T`` child types, ``H W``

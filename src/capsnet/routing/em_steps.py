@@ -7,7 +7,7 @@ parents that explain their votes best (E-step).
 
 The votes themselves are never touched here. Every step reaches them through two reads
 that the caller passes in (:mod:`capsnet.routing._em_engine` gives the chunked reads of
-:class:`~capsnet.routing._em_votes.VoteReader`, or their replay in the backward pass), on
+:class:`~capsnet.routing._em_votes.VoteReader`, or the compiled ones), on
 the centred votes ``X = V - c`` (``c`` the unweighted mean vote per parent, ``N = B L J``):
 
 * ``moments(r, it) -> (sum_i r_i X_i, sum_i r_i X_i^2, sum_i r_i)``, ``(I, N) -> 2 x (N, D), (N,)``:
@@ -179,8 +179,8 @@ class VoteReads(NamedTuple):
     """The reads of the votes that the steps make (see the module docstring): ``moments(r, it)``
     for the M-step of iteration ``it``, ``quadratic(u1, u2, u0, it)`` for the E-step that reads
     the Gaussians of iteration ``it``; and, optionally, ``assignments(log_ap, it)``, that E-step's
-    ``R`` from the result of its read (default: :func:`assignments`; a replay passes the ``R`` it
-    recorded, and its ``quadratic`` need not return the values then)."""
+    ``R`` from the result of its read (default: :func:`assignments`; the engine's forward pass
+    passes one that records the ``R`` for the backward pass)."""
 
     moments: Callable[[Tensor, int], tuple[Tensor, Tensor, Tensor]]
     quadratic: Callable[[Tensor, Tensor, Tensor, int], Tensor]
@@ -309,8 +309,10 @@ def assignments(log_ap: Tensor, geometry: Optional[ConvGeometry]) -> Tensor:
 
 
 class _Assign(torch.autograd.Function):
-    """``(R, R a_in)`` from ``R`` computed by :func:`assignments` (an input here, so a replay can
-    pass the one it recorded), with the gradient of the softmax over each child's parents.
+    """``(R, R a_in)`` from ``R`` computed by :func:`assignments` (an input here), with the gradient
+    of the softmax over each child's parents: :func:`assign_backward` as an autograd Function, for
+    code that differentiates the E-step with autograd (the tests check it through this against
+    autograd of a loop over children; routing's own backward calls :func:`assign_backward` directly).
 
     With ``G_ij = g_(Ra)ij a_i + g_Rij`` the gradient reaching ``ln(a_j p_ij)`` is
     ``R_ij (G_ij - sum_(k over parents of i) R_ik G_ik)``, and ``a_i`` gets ``sum_j g_(Ra)ij R_ij``:
