@@ -213,8 +213,8 @@ class EMRoutingFunction(torch.autograd.Function):
                 if needs.a_in or (it > 0 and not cfg.detach_intermediate):  # the read's adjoint: d/d(ra)
                     g_ra = reader.quadratic(m.m1, m.m2, m.mass).view(slots, batch, num_patches, types)
             if it == 0:
-                if grad_a_in is not None and g_ra is not None:  # ra = R0 a_in, summed over the parents
-                    grad_a_in += (g_ra * r).sum(-1, keepdim=True)
+                if grad_a_in is not None and g_ra is not None:  # ra = R0 a_in with R0 the same for every parent type
+                    grad_a_in += g_ra.sum(-1, keepdim=True).mul_(r)
                 break
             # The E-step of iteration `it`: R from the Gaussians of iteration it - 1.
             g_r_here = g_r if it == iters - 1 and not cfg.detach_intermediate else None
