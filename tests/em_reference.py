@@ -164,3 +164,60 @@ def autograd_em_routing_dense(votes, activations, beta_a, beta_v, *, lambdas, va
                 t.register_hook(lambda g: g * grad_scale)
         log_p = (-((votes - m.unsqueeze(2)) ** 2) / (2 * v.unsqueeze(2)) - 0.5 * torch.log(2 * math.pi * v.unsqueeze(2))).sum(-1)
         r = torch.softmax(log_p + torch.log(act).unsqueeze(2), dim=-1)  # over the J parents of each child
+
+
+def autograd_em_routing(votes, activations, beta_a, beta_v, *, lambdas, geometry=None, var_floor=5e-4, eps=1e-6,
+                        activation="paper", cost_scale=1.0, detach=False, truncate=False, grad_scale=1.0, cost_eps=1e-6):
+    """Procedure 1 in plain differentiable torch for any layer, for end-to-end gradient tests.
+
+    Like :func:`autograd_em_routing_dense`, plus: a convolutional ``geometry`` (the E-step's
+    normaliser sums over every patch that holds a child, by the library's
+    ``log_child_normaliser``, whose values the loop reference above checks), betas ``(J,)`` or
+    ``(L, J)``, ``cost_scale``, ``detach`` (``detach_intermediate``: each E-step's ``R`` a
+    constant). votes ``(B, L, I, J, D)``, activations ``(B, L, I)``; returns poses ``(B, L, J, D)``,
+    activations ``(B, L, J)`` and the ``R`` of the last M-step ``(B, L, I, J)``.
+    """
+    import torch
+
+    from capsnet.routing.em_geometry import log_child_normaliser, parent_counts, to_patches
+
+    batch, num_patches, slots, types, dim = votes.shape
+    if geometry is None:
+        r = torch.full(votes.shape[:4], 1.0 / types, dtype=votes.dtype)
+    else:  # 1 / (J x number of patches that hold the child)
+        counts = to_patches(parent_counts(geometry, like=activations), geometry)  # (1, L, I)
+        r = (1.0 / (types * counts)).unsqueeze(-1).expand(batch, num_patches, slots, types)
+    b_a = beta_a if beta_a.dim() == 1 else beta_a.unsqueeze(0)  # (J,) or (1, L, J)
+    b_v = (beta_v if beta_v.dim() == 1 else beta_v.unsqueeze(0)).unsqueeze(-1)
+    for it, lam in enumerate(lambdas):
+        ra = r * activations.unsqueeze(-1)  # (B, L, I, J)
+        mass = ra.sum(2)  # (B, L, J)
+        mu = (ra.unsqueeze(-1) * votes).sum(2) / (mass + eps).unsqueeze(-1)
+        var = ((ra.unsqueeze(-1) * (votes - mu.unsqueeze(2)) ** 2).sum(2) / (mass + eps).unsqueeze(-1)).clamp_min(0) + var_floor
+        cost = ((b_v + 0.5 * torch.log(var)) * (mass * cost_scale).unsqueeze(-1)).sum(-1)  # (B, L, J)
+        mean = cost.mean(-1, keepdim=True)
+        if activation == "paper":
+            logit = lam * (b_a - cost)
+        elif activation == "centred":
+            logit = lam * (b_a + mean - cost)
+        elif activation == "standardised":
+            logit = lam * (b_a + (mean - cost) / torch.sqrt(((cost - mean) ** 2).mean(-1, keepdim=True) + cost_eps))
+        else:  # offset
+            logit = lam * (mean - cost) + b_a
+        if it == len(lambdas) - 1:
+            return mu, torch.sigmoid(logit), r
+        m, v, lg = (mu.detach(), var.detach(), logit.detach()) if truncate else (mu, var, logit)
+        if grad_scale != 1.0 and not truncate:
+            m, v, lg = (t * 1.0 for t in (m, v, lg))  # new nodes, so the hooks see only the E-step's share
+            for t in (m, v, lg):
+                if t.requires_grad:
+                    t.register_hook(lambda g: g * grad_scale)
+        log_p = (-((votes - m.unsqueeze(2)) ** 2) / (2 * v.unsqueeze(2)) - 0.5 * torch.log(2 * math.pi * v.unsqueeze(2))).sum(-1)
+        log_ap = log_p + torch.nn.functional.logsigmoid(lg).unsqueeze(2)  # (B, L, I, J): ln(a_j p_ij)
+        per_slot = torch.logsumexp(log_ap, -1)  # (B, L, I)
+        if geometry is None:
+            r = torch.exp(log_ap - per_slot.unsqueeze(-1))
+        else:
+            r = torch.exp(log_ap - log_child_normaliser(per_slot, geometry).unsqueeze(-1))
+        if detach:
+            r = r.detach()

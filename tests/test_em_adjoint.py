@@ -57,7 +57,7 @@ def test_m_step_backward_equals_autograd(activation, per_capsule, used):
     pairs = [(t, g) for t, g in zip(gaussians, grads) if g is not None]
     expected = torch.autograd.grad([t for t, _ in pairs], [*moments, ba, bv], [g for _, g in pairs], allow_unused=True)
     detached = Gaussians(*(t.detach() for t in gaussians))
-    got = m_step_backward(grads, [t.detach() for t in moments], detached, beta_a, beta_v, 0.3, centre, cfg, (True, True))
+    got = m_step_backward(grads, [t.detach() for t in moments], detached, beta_a, beta_v, 0.3, cfg, (True, True))
     for name, e, g in zip(("m1", "m2", "mass", "beta_a", "beta_v"), expected, got):
         e = torch.zeros_like(moments[0] if name in ("m1", "m2") else moments[2] if name == "mass" else beta_a) if e is None else e
         g = torch.zeros_like(e) if g is None else g
@@ -78,7 +78,7 @@ def test_m_step_backward_passes_nothing_through_the_clamp_below_zero():
     grads = GaussianGrads(var=torch.ones_like(gaussians.var))
     expected = torch.autograd.grad(gaussians.var, moments[1], grads.var)[0]
     got = m_step_backward(grads, [t.detach() for t in moments], Gaussians(*(t.detach() for t in gaussians)), beta_a, beta_v,
-                          0.3, centre, cfg, (False, False))
+                          0.3, cfg, (False, False))
     assert torch.all(got.m2[1] == 0)
     torch.testing.assert_close(got.m2, expected, rtol=1e-10, atol=1e-12)
 
@@ -149,10 +149,38 @@ def test_compiled_m_step_and_its_adjoint_match_the_eager_code(activation, per_ca
                  scale=0.3),
     ]
     for up in ups:
-        want = m_step_adjoint(up, moments, eager, beta_a, beta_v, 0.3, centre, cfg, (True, True))
-        got = m_step_adjoint(up, moments, eager, beta_a, beta_v, 0.3, centre, cfg, (True, True), compiled)
+        want = m_step_adjoint(up, moments, eager, beta_a, beta_v, 0.3, cfg, (True, True))
+        got = m_step_adjoint(up, moments, eager, beta_a, beta_v, 0.3, cfg, (True, True), compiled)
         for name, e, g in zip(("m1", "m2", "mass", "beta_a", "beta_v"), want, got):
             if e is None:
                 assert g is None, name
                 continue
             torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"d/d{name}: {m}")
+
+
+def test_plain_float32_votes_route_the_same_with_the_compiled_m_step_as_without():
+    """Plain (not factored) float32 votes: the vote reads are eager, the M-step compiled; values and
+    gradients as with the kernels off, to float32 rounding, with a gradient on the returned ``R``."""
+    from em_problems import random_problem
+
+    from capsnet.ops import kernels
+    from capsnet.routing.em import ConvGeometry, em_routing
+
+    _compiled()
+    geometry = ConvGeometry((5, 5), (3, 3), (1, 1), 2)
+    problem = [t.float() for t in random_problem(geometry, seed=7, beta_shape=(geometry.num_patches, 3))]
+    results = []
+    try:
+        for flag in (False, True):
+            kernels.set_enabled(flag)
+            inputs = [t.clone().requires_grad_() for t in problem]
+            out = em_routing(*inputs, iterations=3, geometry=geometry, activation="offset", cost_scale=1.3)
+            loss = out.poses.square().sum() + out.activations.sum() + (out.assignments * out.assignments.detach()).sum()
+            results.append((out, torch.autograd.grad(loss, inputs)))
+    finally:
+        kernels.set_enabled(None)
+    (eager, eager_grads), (fused, fused_grads) = results
+    for a, b in zip(fused, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for name, a, b in zip(("votes", "activations", "beta_a", "beta_v"), fused_grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"d/d{name}: {m}")

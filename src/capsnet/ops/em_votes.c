@@ -362,7 +362,7 @@ void capsnet_m_step(int64_t n, int64_t dim, const float *restrict m1, const floa
  * the E-step inputs u1, u2 (n, dim) and const (n) (each NULL when none; times `gscale`), of mu
  * from routing's output (g_mu, or NULL), and of cost_n = (D beta_v + sum_d log(var) / 2) mass s
  * (g_cost, or NULL; bv the beta_v of each parent, sum_lv = sum_d log(var)), writes the gradients
- * of m1, m2 (n, dim) and mass (n). */
+ * of m1, m2 (n, dim) and mass (n). g_u1 and g_u2 come together: both NULL or neither. */
 void capsnet_m_step_backward(int64_t n, int64_t dim, const float *restrict g_u1, const float *restrict g_u2, const float *restrict g_const,
                              float gscale, const float *restrict g_mu, const float *restrict g_cost, const float *restrict m1, const float *restrict m2,
                              const float *restrict mass, const float *restrict mu, const float *restrict var, const float *restrict bv, const float *restrict sum_lv,

@@ -33,9 +33,6 @@ class GaussianGrads(NamedTuple):
     log_var: Optional[Tensor] = None
     logit: Optional[Tensor] = None
 
-    def empty(self) -> bool:
-        return all(g is None for g in self)
-
 
 class MStepGrads(NamedTuple):
     """Gradients of what an M-step read and used: its moments ``(N, D), (N, D), (N,)`` and the betas."""
@@ -52,7 +49,7 @@ def _add(x: Optional[Tensor], y: Tensor) -> Tensor:
 
 
 def m_step_backward(grads: GaussianGrads, moments, gaussians: Gaussians, beta_a: Tensor, beta_v: Tensor, lam: float,
-                    centre: Tensor, cfg: EMConfig, need_betas: tuple[bool, bool]) -> MStepGrads:
+                    cfg: EMConfig, need_betas: tuple[bool, bool]) -> MStepGrads:
     """Adjoint of :func:`~capsnet.routing.em_steps.m_step` from its moments ``(m1, m2, mass)`` and
     the Gaussians it returned, given the gradients of those Gaussians.
 
@@ -162,8 +159,8 @@ class Upstream(NamedTuple):
         return all(t is None for t in self[:5])
 
 
-def m_step_adjoint(up: Upstream, moments, gaussians: Gaussians, beta_a: Tensor, beta_v: Tensor, lam: float, centre: Tensor,
-                   cfg: EMConfig, need_betas: tuple[bool, bool], compiled=None) -> MStepGrads:
+def m_step_adjoint(up: Upstream, moments, gaussians: Gaussians, beta_a: Tensor, beta_v: Tensor, lam: float, cfg: EMConfig,
+                   need_betas: tuple[bool, bool], compiled=None) -> MStepGrads:
     """The gradients of an M-step's moments and of the betas, from what reaches its Gaussians
     (:class:`Upstream`): :func:`e_step_backward` then :func:`m_step_backward`, or with ``compiled``
     (:class:`capsnet.ops.kernels.EMSteps`) both in one pass per parent."""
@@ -172,7 +169,7 @@ def m_step_adjoint(up: Upstream, moments, gaussians: Gaussians, beta_a: Tensor, 
             grads = e_step_backward(up.u1, up.u2, up.const, gaussians, up.scale)
         else:
             grads = GaussianGrads(mu_c=up.mu, logit=up.logit)
-        return m_step_backward(grads, moments, gaussians, beta_a, beta_v, lam, centre, cfg, need_betas)
+        return m_step_backward(grads, moments, gaussians, beta_a, beta_v, lam, cfg, need_betas)
     slots, batch, num_patches, types, dim = cfg.shape
     m1, m2, mass = moments
     logit = gaussians.logit

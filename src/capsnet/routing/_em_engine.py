@@ -20,7 +20,6 @@ from . import em_steps
 from ._em_adjoint import Upstream, m_step_adjoint
 from ._em_votes import FactoredVotes, Moments, Term, VoteReader, factored_centre
 from .em_steps import (
-    EStepInputs,
     Gaussians,
     VoteReads,
     assign_backward,
@@ -70,11 +69,12 @@ class _Step(NamedTuple):
     assignments: Optional[Tensor]  # the next E-step's R, (I, B, L, J); None after the last iteration
 
 
-def _inputs(gaussians: Gaussians) -> EStepInputs:
-    """``u1, u2`` of the E-step that read ``gaussians`` (no ``const``: the vote gradient needs only these two)."""
+def _read_factors(gaussians: Gaussians) -> tuple[Tensor, Tensor]:
+    """``u1, u2`` ``(N, D)`` of the E-step that read ``gaussians`` (:class:`~capsnet.routing.em_steps.EStepInputs`
+    without ``const``: the votes' gradient needs only these two)."""
     inv2var = 0.5 / gaussians.var
     dim = inv2var.shape[-1]
-    return EStepInputs((2.0 * gaussians.mu_c * inv2var).reshape(-1, dim), (-inv2var).reshape(-1, dim), None)
+    return (2.0 * gaussians.mu_c * inv2var).reshape(-1, dim), (-inv2var).reshape(-1, dim)
 
 
 def _save(ctx, saved: _Saved, steps: list[_Step]) -> None:
@@ -111,8 +111,8 @@ class EMRoutingFunction(torch.autograd.Function):
     Backward is ``once_differentiable``: it runs without a graph of its own, so no second
     derivative (an error, or routing's share silently missing where the incoming gradient is
     a constant), and the Function, defined with ``forward(ctx, ...)`` and no ``setup_context``
-    / ``vmap`` / ``jvp``, works under no ``torch.func`` transform nor forward-mode AD. See
-    :func:`~capsnet.routing.em.em_routing` for the reference path that has all of these.
+    / ``vmap`` / ``jvp``, works under no ``torch.func`` transform nor forward-mode AD (the
+    library has no autograd path of EM routing; the tests' ``em_reference.py`` has one).
     """
 
     @staticmethod
@@ -178,7 +178,6 @@ class EMRoutingFunction(torch.autograd.Function):
             reader = VoteReader(cfg.shape, factors=factors, centre=saved.centre)
         else:
             reader = VoteReader(cfg.shape, centred=saved.centred)
-        centre_view = saved.centre.view(batch, num_patches, types, dim)
         a_in = saved.a_in
         need_betas = (needs.beta_a, needs.beta_v)
         compiled = kernels.em_steps(saved.centre) if ctx.compiled else None
@@ -199,8 +198,8 @@ class EMRoutingFunction(torch.autograd.Function):
             # The M-step of iteration `it`, then its moments read, weighted by ra = R a_in.
             m = None
             if not up.empty():
-                m = m_step_adjoint(up, step.moments, step.gaussians, saved.beta_a, saved.beta_v, cfg.lambdas[it], centre_view,
-                                   cfg, need_betas, compiled)
+                m = m_step_adjoint(up, step.moments, step.gaussians, saved.beta_a, saved.beta_v, cfg.lambdas[it], cfg,
+                                   need_betas, compiled)
                 if m.beta_a is not None:
                     grad_beta_a += m.beta_a
                 if m.beta_v is not None:
@@ -225,7 +224,7 @@ class EMRoutingFunction(torch.autograd.Function):
             if g_log_ap is None:
                 break  # R is a constant (detach_intermediate): nothing reaches earlier iterations
             prev = steps[it - 1].gaussians
-            u1, u2, _ = _inputs(prev)
+            u1, u2 = _read_factors(prev)
             g_log_flat = g_log_ap.reshape(slots, -1)
             reader.terms.append(Term(left=g_log_flat, right1=u1, right2=u2))
             if cfg.truncate_gradient:

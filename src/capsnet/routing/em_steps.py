@@ -255,7 +255,7 @@ def activation_argument(cost: Tensor, b_a: Union[Tensor, float], activation: str
 
 class EStepInputs(NamedTuple):
     """What the E-step that reads one iteration's Gaussians multiplies the votes by:
-    ``u1 = mu / sigma^2``, ``u2 = -1 / (2 sigma^2)`` ``(N, D)`` and the per-parent terms
+    ``u1 = (mu - c) / sigma^2``, ``u2 = -1 / (2 sigma^2)`` ``(N, D)`` and the per-parent terms
     ``const = -sum_h (mu - c)^2 / (2 sigma^2) - sum_h ln(2 pi sigma^2) / 2 + ln a`` ``(N,)``, so that
     ``ln(a_j p_ij) = const + sum_h X u1 + X^2 u2`` (the log-likelihood expanded in ``X = V - c``)."""
 
@@ -293,7 +293,7 @@ def assignments(log_ap: Tensor, geometry: Optional[ConvGeometry]) -> Tensor:
     """``R_ij = a_j p_ij / sum_k a_k p_ik`` from ``ln(a_j p_ij)``, over every parent ``k`` of child ``i``
     (Procedure 1, E-step): a softmax over all types in all patches that hold the child.
 
-    The values only: :class:`_Assign` gives their gradient (in one pass, without the steps below).
+    The values only: :func:`assign_backward` gives their gradient (in one pass, without the steps below).
 
     Shape:
         log_ap: ``(I, B, L, J)``; returns ``(I, B, L, J)``.
