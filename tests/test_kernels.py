@@ -51,13 +51,16 @@ def test_kernels_build_here():
 
 
 def _factors(kind: str, seed: int = 0):
-    """``(poses, transforms, offsets, matrices, shape)`` in float64."""
+    """``(poses, transforms, offsets, matrices, shape)`` in float64. A number after the kind is the
+    number of parent types (default 3): 8 and 16 take the kernels with the lanes over types."""
     gen = torch.Generator().manual_seed(seed)
+    types = int(kind.lstrip("adecnlosv") or 3)
+    kind = kind.rstrip("0123456789")
     if kind == "dense":  # P = 5, D = 4: no 4x4 structure
         slots, batch, patches, types, dim, p, groups = 6, 2, 3, 3, 4, 5, 6
         matrices = None
     else:  # 4x4 poses, per child slot ("conv") or shared by 4 children with offsets ("class")
-        slots, batch, patches, types, dim, p = 8, 3, (5 if kind == "conv" else 1), 3, 16, 16
+        slots, batch, patches, dim, p = 8, 3, (5 if kind == "conv" else 1), 16, 16
         groups = slots if kind == "conv" else 2
         matrices = torch.randn(groups, types, 4, 4, generator=gen, dtype=F64)
     per_group = slots // groups
@@ -80,7 +83,7 @@ def _readers(kind: str):
 
 
 @needs_cc
-@pytest.mark.parametrize("kind", ["dense", "conv", "class"])
+@pytest.mark.parametrize("kind", ["dense", "conv", "class", "conv8", "conv16", "class16", "conv24"])
 def test_moments_and_quadratic_match_the_eager_reads(kind):
     eager, compiled, (slots, batch, patches, types, dim) = _readers(kind)
     gen = torch.Generator().manual_seed(1)
@@ -91,6 +94,9 @@ def test_moments_and_quadratic_match_the_eager_reads(kind):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(compiled.quadratic(u1.float(), u2.float(), u0.float()).double(), eager.quadratic(u1, u2, u0),
                                rtol=1e-5, atol=1e-3)  # fmt: skip
+    lanes = {"conv8": 8, "conv16": kernels._load().capsnet_type_lanes(), "class16": kernels._load().capsnet_type_lanes(),
+             "conv24": 8}.get(kind)
+    assert compiled.lanes == lanes  # the quadratic read with the lanes over types, where J allows it
 
 
 @needs_cc

@@ -399,3 +399,125 @@ void capsnet_m_step_backward(int64_t n, int64_t dim, const float *restrict g_u1,
         g_mass[p] = gmass + gden + gcost * cost_scale * ((float)dim * bv[p] + 0.5f * sum_lv[p]);
     }
 }
+
+/* The quadratic read of 4x4 votes with the vector lanes over parent types (`LANES` consecutive
+ * types j) instead of over pose elements, so no (child, row, type) ends in a horizontal sum:
+ *     X[a r][j..] = sum_m M_i(b)[a, m] W^T[m, r][j..] - c[b][a r][j..] + offsets[i, a r]
+ *     q[i, b, j..] = u0[b, j..] + sum_(a r) X (u1t[b][a r][j..] + X u2t[b][a r][j..])
+ * wt: (G, 4 m, 4 r, J), the 4x4 transforms transposed to [m][r][type]; ct, u1t, u2t: (rows, 16, J),
+ * the centre and the E-step's inputs transposed to [element][type]; u0: (rows, J); q: (I, rows J).
+ * J must be a multiple of LANES. Rows are blocked as in capsnet_quadratic, so a child's
+ * transforms stay in L1 across the block. */
+#define QUADRATIC_LANES(NAME, LANES)                                                                              \
+    typedef float NAME##_vec __attribute__((vector_size(4 * LANES)));                                            \
+    static inline NAME##_vec NAME##_load(const float *p) {                                                        \
+        NAME##_vec v;                                                                                             \
+        memcpy(&v, p, sizeof v);                                                                                  \
+        return v;                                                                                                 \
+    }                                                                                                             \
+    void NAME(const capsnet_votes *v, const float *wt, const float *ct, const float *u1t, const float *u2t,     \
+              const float *u0, float *q, int threads) {                                                           \
+        const int64_t types = v->types, n = v->rows * types;                                                      \
+        _Pragma("omp parallel for num_threads(threads) schedule(static)")                                         \
+        for (int64_t b0 = 0; b0 < v->rows; b0 += ROW_BLOCK) {                                                    \
+            const int64_t b1 = b0 + ROW_BLOCK < v->rows ? b0 + ROW_BLOCK : v->rows;                             \
+            for (int64_t i = 0; i < v->slots; ++i) {                                                              \
+                const int64_t g = i / v->per_group, k = i % v->per_group;                                         \
+                const float *w = wt + g * 16 * types, *off = v->offsets ? v->offsets + i * 16 : NULL;             \
+                for (int64_t b = b0; b < b1; ++b) {                                                               \
+                    const float *p = v->poses + ((g * v->per_group + k) * v->rows + b) * 16;                     \
+                    const float *c = ct + b * 16 * types, *c1 = u1t + b * 16 * types, *c2 = u2t + b * 16 * types; \
+                    for (int64_t j = 0; j < types; j += LANES) {                                                  \
+                        NAME##_vec acc = NAME##_load(u0 + b * types + j);                                         \
+                        for (int a = 0; a < 4; ++a) {                                                             \
+                            const float p0 = p[4 * a], p1 = p[4 * a + 1], p2 = p[4 * a + 2], p3 = p[4 * a + 3];   \
+                            for (int r = 0; r < 4; ++r) {                                                         \
+                                const int64_t e = (4 * a + r) * types + j;                                        \
+                                NAME##_vec x = p0 * NAME##_load(w + r * types + j) +                              \
+                                               p1 * NAME##_load(w + (4 + r) * types + j) +                        \
+                                               p2 * NAME##_load(w + (8 + r) * types + j) +                        \
+                                               p3 * NAME##_load(w + (12 + r) * types + j) - NAME##_load(c + e);   \
+                                if (off) x += off[4 * a + r];                                                     \
+                                acc += x * (NAME##_load(c1 + e) + x * NAME##_load(c2 + e));                       \
+                            }                                                                                     \
+                        }                                                                                         \
+                        memcpy(q + i * n + b * types + j, &acc, sizeof acc);                                      \
+                    }                                                                                             \
+                }                                                                                                 \
+            }                                                                                                     \
+        }                                                                                                         \
+    }
+
+QUADRATIC_LANES(capsnet_quadratic_lanes8, 8)
+#ifdef __AVX512F__
+QUADRATIC_LANES(capsnet_quadratic_lanes16, 16) /* one AVX-512 register; built only where the CPU has them */
+#endif
+
+/* The widest capsnet_quadratic_lanes<L> this build has (16 where the CPU has AVX-512). */
+int capsnet_type_lanes(void) {
+#ifdef __AVX512F__
+    return 16;
+#else
+    return 8;
+#endif
+}
+
+/* The moments read with the lanes over parent types (see capsnet_quadratic_lanes8): with X as there,
+ *     m1t[b][a r][j..] = sum_i r[i, b, j..] X,   m2t[b][a r][j..] = sum_i r[i, b, j..] X^2,   m0[b, j..] = sum_i r[i, b, j..]
+ * m1t, m2t: (rows, 16, J), transposed back by the caller; m0: (rows, J); r: (I, rows J). */
+#define MOMENTS_LANES(NAME, LANES)                                                                                \
+    typedef float NAME##_vec __attribute__((vector_size(4 * LANES)));                                            \
+    static inline NAME##_vec NAME##_load(const float *p) {                                                        \
+        NAME##_vec v;                                                                                             \
+        memcpy(&v, p, sizeof v);                                                                                  \
+        return v;                                                                                                 \
+    }                                                                                                             \
+    static inline void NAME##_add(float *p, NAME##_vec x) {                                                       \
+        NAME##_vec v;                                                                                             \
+        memcpy(&v, p, sizeof v);                                                                                  \
+        v += x;                                                                                                   \
+        memcpy(p, &v, sizeof v);                                                                                  \
+    }                                                                                                             \
+    void NAME(const capsnet_votes *v, const float *wt, const float *ct, const float *r, float *m1t, float *m2t,  \
+              float *m0, int threads) {                                                                           \
+        const int64_t types = v->types, n = v->rows * types;                                                      \
+        _Pragma("omp parallel for num_threads(threads) schedule(static)")                                         \
+        for (int64_t b0 = 0; b0 < v->rows; b0 += ROW_BLOCK) {                                                    \
+            const int64_t b1 = b0 + ROW_BLOCK < v->rows ? b0 + ROW_BLOCK : v->rows;                             \
+            memset(m1t + b0 * 16 * types, 0, (size_t)((b1 - b0) * 16 * types) * sizeof(float));                  \
+            memset(m2t + b0 * 16 * types, 0, (size_t)((b1 - b0) * 16 * types) * sizeof(float));                  \
+            memset(m0 + b0 * types, 0, (size_t)((b1 - b0) * types) * sizeof(float));                             \
+            for (int64_t i = 0; i < v->slots; ++i) {                                                              \
+                const int64_t g = i / v->per_group, k = i % v->per_group;                                         \
+                const float *w = wt + g * 16 * types, *off = v->offsets ? v->offsets + i * 16 : NULL;             \
+                for (int64_t b = b0; b < b1; ++b) {                                                               \
+                    const float *p = v->poses + ((g * v->per_group + k) * v->rows + b) * 16;                     \
+                    const float *c = ct + b * 16 * types;                                                         \
+                    float *s1 = m1t + b * 16 * types, *s2 = m2t + b * 16 * types;                                 \
+                    for (int64_t j = 0; j < types; j += LANES) {                                                  \
+                        const NAME##_vec rv = NAME##_load(r + i * n + b * types + j);                             \
+                        NAME##_add(m0 + b * types + j, rv);                                                       \
+                        for (int a = 0; a < 4; ++a) {                                                             \
+                            const float p0 = p[4 * a], p1 = p[4 * a + 1], p2 = p[4 * a + 2], p3 = p[4 * a + 3];   \
+                            for (int q = 0; q < 4; ++q) {                                                         \
+                                const int64_t e = (4 * a + q) * types + j;                                        \
+                                NAME##_vec x = p0 * NAME##_load(w + q * types + j) +                              \
+                                               p1 * NAME##_load(w + (4 + q) * types + j) +                        \
+                                               p2 * NAME##_load(w + (8 + q) * types + j) +                        \
+                                               p3 * NAME##_load(w + (12 + q) * types + j) - NAME##_load(c + e);   \
+                                if (off) x += off[4 * a + q];                                                     \
+                                const NAME##_vec rx = rv * x;                                                     \
+                                NAME##_add(s1 + e, rx);                                                           \
+                                NAME##_add(s2 + e, rx * x);                                                       \
+                            }                                                                                     \
+                        }                                                                                         \
+                    }                                                                                             \
+                }                                                                                                 \
+            }                                                                                                     \
+        }                                                                                                         \
+    }
+
+MOMENTS_LANES(capsnet_moments_lanes8, 8)
+#ifdef __AVX512F__
+MOMENTS_LANES(capsnet_moments_lanes16, 16)
+#endif

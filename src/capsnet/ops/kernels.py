@@ -212,8 +212,13 @@ def _build() -> ctypes.CDLL:
     lib.capsnet_m_step.argtypes = [i64, i64, f_p, f_p, f_p, f_p, f32, f32, f_p, f_p, f_p, f_p, f_p, i32]
     lib.capsnet_m_step_backward.argtypes = [i64, i64, f_p, f_p, f_p, f32, f_p, f_p, f_p, f_p, f_p, f_p, f_p, f_p, f_p, f32, f32,
                                             f_p, f_p, f_p, i32]
+    lib.capsnet_type_lanes.restype = ctypes.c_int
+    widths = (8, 16) if lib.capsnet_type_lanes() == 16 else (8,)
+    lanes = [getattr(lib, f"capsnet_{read}_lanes{k}") for k in widths for read in ("quadratic", "moments")]
+    for fn in lanes:
+        fn.argtypes = [votes_p, f_p, f_p, f_p, f_p, f_p, f_p, i32]
     for fn in (lib.capsnet_moments, lib.capsnet_quadratic, lib.capsnet_gradient, lib.capsnet_gradient_4x4,
-               lib.capsnet_m_step, lib.capsnet_m_step_backward):
+               lib.capsnet_m_step, lib.capsnet_m_step_backward, *lanes):
         fn.restype = None
     return lib
 
@@ -295,13 +300,33 @@ class EMVotes:
         self.votes = _Votes(_ptr(p), _ptr(w), _ptr(c), *(None if t is None else _ptr(t) for t in (o, m, m2)),
                             slots, self.rows, types, dim, inner, slots // groups)  # fmt: skip
         self.ref = ctypes.byref(self.votes)
+        # The moments and quadratic reads with the vector lanes over parent types, where J is a
+        # multiple of the lanes (capsnet_{moments,quadratic}_lanes<L>): the transforms and the
+        # centre transposed to [element][type] once here, the E-step's inputs and the moments at each read.
+        self.lanes = next((k for k in (16, 8) if k <= lib.capsnet_type_lanes() and types % k == 0), None)
+        if m is None:
+            self.lanes = None
+        if self.lanes is not None:
+            self.wt = m.permute(0, 2, 3, 1).contiguous()  # (G, 4 m, 4 r, J)
+            self.ct = self._by_type(c)
+            self.quadratic_lanes = getattr(lib, f"capsnet_quadratic_lanes{self.lanes}")
+            self.moments_lanes = getattr(lib, f"capsnet_moments_lanes{self.lanes}")
+
+    def _by_type(self, t: torch.Tensor) -> torch.Tensor:
+        """``(rows J, 16)`` -> ``(rows, 16, J)``, contiguous."""
+        return t.view(self.rows, -1, 16).transpose(1, 2).contiguous()
 
     def moments(self, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``sum_i r_i X_i``, ``sum_i r_i X_i^2`` (``(N, D)`` each) and ``sum_i r_i`` (``(N,)``) for ``r`` ``(I, N)``."""
         r = _f32(r)
+        m0 = r.new_empty(self.shape[1])
+        if self.lanes is not None:
+            m1t, m2t = (r.new_empty((self.rows, 16, self.votes.types)) for _ in range(2))
+            self.moments_lanes(self.ref, _ptr(self.wt), _ptr(self.ct), _ptr(r), _ptr(m1t), _ptr(m2t), _ptr(m0),
+                               torch.get_num_threads())  # fmt: skip
+            return tuple(t.transpose(1, 2).reshape(self.shape[1:]) for t in (m1t, m2t)) + (m0,)
         m1 = r.new_empty(self.shape[1:])
         m2 = torch.empty_like(m1)
-        m0 = r.new_empty(self.shape[1])
         self.lib.capsnet_moments(self.ref, _ptr(r), _ptr(m1), _ptr(m2), _ptr(m0), torch.get_num_threads())
         return m1, m2, m0
 
@@ -309,6 +334,11 @@ class EMVotes:
         """``u0 + sum_d X u1 + X^2 u2`` for ``u1, u2`` ``(N, D)``, ``u0`` ``(N,)``; returns ``(I, N)``."""
         u1, u2, u0 = _f32(u1), _f32(u2), _f32(u0)
         q = u1.new_empty(self.shape[:2])
+        if self.lanes is not None:
+            u1t, u2t = self._by_type(u1), self._by_type(u2)
+            self.quadratic_lanes(self.ref, _ptr(self.wt), _ptr(self.ct), _ptr(u1t), _ptr(u2t), _ptr(u0), _ptr(q),
+                                 torch.get_num_threads())  # fmt: skip
+            return q
         self.lib.capsnet_quadratic(self.ref, _ptr(u1), _ptr(u2), _ptr(u0), _ptr(q), torch.get_num_threads())
         return q
 
