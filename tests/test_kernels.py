@@ -116,11 +116,11 @@ def test_gradient_chunks_match_the_eager_chunks(kind):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-3)
 
 
-def _conv_problem(dtype=F32, seed=3, batch=2):
-    """A ConvMatCaps-like routing problem: 4x4 poses, one transform per child slot (B 4 rows)."""
+def _conv_problem(dtype=F32, seed=3, batch=2, types=3):
+    """A ConvMatCaps-like routing problem: 4x4 poses, one transform per child slot (B 4 rows);
+    ``types`` parent types (16: the reads with the lanes over types)."""
     geometry = ConvGeometry((5, 5), (3, 3), (2, 2), 2)
     gen = torch.Generator().manual_seed(seed)
-    types = 3
     slots, patches = geometry.slots, geometry.num_patches
     poses = torch.randn(slots, batch * patches, 16, generator=gen, dtype=dtype)
     matrices = torch.randn(slots, types, 4, 4, generator=gen, dtype=dtype)
@@ -142,9 +142,10 @@ OPTIONS = [{}, dict(activation="centred"), dict(activation="standardised", sched
 
 
 @needs_cc
+@pytest.mark.parametrize("types", [3, 16])
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(map(str, o.values())) or "paper")
-def test_compiled_routing_matches_eager_routing_values_and_gradients(options):
-    geometry, poses, matrices, act, beta_a, beta_v = _conv_problem()
+def test_compiled_routing_matches_eager_routing_values_and_gradients(options, types):
+    geometry, poses, matrices, act, beta_a, beta_v = _conv_problem(types=types)
     reference = _route(False, *(t.double() for t in (poses, matrices, act, beta_a, beta_v)), geometry, **options)
     eager = _route(False, poses, matrices, act, beta_a, beta_v, geometry, **options)
     compiled = _route(True, poses, matrices, act, beta_a, beta_v, geometry, **options)
@@ -155,10 +156,11 @@ def test_compiled_routing_matches_eager_routing_values_and_gradients(options):
 
 
 @needs_cc
-def test_compiled_routing_gives_the_same_bits_with_one_or_two_threads():
+@pytest.mark.parametrize("types", [3, 16])
+def test_compiled_routing_gives_the_same_bits_with_one_or_two_threads(types):
     # Every row is one thread's work, so only the sum of the per-thread matrix gradients may differ.
     # 40 rows: three blocks of 16 rows for moments and quadratic, so both threads get some.
-    geometry, poses, matrices, act, beta_a, beta_v = _conv_problem(seed=4, batch=10)
+    geometry, poses, matrices, act, beta_a, beta_v = _conv_problem(seed=4, batch=10, types=types)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
