@@ -521,3 +521,100 @@ MOMENTS_LANES(capsnet_moments_lanes8, 8)
 #ifdef __AVX512F__
 MOMENTS_LANES(capsnet_moments_lanes16, 16)
 #endif
+
+/* capsnet_gradient_4x4 with the lanes over parent types: G[a r][j..] = sum_t L_t[i, b, j..] R1t_t[b][a r][j..]
+ * + 2 X[a r][j..] sum_t L_t[i, b, j..] R2t_t[b][a r][j..] (X as in capsnet_quadratic_lanes8), then
+ *     grad_poses[i, b][a, m]   = sum_j sum_r G[a r][j] W_j[m, r]      (one horizontal sum per element and (i, b))
+ *     partial[tid][g][m][r][j..] += sum_a M_i(b)[a, m] G[a r][j..]   (vertical; the caller sums the threads'
+ *                                                                    slabs and transposes to (G, J, 4, 4))
+ * r1t, r2t: (rows, 16, J) per term; left: (I, rows J) per term; at most MAX_TERMS terms. */
+#define MAX_TERMS 8
+#define GRADIENT_LANES(NAME, LANES)                                                                               \
+    typedef float NAME##_vec __attribute__((vector_size(4 * LANES)));                                            \
+    static inline NAME##_vec NAME##_load(const float *p) {                                                        \
+        NAME##_vec v;                                                                                             \
+        memcpy(&v, p, sizeof v);                                                                                  \
+        return v;                                                                                                 \
+    }                                                                                                             \
+    static inline void NAME##_add(float *p, NAME##_vec x) {                                                       \
+        NAME##_vec v;                                                                                             \
+        memcpy(&v, p, sizeof v);                                                                                  \
+        v += x;                                                                                                   \
+        memcpy(p, &v, sizeof v);                                                                                  \
+    }                                                                                                             \
+    void NAME(const capsnet_votes *v, int64_t terms, const float *const *left, const float *const *r1t,          \
+              const float *const *r2t, const float *wt, const float *ct, float *grad_poses, float *partial,      \
+              int threads) {                                                                                      \
+        const int64_t types = v->types, n = v->rows * types, groups = v->slots / v->per_group;                   \
+        _Pragma("omp parallel num_threads(threads)") {                                                            \
+            int tid = 0;                                                                                          \
+            IF_OPENMP(tid = omp_get_thread_num();)                                                                \
+            float *mine = partial ? partial + (int64_t)tid * groups * 16 * types : NULL;                          \
+            _Pragma("omp for schedule(static)")                                                                   \
+            for (int64_t b = 0; b < v->rows; ++b) {                                                               \
+                for (int64_t i = 0; i < v->slots; ++i) {                                                          \
+                    const int64_t g = i / v->per_group, k = i % v->per_group;                                     \
+                    const float *p = v->poses + ((g * v->per_group + k) * v->rows + b) * 16;                     \
+                    const float *w = wt + g * 16 * types, *off = v->offsets ? v->offsets + i * 16 : NULL;         \
+                    const float *c = ct + b * 16 * types;                                                         \
+                    float *dw = mine ? mine + g * 16 * types : NULL;                                              \
+                    NAME##_vec dp[16];                                                                            \
+                    memset(dp, 0, sizeof dp);                                                                     \
+                    for (int64_t j = 0; j < types; j += LANES) {                                                  \
+                        NAME##_vec lv[MAX_TERMS];                                                                 \
+                        for (int64_t t = 0; t < terms; ++t) lv[t] = NAME##_load(left[t] + i * n + b * types + j); \
+                        for (int a = 0; a < 4; ++a) {                                                             \
+                            const float p0 = p[4 * a], p1 = p[4 * a + 1], p2 = p[4 * a + 2], p3 = p[4 * a + 3];   \
+                            for (int q = 0; q < 4; ++q) {                                                         \
+                                const int64_t e = (4 * a + q) * types + j, eb = b * 16 * types + e;               \
+                                const NAME##_vec w0 = NAME##_load(w + q * types + j),                             \
+                                                 w1 = NAME##_load(w + (4 + q) * types + j),                       \
+                                                 w2 = NAME##_load(w + (8 + q) * types + j),                       \
+                                                 w3 = NAME##_load(w + (12 + q) * types + j);                      \
+                                NAME##_vec x = p0 * w0 + p1 * w1 + p2 * w2 + p3 * w3 - NAME##_load(c + e);        \
+                                if (off) x += off[4 * a + q];                                                     \
+                                NAME##_vec s1 = lv[0] * NAME##_load(r1t[0] + eb);                                 \
+                                NAME##_vec s2 = lv[0] * NAME##_load(r2t[0] + eb);                                 \
+                                for (int64_t t = 1; t < terms; ++t) {                                             \
+                                    s1 += lv[t] * NAME##_load(r1t[t] + eb);                                       \
+                                    s2 += lv[t] * NAME##_load(r2t[t] + eb);                                       \
+                                }                                                                                 \
+                                const NAME##_vec gv = s1 + 2.0f * x * s2;                                         \
+                                dp[4 * a] += gv * w0;                                                             \
+                                dp[4 * a + 1] += gv * w1;                                                         \
+                                dp[4 * a + 2] += gv * w2;                                                         \
+                                dp[4 * a + 3] += gv * w3;                                                         \
+                                if (dw) {                                                                         \
+                                    NAME##_add(dw + q * types + j, p0 * gv);                                      \
+                                    NAME##_add(dw + (4 + q) * types + j, p1 * gv);                                \
+                                    NAME##_add(dw + (8 + q) * types + j, p2 * gv);                                \
+                                    NAME##_add(dw + (12 + q) * types + j, p3 * gv);                               \
+                                }                                                                                 \
+                            }                                                                                     \
+                        }                                                                                         \
+                    }                                                                                             \
+                    if (grad_poses) {                                                                             \
+                        float *out = grad_poses + ((g * v->per_group + k) * v->rows + b) * 16;                    \
+                        for (int e = 0; e < 16; ++e) {                                                            \
+                            float s = 0.0f;                                                                       \
+                            for (int l = 0; l < LANES; ++l) s += dp[e][l];                                        \
+                            out[e] = s;                                                                           \
+                        }                                                                                         \
+                    }                                                                                             \
+                }                                                                                                 \
+            }                                                                                                     \
+        }                                                                                                         \
+    }
+
+#ifdef _OPENMP
+#define IF_OPENMP(x) x
+#else
+#define IF_OPENMP(x)
+#endif
+
+GRADIENT_LANES(capsnet_gradient_lanes8, 8)
+#ifdef __AVX512F__
+GRADIENT_LANES(capsnet_gradient_lanes16, 16)
+#endif
+
+int capsnet_max_terms(void) { return MAX_TERMS; }

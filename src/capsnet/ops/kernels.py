@@ -217,6 +217,11 @@ def _build() -> ctypes.CDLL:
     lanes = [getattr(lib, f"capsnet_{read}_lanes{k}") for k in widths for read in ("quadratic", "moments")]
     for fn in lanes:
         fn.argtypes = [votes_p, f_p, f_p, f_p, f_p, f_p, f_p, i32]
+    lib.capsnet_max_terms.restype = ctypes.c_int
+    for k in widths:
+        fn = getattr(lib, f"capsnet_gradient_lanes{k}")
+        fn.argtypes = [votes_p, i64, ptrs, ptrs, ptrs, f_p, f_p, f_p, f_p, i32]
+        lanes.append(fn)
     for fn in (lib.capsnet_moments, lib.capsnet_quadratic, lib.capsnet_gradient, lib.capsnet_gradient_4x4,
                lib.capsnet_m_step, lib.capsnet_m_step_backward, *lanes):
         fn.restype = None
@@ -311,6 +316,7 @@ class EMVotes:
             self.ct = self._by_type(c)
             self.quadratic_lanes = getattr(lib, f"capsnet_quadratic_lanes{self.lanes}")
             self.moments_lanes = getattr(lib, f"capsnet_moments_lanes{self.lanes}")
+            self.gradient_lanes = getattr(lib, f"capsnet_gradient_lanes{self.lanes}")
 
     def _by_type(self, t: torch.Tensor) -> torch.Tensor:
         """``(rows J, 16)`` -> ``(rows, 16, J)``, contiguous."""
@@ -365,6 +371,15 @@ class EMVotes:
         terms = [tuple(_f32(t) for t in term) for term in terms]
         p, m = self.keep[0], self.keep[4]
         grad_p = torch.empty_like(p) if poses else None
+        if self.lanes is not None and len(terms) <= self.lib.capsnet_max_terms():  # the lanes over types
+            groups, types = m.shape[0], self.votes.types
+            terms = [(left, self._by_type(r1), self._by_type(r2)) for left, r1, r2 in terms]
+            partial = m.new_zeros((threads, groups, 16, types)) if matrices else None
+            self.gradient_lanes(self.ref, len(terms), *_term_arrays(terms), _ptr(self.wt), _ptr(self.ct),
+                                None if grad_p is None else _ptr(grad_p),
+                                None if partial is None else _ptr(partial), threads)  # fmt: skip
+            grad_m = None if partial is None else partial.sum(0).view(groups, 4, 4, types).permute(0, 3, 1, 2).contiguous()
+            return grad_p, grad_m
         partial = m.new_zeros((threads, *m.shape)) if matrices else None
         transposed = m.transpose(-1, -2).contiguous()
         self.lib.capsnet_gradient_4x4(self.ref, len(terms), *_term_arrays(terms), _ptr(transposed),
