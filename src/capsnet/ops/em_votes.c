@@ -546,6 +546,7 @@ MOMENTS_LANES(capsnet_moments_lanes16, 16)
               const float *const *r2t, const float *wt, const float *ct, float *grad_poses, float *partial,      \
               int threads) {                                                                                      \
         const int64_t types = v->types, n = v->rows * types, groups = v->slots / v->per_group;                   \
+        if (terms < 1 || terms > MAX_TERMS) return; /* the caller takes capsnet_gradient_4x4 for these */       \
         _Pragma("omp parallel num_threads(threads)") {                                                            \
             int tid = 0;                                                                                          \
             IF_OPENMP(tid = omp_get_thread_num();)                                                                \

@@ -371,7 +371,7 @@ class EMVotes:
         terms = [tuple(_f32(t) for t in term) for term in terms]
         p, m = self.keep[0], self.keep[4]
         grad_p = torch.empty_like(p) if poses else None
-        if self.lanes is not None and len(terms) <= self.lib.capsnet_max_terms():  # the lanes over types
+        if self.lanes is not None and 1 <= len(terms) <= self.lib.capsnet_max_terms():  # the lanes over types
             groups, types = m.shape[0], self.votes.types
             terms = [(left, self._by_type(r1), self._by_type(r2)) for left, r1, r2 in terms]
             partial = m.new_zeros((threads, groups, 16, types)) if matrices else None
