@@ -400,6 +400,29 @@ void capsnet_m_step_backward(int64_t n, int64_t dim, const float *restrict g_u1,
     }
 }
 
+/* The vector of `L` floats that the *_lanes kernels below put over consecutive parent types,
+ * with an unaligned load and an in-place add; defined once per lane count. */
+#define LANES_VEC(L) lanes##L##_vec
+#define LANES_LOAD(L) lanes##L##_load
+#define LANES_ADD(L) lanes##L##_add
+#define LANE_HELPERS(L)                                                                                           \
+    typedef float lanes##L##_vec __attribute__((vector_size(4 * L)));                                            \
+    static inline lanes##L##_vec lanes##L##_load(const float *p) {                                                \
+        lanes##L##_vec v;                                                                                         \
+        memcpy(&v, p, sizeof v);                                                                                  \
+        return v;                                                                                                 \
+    }                                                                                                             \
+    static inline void lanes##L##_add(float *p, lanes##L##_vec x) {                                               \
+        lanes##L##_vec v;                                                                                         \
+        memcpy(&v, p, sizeof v);                                                                                  \
+        v += x;                                                                                                   \
+        memcpy(p, &v, sizeof v);                                                                                  \
+    }
+LANE_HELPERS(8)
+#ifdef __AVX512F__
+LANE_HELPERS(16)
+#endif
+
 /* The quadratic read of 4x4 votes with the vector lanes over parent types (`LANES` consecutive
  * types j) instead of over pose elements, so no (child, row, type) ends in a horizontal sum:
  *     X[a r][j..] = sum_m M_i(b)[a, m] W^T[m, r][j..] - c[b][a r][j..] + offsets[i, a r]
@@ -408,13 +431,7 @@ void capsnet_m_step_backward(int64_t n, int64_t dim, const float *restrict g_u1,
  * the centre and the E-step's inputs transposed to [element][type]; u0: (rows, J); q: (I, rows J).
  * J must be a multiple of LANES. Rows are blocked as in capsnet_quadratic, so a child's
  * transforms stay in L1 across the block. */
-#define QUADRATIC_LANES(NAME, LANES)                                                                              \
-    typedef float NAME##_vec __attribute__((vector_size(4 * LANES)));                                            \
-    static inline NAME##_vec NAME##_load(const float *p) {                                                        \
-        NAME##_vec v;                                                                                             \
-        memcpy(&v, p, sizeof v);                                                                                  \
-        return v;                                                                                                 \
-    }                                                                                                             \
+#define QUADRATIC_LANES(NAME, LANES)                                                                                \
     void NAME(const capsnet_votes *v, const float *wt, const float *ct, const float *u1t, const float *u2t,     \
               const float *u0, float *q, int threads) {                                                           \
         const int64_t types = v->types, n = v->rows * types;                                                      \
@@ -428,17 +445,17 @@ void capsnet_m_step_backward(int64_t n, int64_t dim, const float *restrict g_u1,
                     const float *p = v->poses + ((g * v->per_group + k) * v->rows + b) * 16;                     \
                     const float *c = ct + b * 16 * types, *c1 = u1t + b * 16 * types, *c2 = u2t + b * 16 * types; \
                     for (int64_t j = 0; j < types; j += LANES) {                                                  \
-                        NAME##_vec acc = NAME##_load(u0 + b * types + j);                                         \
+                        LANES_VEC(LANES) acc = LANES_LOAD(LANES)(u0 + b * types + j);                                         \
                         for (int a = 0; a < 4; ++a) {                                                             \
                             const float p0 = p[4 * a], p1 = p[4 * a + 1], p2 = p[4 * a + 2], p3 = p[4 * a + 3];   \
                             for (int r = 0; r < 4; ++r) {                                                         \
                                 const int64_t e = (4 * a + r) * types + j;                                        \
-                                NAME##_vec x = p0 * NAME##_load(w + r * types + j) +                              \
-                                               p1 * NAME##_load(w + (4 + r) * types + j) +                        \
-                                               p2 * NAME##_load(w + (8 + r) * types + j) +                        \
-                                               p3 * NAME##_load(w + (12 + r) * types + j) - NAME##_load(c + e);   \
+                                LANES_VEC(LANES) x = p0 * LANES_LOAD(LANES)(w + r * types + j) +                              \
+                                               p1 * LANES_LOAD(LANES)(w + (4 + r) * types + j) +                        \
+                                               p2 * LANES_LOAD(LANES)(w + (8 + r) * types + j) +                        \
+                                               p3 * LANES_LOAD(LANES)(w + (12 + r) * types + j) - LANES_LOAD(LANES)(c + e);   \
                                 if (off) x += off[4 * a + r];                                                     \
-                                acc += x * (NAME##_load(c1 + e) + x * NAME##_load(c2 + e));                       \
+                                acc += x * (LANES_LOAD(LANES)(c1 + e) + x * LANES_LOAD(LANES)(c2 + e));                       \
                             }                                                                                     \
                         }                                                                                         \
                         memcpy(q + i * n + b * types + j, &acc, sizeof acc);                                      \
@@ -466,18 +483,6 @@ int capsnet_type_lanes(void) {
  *     m1t[b][a r][j..] = sum_i r[i, b, j..] X,   m2t[b][a r][j..] = sum_i r[i, b, j..] X^2,   m0[b, j..] = sum_i r[i, b, j..]
  * m1t, m2t: (rows, 16, J), transposed back by the caller; m0: (rows, J); r: (I, rows J). */
 #define MOMENTS_LANES(NAME, LANES)                                                                                \
-    typedef float NAME##_vec __attribute__((vector_size(4 * LANES)));                                            \
-    static inline NAME##_vec NAME##_load(const float *p) {                                                        \
-        NAME##_vec v;                                                                                             \
-        memcpy(&v, p, sizeof v);                                                                                  \
-        return v;                                                                                                 \
-    }                                                                                                             \
-    static inline void NAME##_add(float *p, NAME##_vec x) {                                                       \
-        NAME##_vec v;                                                                                             \
-        memcpy(&v, p, sizeof v);                                                                                  \
-        v += x;                                                                                                   \
-        memcpy(p, &v, sizeof v);                                                                                  \
-    }                                                                                                             \
     void NAME(const capsnet_votes *v, const float *wt, const float *ct, const float *r, float *m1t, float *m2t,  \
               float *m0, int threads) {                                                                           \
         const int64_t types = v->types, n = v->rows * types;                                                      \
@@ -495,20 +500,20 @@ int capsnet_type_lanes(void) {
                     const float *c = ct + b * 16 * types;                                                         \
                     float *s1 = m1t + b * 16 * types, *s2 = m2t + b * 16 * types;                                 \
                     for (int64_t j = 0; j < types; j += LANES) {                                                  \
-                        const NAME##_vec rv = NAME##_load(r + i * n + b * types + j);                             \
-                        NAME##_add(m0 + b * types + j, rv);                                                       \
+                        const LANES_VEC(LANES) rv = LANES_LOAD(LANES)(r + i * n + b * types + j);                             \
+                        LANES_ADD(LANES)(m0 + b * types + j, rv);                                                       \
                         for (int a = 0; a < 4; ++a) {                                                             \
                             const float p0 = p[4 * a], p1 = p[4 * a + 1], p2 = p[4 * a + 2], p3 = p[4 * a + 3];   \
                             for (int q = 0; q < 4; ++q) {                                                         \
                                 const int64_t e = (4 * a + q) * types + j;                                        \
-                                NAME##_vec x = p0 * NAME##_load(w + q * types + j) +                              \
-                                               p1 * NAME##_load(w + (4 + q) * types + j) +                        \
-                                               p2 * NAME##_load(w + (8 + q) * types + j) +                        \
-                                               p3 * NAME##_load(w + (12 + q) * types + j) - NAME##_load(c + e);   \
+                                LANES_VEC(LANES) x = p0 * LANES_LOAD(LANES)(w + q * types + j) +                              \
+                                               p1 * LANES_LOAD(LANES)(w + (4 + q) * types + j) +                        \
+                                               p2 * LANES_LOAD(LANES)(w + (8 + q) * types + j) +                        \
+                                               p3 * LANES_LOAD(LANES)(w + (12 + q) * types + j) - LANES_LOAD(LANES)(c + e);   \
                                 if (off) x += off[4 * a + q];                                                     \
-                                const NAME##_vec rx = rv * x;                                                     \
-                                NAME##_add(s1 + e, rx);                                                           \
-                                NAME##_add(s2 + e, rx * x);                                                       \
+                                const LANES_VEC(LANES) rx = rv * x;                                                     \
+                                LANES_ADD(LANES)(s1 + e, rx);                                                           \
+                                LANES_ADD(LANES)(s2 + e, rx * x);                                                       \
                             }                                                                                     \
                         }                                                                                         \
                     }                                                                                             \
@@ -529,19 +534,7 @@ MOMENTS_LANES(capsnet_moments_lanes16, 16)
  *                                                                    slabs and transposes to (G, J, 4, 4))
  * r1t, r2t: (rows, 16, J) per term; left: (I, rows J) per term; at most MAX_TERMS terms. */
 #define MAX_TERMS 8
-#define GRADIENT_LANES(NAME, LANES)                                                                               \
-    typedef float NAME##_vec __attribute__((vector_size(4 * LANES)));                                            \
-    static inline NAME##_vec NAME##_load(const float *p) {                                                        \
-        NAME##_vec v;                                                                                             \
-        memcpy(&v, p, sizeof v);                                                                                  \
-        return v;                                                                                                 \
-    }                                                                                                             \
-    static inline void NAME##_add(float *p, NAME##_vec x) {                                                       \
-        NAME##_vec v;                                                                                             \
-        memcpy(&v, p, sizeof v);                                                                                  \
-        v += x;                                                                                                   \
-        memcpy(p, &v, sizeof v);                                                                                  \
-    }                                                                                                             \
+#define GRADIENT_LANES(NAME, LANES)                                                                                \
     void NAME(const capsnet_votes *v, int64_t terms, const float *const *left, const float *const *r1t,          \
               const float *const *r2t, const float *wt, const float *ct, float *grad_poses, float *partial,      \
               int threads) {                                                                                      \
@@ -559,37 +552,37 @@ MOMENTS_LANES(capsnet_moments_lanes16, 16)
                     const float *w = wt + g * 16 * types, *off = v->offsets ? v->offsets + i * 16 : NULL;         \
                     const float *c = ct + b * 16 * types;                                                         \
                     float *dw = mine ? mine + g * 16 * types : NULL;                                              \
-                    NAME##_vec dp[16];                                                                            \
+                    LANES_VEC(LANES) dp[16];                                                                            \
                     memset(dp, 0, sizeof dp);                                                                     \
                     for (int64_t j = 0; j < types; j += LANES) {                                                  \
-                        NAME##_vec lv[MAX_TERMS];                                                                 \
-                        for (int64_t t = 0; t < terms; ++t) lv[t] = NAME##_load(left[t] + i * n + b * types + j); \
+                        LANES_VEC(LANES) lv[MAX_TERMS];                                                                 \
+                        for (int64_t t = 0; t < terms; ++t) lv[t] = LANES_LOAD(LANES)(left[t] + i * n + b * types + j); \
                         for (int a = 0; a < 4; ++a) {                                                             \
                             const float p0 = p[4 * a], p1 = p[4 * a + 1], p2 = p[4 * a + 2], p3 = p[4 * a + 3];   \
                             for (int q = 0; q < 4; ++q) {                                                         \
                                 const int64_t e = (4 * a + q) * types + j, eb = b * 16 * types + e;               \
-                                const NAME##_vec w0 = NAME##_load(w + q * types + j),                             \
-                                                 w1 = NAME##_load(w + (4 + q) * types + j),                       \
-                                                 w2 = NAME##_load(w + (8 + q) * types + j),                       \
-                                                 w3 = NAME##_load(w + (12 + q) * types + j);                      \
-                                NAME##_vec x = p0 * w0 + p1 * w1 + p2 * w2 + p3 * w3 - NAME##_load(c + e);        \
+                                const LANES_VEC(LANES) w0 = LANES_LOAD(LANES)(w + q * types + j),                             \
+                                                 w1 = LANES_LOAD(LANES)(w + (4 + q) * types + j),                       \
+                                                 w2 = LANES_LOAD(LANES)(w + (8 + q) * types + j),                       \
+                                                 w3 = LANES_LOAD(LANES)(w + (12 + q) * types + j);                      \
+                                LANES_VEC(LANES) x = p0 * w0 + p1 * w1 + p2 * w2 + p3 * w3 - LANES_LOAD(LANES)(c + e);        \
                                 if (off) x += off[4 * a + q];                                                     \
-                                NAME##_vec s1 = lv[0] * NAME##_load(r1t[0] + eb);                                 \
-                                NAME##_vec s2 = lv[0] * NAME##_load(r2t[0] + eb);                                 \
+                                LANES_VEC(LANES) s1 = lv[0] * LANES_LOAD(LANES)(r1t[0] + eb);                                 \
+                                LANES_VEC(LANES) s2 = lv[0] * LANES_LOAD(LANES)(r2t[0] + eb);                                 \
                                 for (int64_t t = 1; t < terms; ++t) {                                             \
-                                    s1 += lv[t] * NAME##_load(r1t[t] + eb);                                       \
-                                    s2 += lv[t] * NAME##_load(r2t[t] + eb);                                       \
+                                    s1 += lv[t] * LANES_LOAD(LANES)(r1t[t] + eb);                                       \
+                                    s2 += lv[t] * LANES_LOAD(LANES)(r2t[t] + eb);                                       \
                                 }                                                                                 \
-                                const NAME##_vec gv = s1 + 2.0f * x * s2;                                         \
+                                const LANES_VEC(LANES) gv = s1 + 2.0f * x * s2;                                         \
                                 dp[4 * a] += gv * w0;                                                             \
                                 dp[4 * a + 1] += gv * w1;                                                         \
                                 dp[4 * a + 2] += gv * w2;                                                         \
                                 dp[4 * a + 3] += gv * w3;                                                         \
                                 if (dw) {                                                                         \
-                                    NAME##_add(dw + q * types + j, p0 * gv);                                      \
-                                    NAME##_add(dw + (4 + q) * types + j, p1 * gv);                                \
-                                    NAME##_add(dw + (8 + q) * types + j, p2 * gv);                                \
-                                    NAME##_add(dw + (12 + q) * types + j, p3 * gv);                               \
+                                    LANES_ADD(LANES)(dw + q * types + j, p0 * gv);                                      \
+                                    LANES_ADD(LANES)(dw + (4 + q) * types + j, p1 * gv);                                \
+                                    LANES_ADD(LANES)(dw + (8 + q) * types + j, p2 * gv);                                \
+                                    LANES_ADD(LANES)(dw + (12 + q) * types + j, p3 * gv);                               \
                                 }                                                                                 \
                             }                                                                                     \
                         }                                                                                         \
