@@ -3,8 +3,10 @@
 EM routing reads its factored votes about ten times per layer and training step
 (:class:`capsnet.routing._em_votes.VoteReader`); in eager PyTorch each read is several passes over
 vote-sized data. ``em_votes.c`` does each read in one pass, multiplying every vote row out in
-a small buffer. It is plain C (no PyTorch headers), compiled once per machine with ``cc -O3
--march=native -fopenmp`` into a cache folder and loaded with :mod:`ctypes`. It links
+a small buffer, and the M-step in one pass per parent. ``dense_routing.c`` routes a DenseCaps
+layer without gradients (inference) image by image, its votes made and read in cache
+(:func:`dense_route`). Both are plain C (no PyTorch headers), compiled once per machine with ``cc
+-O3 -march=native -fopenmp`` into one library in a cache folder and loaded with :mod:`ctypes`. It links
 ``libgomp.so.1`` by soname, so it runs on the OpenMP runtime PyTorch already loaded, with
 ``torch.get_num_threads()`` threads (a second runtime's spinning threads would fight PyTorch's
 for the cores). Without OpenMP it is built serial.
@@ -48,10 +50,11 @@ try:
 except ImportError:  # not POSIX: builders are not serialised (each renames a finished file into place)
     fcntl = None
 
-__all__ = ["EMSteps", "EMVotes", "MODES", "Settings", "build", "configure", "em_steps", "em_votes", "enabled", "set_enabled", "settings"]
+__all__ = ["EMSteps", "EMVotes", "MODES", "Settings", "build", "configure", "dense_route", "em_steps", "em_votes", "enabled", "set_enabled", "settings"]
 
-_SOURCE = Path(__file__).with_name("em_votes.c")
+_SOURCES = tuple(Path(__file__).with_name(name) for name in ("em_votes.c", "dense_routing.c"))
 _FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=gnu99")
+_LIBS = ("-lm",)
 _OPENMP = ("-fopenmp",), ("-fopenmp-simd",)  # tried in this order
 MODES = ("auto", "off", "required")
 
@@ -167,33 +170,37 @@ class _BuildLock:
 
 
 def _compile(compiler: str, target: Path, timeout: float) -> None:
-    """Compile :data:`_SOURCE` into ``target``, beside it first and renamed into place: a
+    """Compile :data:`_SOURCES` into ``target``, beside it first and renamed into place: a
     concurrent reader never loads a partial file."""
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
         for openmp in _OPENMP:
-            command = [compiler, *_FLAGS, *openmp, str(_SOURCE), "-o", tmp]
+            command = [compiler, *_FLAGS, *openmp, *map(str, _SOURCES), "-o", tmp, *_LIBS]
             try:
                 done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
             except subprocess.TimeoutExpired:
-                raise RuntimeError(f"{compiler} took more than {timeout:g} s on {_SOURCE.name}") from None
+                raise RuntimeError(f"{compiler} took more than {timeout:g} s on {_names()}") from None
             if done.returncode == 0:
                 break
         else:
-            raise RuntimeError(f"{compiler} failed on {_SOURCE.name}:\n{done.stderr.strip()}")
+            raise RuntimeError(f"{compiler} failed on {_names()}:\n{done.stderr.strip()}")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
+def _names() -> str:
+    return " and ".join(source.name for source in _SOURCES)
+
+
 def _build() -> ctypes.CDLL:
     compiler, timeout = _settings.compiler, _settings.timeout
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C compiler {compiler!r} on PATH (set CC to one)")
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join((compiler, *_FLAGS, _cpu_id())).encode()).hexdigest()[:16]
+    source = b"".join(path.read_bytes() for path in _SOURCES)
+    key = hashlib.sha256(source + " ".join((compiler, *_FLAGS, *_LIBS, _cpu_id())).encode()).hexdigest()[:16]
     target = _cache_dir() / f"em_votes-{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -222,6 +229,8 @@ def _build() -> ctypes.CDLL:
         fn = getattr(lib, f"capsnet_gradient_lanes{k}")
         fn.argtypes = [votes_p, i64, ptrs, ptrs, ptrs, f_p, f_p, f_p, f_p, i32]
         lanes.append(fn)
+    lib.capsnet_dense_route.argtypes = [i64, i64, i64, i64, i64, f_p, f_p, f_p, i32, i32, ctypes.c_double, f_p, f_p, f_p, i32]
+    lib.capsnet_dense_route.restype = ctypes.c_int
     for fn in (lib.capsnet_moments, lib.capsnet_quadratic, lib.capsnet_gradient, lib.capsnet_gradient_4x4,
                lib.capsnet_m_step, lib.capsnet_m_step_backward, *lanes):
         fn.restype = None
@@ -229,7 +238,7 @@ def _build() -> ctypes.CDLL:
 
 
 def _required_error(reason: str) -> RuntimeError:
-    return RuntimeError(f"the EM kernels are required (CAPSNET_KERNELS=1, or mode='required') but could not be built: {reason}")
+    return RuntimeError(f"the compiled kernels are required (CAPSNET_KERNELS=1, or mode='required') but could not be built: {reason}")
 
 
 def _load() -> Optional[ctypes.CDLL]:
@@ -247,7 +256,7 @@ def _load() -> Optional[ctypes.CDLL]:
                 _failed = str(err)
                 if _settings.mode == "required":
                     raise _required_error(str(err)) from err
-                warnings.warn(f"capsnet: EM routing falls back to eager PyTorch (slower): {err}", RuntimeWarning, stacklevel=3)
+                warnings.warn(f"capsnet: the compiled kernels are unavailable, EM routing and DigitCaps inference fall back to eager PyTorch (slower): {err}", RuntimeWarning, stacklevel=3)
     return _library
 
 
@@ -459,3 +468,42 @@ def em_steps(like: torch.Tensor) -> Optional[EMSteps]:
         return None
     lib = _load()
     return None if lib is None else EMSteps(lib)
+
+
+#: Children per vector row of ``dense_routing.c`` (its ``LANES``): the weights' layout pads ``I`` to it.
+_DENSE_LANES = 16
+
+
+def dense_route(u: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], iterations: int, leaky: bool,
+                eps: float) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Votes and Procedure 1 of a dense capsule layer without gradients, compiled (``capsnet_dense_route``
+    in ``dense_routing.c``): ``(poses (B, J, D), coupling (B, J, I), logits (B, J, I))`` as
+    :func:`capsnet.routing.dynamic._route` returns them on the votes of ``u`` (``(B, I, E)``), ``weight``
+    (``(J, I, D, E)``) and ``bias`` (``(J, 1, D)`` or None); the same to float32 rounding. None where
+    the eager code must run (kernels off or unavailable, not plain float32 CPU tensors). No autograd:
+    the caller runs it only where no input needs a gradient."""
+    tensors = [t for t in (u, weight, bias) if t is not None]
+    if not enabled() or any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors):
+        return None
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return None
+    lib = _load()
+    if lib is None:
+        return None
+    batch, n_in, in_dim = u.shape
+    n_out, _, dim, _ = weight.shape
+    pad = -n_in % _DENSE_LANES
+    # (J, I, D, E) -> (J, I' / LANES, E, D, LANES), zero past I: one contiguous block per parent and LANES children
+    blocks = torch.nn.functional.pad(weight.detach(), (0, 0, 0, 0, 0, pad)).view(n_out, -1, _DENSE_LANES, dim, in_dim)
+    blocks = blocks.permute(0, 1, 4, 3, 2).contiguous()
+    u = u.detach().contiguous()
+    flat_bias = None if bias is None else bias.detach().reshape(n_out, dim).contiguous()
+    poses = u.new_empty(batch, n_out, dim)
+    coupling, logits = u.new_empty(batch, n_out, n_in), u.new_empty(batch, n_out, n_in)
+    failed = lib.capsnet_dense_route(batch, n_in, n_out, dim, in_dim, _ptr(u), _ptr(blocks), _opt(flat_bias), int(iterations),
+                                     int(leaky), float(eps), _ptr(poses), _ptr(coupling), _ptr(logits), torch.get_num_threads())  # fmt: skip
+    if failed:
+        per_thread = 4 * (4 * n_out * dim + 2 * n_out + 4 * in_dim + 2) * (n_in + pad) / 2**20
+        raise MemoryError(f"capsnet: the compiled dense routing could not allocate its {per_thread:.1f} MB buffer per thread; "
+                          "free memory, or run with fewer threads or with the kernels off (CAPSNET_KERNELS=0)")
+    return poses, coupling, logits

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import _slabs as slab_sizes
+from ..ops import kernels
 from ..precision import float32_under_autocast
 from ..validation import check_dtype
 from .dynamic import (
@@ -104,8 +105,12 @@ def dense_routing(
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
         poses, coupling, logits = _DenseRouting.apply(u, weight, bias, iterations, routing)
     else:
-        u_hat = _votes(u, _weight_by_child(weight), weight.shape[0], bias)
-        poses, coupling, logits, _ = _route(u_hat, iterations, leaky=leaky, eps=eps)
+        # Inference: the compiled kernel makes each image's votes in cache and routes them there.
+        routed = kernels.dense_route(u, weight, bias, iterations, leaky, eps)
+        if routed is None:
+            u_hat = _votes(u, _weight_by_child(weight), weight.shape[0], bias)
+            routed = _route(u_hat, iterations, leaky=leaky, eps=eps)[:3]
+        poses, coupling, logits = routed
     return RoutingResult(poses=poses, coupling=coupling.transpose(1, 2), logits=logits.transpose(1, 2))
 
 
