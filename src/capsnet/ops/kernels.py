@@ -256,7 +256,7 @@ def _load() -> Optional[ctypes.CDLL]:
                 _failed = str(err)
                 if _settings.mode == "required":
                     raise _required_error(str(err)) from err
-                warnings.warn(f"capsnet: the compiled kernels are unavailable, EM routing and DigitCaps inference fall back to eager PyTorch (slower): {err}", RuntimeWarning, stacklevel=3)
+                warnings.warn(f"capsnet: the compiled kernels are unavailable, EM routing and DigitCaps inference: each falls back to eager PyTorch (slower): {err}", RuntimeWarning, stacklevel=3)
     return _library
 
 
