@@ -1,7 +1,8 @@
 """The compiled inference routing of a dense capsule layer (``dense_routing.c``, ``kernels.dense_route``).
 
 Without gradients, :func:`capsnet.routing.dense_routing` (DigitCaps) makes each image's votes in a
-per-thread buffer and routes them there. These tests hold it to the eager path it replaces
+per-thread buffer and routes them there; with gradients, its votes come from ``kernels.dense_votes``
+in the layout routing keeps. These tests hold it to the eager path it replaces
 (votes by ``bmm``, then ``capsnet.routing.dynamic._route``) and to that path in float64, over sizes
 that are not multiples of the kernel's 16 lanes or of its 4-image groups, every routing option,
 saturated and zero votes and NaNs; and they check that it gives the same bits with one or two
@@ -17,7 +18,7 @@ import torch
 
 import capsnet.ops.kernels as kernels
 from capsnet import create_model
-from capsnet.routing import dense_routing
+from capsnet.routing import dense_routing, dense_votes
 
 needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler: the kernels cannot be built")
 
@@ -149,3 +150,35 @@ def test_the_kernel_is_not_used_where_it_does_not_apply(monkeypatch):
     assert kernels.dense_route(u.double(), weight.double(), None, 3, False, 0.0) is None
     kernels.set_enabled(False)
     assert kernels.dense_route(u, weight, None, 3, False, 0.0) is None
+
+
+@needs_cc
+@pytest.mark.parametrize("shape", SHAPES + [(3, 33, 2, 32, 8)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("bias", [False, True])
+def test_compiled_votes_match_eq_2_in_float64(shape, bias):
+    u, weight, b = _problem(shape, seed=5, bias=bias)
+    reference = dense_votes(u.double(), weight.double(), None if b is None else b.double())  # (B, J, I, D)
+    compiled = kernels.dense_votes(u, weight, None if b is None else b.unsqueeze(1))
+    assert compiled.shape == reference.shape and compiled.is_contiguous()
+    torch.testing.assert_close(compiled.double(), reference, rtol=0, atol=1e-6 * reference.abs().max().item())
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = kernels.dense_votes(u, weight, None if b is None else b.unsqueeze(1))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(compiled, two)
+
+
+@needs_cc
+def test_training_routes_the_compiled_votes_to_the_same_values_and_gradients():
+    u, weight, b = _problem((6, 37, 10, 16, 8), seed=6, bias=True)
+    results = []
+    for flag in (False, True):
+        kernels.set_enabled(flag)
+        leaves = [t.clone().requires_grad_() for t in (u, weight, b)]
+        out = dense_routing(*leaves, iterations=3)
+        (out.poses.square().sum() + out.coupling[..., 0].sum()).backward()
+        results.append((out.poses.detach(), *(t.grad for t in leaves)))
+    for e, c in zip(*results):
+        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5 * e.abs().max().item())

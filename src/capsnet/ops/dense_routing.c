@@ -14,6 +14,9 @@
  * over the children i, contiguous, in vector lanes: the agreement, the softmax over parents
  * (with the exponential below) and the weighted sums.
  *
+ * capsnet_dense_votes writes the votes in the (B, J, I, D) layout that training's routing keeps
+ * for its backward pass, without the eager path's copy between layouts.
+ *
  * Each image's result is computed by one thread in a fixed order, so it does not depend on the
  * number of threads. Arrays are C-contiguous float32: u (B, I, E); w (J, E, D, I), the W_ij
  * rearranged; bias (J, D) or NULL; out: poses (B, J, D), coupling and logits (B, J, I). Returns
@@ -227,4 +230,52 @@ int capsnet_dense_route(int64_t batch, int64_t n_in, int64_t n_out, int64_t dim,
         free(buffer);
     }
     return failed;
+}
+
+/* The votes alone, for training: out (B, J, I, D) = W_ij u_i (+ bias_j), w_t (J, I, E, D) the W_ij
+ * transposed. One task per parent j and block of VOTE_BLOCK children, whose weights (64 KB for the
+ * MNIST model) stay in cache while every image's votes for them are written, D contiguous floats at
+ * a time. Every vote is one thread's fixed sum over e. */
+#define VOTE_BLOCK 32
+
+static inline __attribute__((always_inline)) void votes_block(
+    int64_t batch, int64_t n_in, int64_t n_out, const int64_t dim, const int64_t in_dim, int64_t j, int64_t i0,
+    int64_t i1, const float *u, const float *w_t, const float *bias, float *out) {
+    for (int64_t b = 0; b < batch; b++) {
+        for (int64_t i = i0; i < i1; i++) {
+            const float *w = w_t + (j * n_in + i) * in_dim * dim;
+            const float *ui = u + (b * n_in + i) * in_dim;
+            float *o = out + ((b * n_out + j) * n_in + i) * dim;
+            if (dim % LANES == 0) {
+                for (int64_t d = 0; d < dim; d += LANES) {
+                    vec acc = (vec){0} + 0.0f;
+                    if (bias) acc = load(bias + j * dim + d);
+                    for (int64_t e = 0; e < in_dim; e++) acc += ui[e] * load(w + e * dim + d);
+                    store(o + d, acc);
+                }
+            } else {
+                for (int64_t d = 0; d < dim; d++) o[d] = bias ? bias[j * dim + d] : 0.0f;
+                for (int64_t e = 0; e < in_dim; e++) {
+                    const float ue = ui[e];
+#pragma omp simd
+                    for (int64_t d = 0; d < dim; d++) o[d] += ue * w[e * dim + d];
+                }
+            }
+        }
+    }
+}
+
+void capsnet_dense_votes(int64_t batch, int64_t n_in, int64_t n_out, int64_t dim, int64_t in_dim, const float *u,
+                         const float *w_t, const float *bias, float *out, int threads) {
+    const int64_t blocks = (n_in + VOTE_BLOCK - 1) / VOTE_BLOCK;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+    for (int64_t j = 0; j < n_out; j++) {
+        for (int64_t block = 0; block < blocks; block++) {
+            const int64_t i0 = block * VOTE_BLOCK, i1 = i0 + VOTE_BLOCK < n_in ? i0 + VOTE_BLOCK : n_in;
+            if (dim == 16 && in_dim == 8) /* the MNIST model's DigitCaps */
+                votes_block(batch, n_in, n_out, 16, 8, j, i0, i1, u, w_t, bias, out);
+            else
+                votes_block(batch, n_in, n_out, dim, in_dim, j, i0, i1, u, w_t, bias, out);
+        }
+    }
 }

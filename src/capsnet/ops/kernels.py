@@ -50,7 +50,7 @@ try:
 except ImportError:  # not POSIX: builders are not serialised (each renames a finished file into place)
     fcntl = None
 
-__all__ = ["EMSteps", "EMVotes", "MODES", "Settings", "build", "configure", "dense_route", "em_steps", "em_votes", "enabled", "set_enabled", "settings"]
+__all__ = ["EMSteps", "EMVotes", "MODES", "Settings", "build", "configure", "dense_route", "dense_votes", "em_steps", "em_votes", "enabled", "set_enabled", "settings"]
 
 _SOURCES = tuple(Path(__file__).with_name(name) for name in ("em_votes.c", "dense_routing.c"))
 _FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=gnu99")
@@ -231,8 +231,9 @@ def _build() -> ctypes.CDLL:
         lanes.append(fn)
     lib.capsnet_dense_route.argtypes = [i64, i64, i64, i64, i64, f_p, f_p, f_p, i32, i32, ctypes.c_double, f_p, f_p, f_p, i32]
     lib.capsnet_dense_route.restype = ctypes.c_int
+    lib.capsnet_dense_votes.argtypes = [i64, i64, i64, i64, i64, f_p, f_p, f_p, f_p, i32]
     for fn in (lib.capsnet_moments, lib.capsnet_quadratic, lib.capsnet_gradient, lib.capsnet_gradient_4x4,
-               lib.capsnet_m_step, lib.capsnet_m_step_backward, *lanes):
+               lib.capsnet_m_step, lib.capsnet_m_step_backward, lib.capsnet_dense_votes, *lanes):
         fn.restype = None
     return lib
 
@@ -507,3 +508,26 @@ def dense_route(u: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         raise MemoryError(f"capsnet: the compiled dense routing could not allocate its {per_thread:.1f} MB buffer per thread; "
                           "free memory, or run with fewer threads or with the kernels off (CAPSNET_KERNELS=0)")
     return poses, coupling, logits
+
+
+def dense_votes(u: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The votes ``W_ij u_i (+ bias_j)`` of a dense capsule layer as a contiguous ``(B, J, I, D)``
+    tensor, compiled (``capsnet_dense_votes`` in ``dense_routing.c``; no autograd): what
+    :class:`capsnet.routing.dense._DenseRouting` keeps for its backward pass, without the eager
+    path's copy between layouts. None where the eager code must run (as :func:`dense_route`)."""
+    tensors = [t for t in (u, weight, bias) if t is not None]
+    if not enabled() or any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors):
+        return None
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return None
+    lib = _load()
+    if lib is None:
+        return None
+    batch, n_in, in_dim = u.shape
+    n_out, _, dim, _ = weight.shape
+    w_t = weight.detach().transpose(2, 3).contiguous()  # (J, I, E, D)
+    u = u.detach().contiguous()
+    flat_bias = None if bias is None else bias.detach().reshape(n_out, dim).contiguous()
+    out = u.new_empty(batch, n_out, n_in, dim)
+    lib.capsnet_dense_votes(batch, n_in, n_out, dim, in_dim, _ptr(u), _ptr(w_t), _opt(flat_bias), _ptr(out), torch.get_num_threads())
+    return out

@@ -165,6 +165,13 @@ def _votes(u: Tensor, weight_t: Tensor, n_out: int, bias: Optional[Tensor]) -> T
     return u_hat
 
 
+def _kept_votes(u: Tensor, weight: Tensor, weight_t: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """The ``(B, J, I, D)`` votes training's routing keeps: compiled where it can (written in place, no
+    copy between layouts), else :func:`_votes`."""
+    u_hat = kernels.dense_votes(u, weight, bias)
+    return u_hat if u_hat is not None else _votes(u, weight_t, weight.shape[0], bias)
+
+
 class _DenseRouting(torch.autograd.Function):
     """Votes (Eq. 2) and routing (Procedure 1) as one function of ``(u, W, bias)``.
 
@@ -179,7 +186,7 @@ class _DenseRouting(torch.autograd.Function):
     def forward(ctx, u, weight, bias, iterations, routing):
         n_out = weight.shape[0]
         weight_t = _weight_by_child(weight)  # (I, E, J D)
-        u_hat = _votes(u, weight_t, n_out, bias)
+        u_hat = _kept_votes(u, weight, weight_t, bias)
         poses, coupling, logits, steps = _route(u_hat, iterations, leaky=routing["leaky"], eps=routing["eps"], keep=True)
         if routing["detach_intermediate"]:
             steps = steps[-1:]
@@ -204,7 +211,7 @@ class _DenseRouting(torch.autograd.Function):
         # through the same graph (retain_graph=True) finds them gone and recomputes them.
         u_hat, ctx.u_hat = ctx.u_hat, None
         if u_hat is None:
-            u_hat = _votes(u, weight_t, ctx.n_out, bias)
+            u_hat = _kept_votes(u, weight, weight_t, bias)
         left, right = _routing_vjp(
             u_hat, steps, *grads, detach_intermediate=ctx.routing["detach_intermediate"], eps=ctx.routing["eps"]
         )
