@@ -44,10 +44,18 @@ def _problem(shape, seed=0, scale=1.0, bias=False):
 
 
 def _routed(flag, u, weight, bias, **options):
+    """``dense_routing`` without gradients, with the kernels on (True) or off; with them on, checked
+    to be the kernel's own output (so a kernel that silently fell back cannot pass)."""
     kernels.set_enabled(flag)
     try:
         with torch.no_grad():
             out = dense_routing(u, weight, bias, **options)
+            if flag:
+                direct = kernels.dense_route(u, weight, bias, options.get("iterations", 3), options.get("leaky", False),
+                                             options.get("eps", 0.0))
+                assert direct is not None, "the compiled dense routing did not run"
+                for mine, theirs in zip(direct, (out.poses, out.coupling.transpose(1, 2), out.logits.transpose(1, 2))):
+                    torch.testing.assert_close(mine, theirs, rtol=0, atol=0, equal_nan=True)  # the same bits
     finally:
         kernels.set_enabled(None)
     return out.poses, out.coupling, out.logits
@@ -137,7 +145,8 @@ def test_the_mnist_model_infers_the_same_with_and_without_the_kernel():
 
 
 def test_the_kernel_is_not_used_where_it_does_not_apply(monkeypatch):
-    # Gradients (the fused autograd path), float64, and kernels off never reach it; no-grad float32 does.
+    # Gradients (the fused autograd path), float64, forward-mode tangents, torch.compile's tracing
+    # and kernels off never reach it; no-grad float32 does.
     calls = []
     real = kernels.dense_route
     monkeypatch.setattr(kernels, "dense_route", lambda *a: calls.append(a) or real(*a))
@@ -159,6 +168,7 @@ def test_compiled_votes_match_eq_2_in_float64(shape, bias):
     u, weight, b = _problem(shape, seed=5, bias=bias)
     reference = dense_votes(u.double(), weight.double(), None if b is None else b.double())  # (B, J, I, D)
     compiled = kernels.dense_votes(u, weight, None if b is None else b.unsqueeze(1))
+    assert compiled is not None, "the compiled votes did not run"
     assert compiled.shape == reference.shape and compiled.is_contiguous()
     torch.testing.assert_close(compiled.double(), reference, rtol=0, atol=1e-6 * reference.abs().max().item())
     threads = torch.get_num_threads()
@@ -182,3 +192,38 @@ def test_training_routes_the_compiled_votes_to_the_same_values_and_gradients():
         results.append((out.poses.detach(), *(t.grad for t in leaves)))
     for e, c in zip(*results):
         torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5 * e.abs().max().item())
+
+
+def test_forward_mode_tangents_pass_through_the_eager_path():
+    from torch.autograd import forward_ad
+
+    u, weight, _ = _problem((3, 20, 4, 16, 8), seed=7)
+    tangent = torch.randn_like(u)
+    with torch.no_grad(), forward_ad.dual_level():
+        out = dense_routing(forward_ad.make_dual(u, tangent), weight)
+        jvp = forward_ad.unpack_dual(out.poses).tangent
+    assert jvp is not None
+    step = 1e-3  # the tangent is the derivative: a central difference agrees
+    with torch.no_grad():
+        plus, minus = (dense_routing(u + sign * step * tangent, weight).poses for sign in (1, -1))
+    torch.testing.assert_close(jvp, (plus - minus) / (2 * step), rtol=1e-2, atol=1e-3)
+
+
+@needs_cc
+@pytest.mark.parametrize("grad", [False, True])
+def test_torch_compile_gives_the_eager_values(grad):
+    # Traced tensors have no memory for C to read: under torch.compile the eager code runs.
+    u, weight, _ = _problem((3, 20, 4, 16, 8), seed=8)
+
+    def route(u, weight):
+        return dense_routing(u, weight).poses
+
+    expected = route(u, weight.clone().requires_grad_(grad))
+    compiled = torch.compile(route, backend="eager", fullgraph=False)
+    w = weight.clone().requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        got = compiled(u, w)
+    torch.testing.assert_close(got, expected.detach(), rtol=1e-5, atol=1e-6)
+    if grad:
+        got.sum().backward()
+        assert torch.isfinite(w.grad).all()

@@ -18,8 +18,8 @@
  * for its backward pass, without the eager path's copy between layouts.
  *
  * Each image's result is computed by one thread in a fixed order, so it does not depend on the
- * number of threads. Arrays are C-contiguous float32: u (B, I, E); w (J, E, D, I), the W_ij
- * rearranged; bias (J, D) or NULL; out: poses (B, J, D), coupling and logits (B, J, I). Returns
+ * number of threads. Arrays are C-contiguous float32: u (B, I, E); w (J, I' / LANES, E, D, LANES), the
+ * W_ij rearranged (make_votes); bias (J, D) or NULL; out: poses (B, J, D), coupling and logits (B, J, I). Returns
  * 0, or 1 if a thread could not allocate its buffer.
  */
 #include <math.h>
@@ -39,10 +39,13 @@
 
 /* e^x for x <= 0 (the softmax's shifted logits), within 2 ulp, written so that a loop over it
  * vectorises: x = k ln 2 + r, |r| <= ln 2 / 2, e^r by Cephes' expf polynomial, 2^k through the
- * exponent bits. Below -87.3 the result is 0 (expf gives subnormals there). */
+ * exponent bits. k is rounded by adding and subtracting 1.5 * 2^23 (floorf would not vectorise
+ * without -fno-trapping-math) and clamped before the conversion to int, so a NaN or huge x stays
+ * defined. Below -87.3 the result is 0 (expf gives subnormals there); a NaN x gives NaN. */
 static inline float exp_nonpositive(float x) {
-    const float lo = -87.33654f;
-    float k = floorf(x * 1.44269504f + 0.5f);
+    const float lo = -87.33654f, round = 12582912.0f; /* 1.5 * 2^23 */
+    float k = (x * 1.44269504f + round) - round;
+    k = k > -127.0f ? k : -127.0f; /* also a NaN k */
     float r = x - k * 0.693359375f + k * 2.12194440e-4f;
     float p = 1.9875691500e-4f;
     p = p * r + 1.3981999507e-3f;
@@ -51,8 +54,7 @@ static inline float exp_nonpositive(float x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    int32_t bits = ((int32_t)k + 127) << 23;
-    union { int32_t i; float f; } scale = {.i = x < lo ? 0 : bits};
+    union { uint32_t i; float f; } scale = {.i = (uint32_t)((int32_t)k + 127) << 23};
     return x < lo ? 0.0f : p * scale.f;
 }
 
@@ -233,7 +235,7 @@ int capsnet_dense_route(int64_t batch, int64_t n_in, int64_t n_out, int64_t dim,
 }
 
 /* The votes alone, for training: out (B, J, I, D) = W_ij u_i (+ bias_j), w_t (J, I, E, D) the W_ij
- * transposed. One task per parent j and block of VOTE_BLOCK children, whose weights (64 KB for the
+ * transposed. One task per parent j and block of VOTE_BLOCK children, whose weights (16 KB for the
  * MNIST model) stay in cache while every image's votes for them are written, D contiguous floats at
  * a time. Every vote is one thread's fixed sum over e. */
 #define VOTE_BLOCK 32

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
+from torch.autograd import forward_ad
 
 try:
     import fcntl
@@ -410,7 +411,7 @@ def em_votes(poses, transforms, offsets, matrices, centre, shape) -> Optional[EM
     ``matrices`` ``(G, J, 4, 4)``, when given, are the 4x4 transforms that ``transforms`` was
     built from (``capsnet.layers.matrix._block_weight``): the kernels then multiply 4x4 matrices
     instead of the three-quarters-zero ``(16, J 16)`` blocks."""
-    if not enabled():
+    if not enabled() or _traced():
         return None
     if matrices is not None and (shape[4] != 16 or poses.shape[-1] != 16 or matrices.shape[1:] != (shape[3], 4, 4)):
         matrices = None
@@ -463,12 +464,31 @@ class EMSteps:
 def em_steps(like: torch.Tensor) -> Optional[EMSteps]:
     """The compiled M-step for routing on tensors like ``like``, or None where the eager code
     must run (kernels off or unavailable, not a plain float32 CPU tensor)."""
-    if not enabled() or type(like) not in (torch.Tensor, torch.nn.Parameter):
+    if not enabled() or _traced() or type(like) not in (torch.Tensor, torch.nn.Parameter):
         return None
     if like.device.type != "cpu" or like.dtype != torch.float32:
         return None
     lib = _load()
     return None if lib is None else EMSteps(lib)
+
+
+def _traced() -> bool:
+    """Whether ``torch.compile`` is tracing: a traced tensor has no memory for C to read."""
+    return torch.compiler.is_compiling()
+
+
+def _dense_library(*tensors: Optional[torch.Tensor]) -> Optional[ctypes.CDLL]:
+    """The library, where the dense kernels apply to ``tensors`` (None entries skipped): kernels on,
+    not traced by ``torch.compile``, plain float32 CPU tensors without forward-mode tangents (the
+    kernels have no forward derivative; the eager path carries them)."""
+    tensors = [t for t in tensors if t is not None]
+    if not enabled() or _traced() or any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors):
+        return None
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return None
+    if any(forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        return None
+    return _load()
 
 
 #: Children per vector row of ``dense_routing.c`` (its ``LANES``): the weights' layout pads ``I`` to it.
@@ -483,12 +503,7 @@ def dense_route(u: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     (``(J, I, D, E)``) and ``bias`` (``(J, 1, D)`` or None); the same to float32 rounding. None where
     the eager code must run (kernels off or unavailable, not plain float32 CPU tensors). No autograd:
     the caller runs it only where no input needs a gradient."""
-    tensors = [t for t in (u, weight, bias) if t is not None]
-    if not enabled() or any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors):
-        return None
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
-        return None
-    lib = _load()
+    lib = _dense_library(u, weight, bias)
     if lib is None:
         return None
     batch, n_in, in_dim = u.shape
@@ -504,7 +519,7 @@ def dense_route(u: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     failed = lib.capsnet_dense_route(batch, n_in, n_out, dim, in_dim, _ptr(u), _ptr(blocks), _opt(flat_bias), int(iterations),
                                      int(leaky), float(eps), _ptr(poses), _ptr(coupling), _ptr(logits), torch.get_num_threads())  # fmt: skip
     if failed:
-        per_thread = 4 * (4 * n_out * dim + 2 * n_out + 4 * in_dim + 2) * (n_in + pad) / 2**20
+        per_thread = 4 * ((4 * n_out * dim + 2 * n_out + 4 * in_dim + 2) * (n_in + pad) + n_out * dim) / 2**20
         raise MemoryError(f"capsnet: the compiled dense routing could not allocate its {per_thread:.1f} MB buffer per thread; "
                           "free memory, or run with fewer threads or with the kernels off (CAPSNET_KERNELS=0)")
     return poses, coupling, logits
@@ -515,12 +530,7 @@ def dense_votes(u: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     tensor, compiled (``capsnet_dense_votes`` in ``dense_routing.c``; no autograd): what
     :class:`capsnet.routing.dense._DenseRouting` keeps for its backward pass, without the eager
     path's copy between layouts. None where the eager code must run (as :func:`dense_route`)."""
-    tensors = [t for t in (u, weight, bias) if t is not None]
-    if not enabled() or any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors):
-        return None
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
-        return None
-    lib = _load()
+    lib = _dense_library(u, weight, bias)
     if lib is None:
         return None
     batch, n_in, in_dim = u.shape
