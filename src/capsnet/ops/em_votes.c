@@ -405,6 +405,7 @@ void capsnet_m_step_backward(int64_t n, int64_t dim, const float *restrict g_u1,
 #define LANES_VEC(L) lanes##L##_vec
 #define LANES_LOAD(L) lanes##L##_load
 #define LANES_ADD(L) lanes##L##_add
+#define LANES_VOTE(L) lanes##L##_vote
 #define LANE_HELPERS(L)                                                                                           \
     typedef float lanes##L##_vec __attribute__((vector_size(4 * L)));                                            \
     static inline lanes##L##_vec lanes##L##_load(const float *p) {                                                \
@@ -417,6 +418,14 @@ void capsnet_m_step_backward(int64_t n, int64_t dim, const float *restrict g_u1,
         memcpy(&v, p, sizeof v);                                                                                  \
         v += x;                                                                                                   \
         memcpy(p, &v, sizeof v);                                                                                  \
+    }                                                                                                             \
+    /* The centred votes of element (a, r) for LANES types from j: row a of the pose (pa), the        \
+     * transposed transforms w ([m][r][type]) and the transposed centre c at e = (4 a + r) J + j. */ \
+    static inline lanes##L##_vec lanes##L##_vote(const float *pa, const float *w, const float *c, int64_t types,  \
+                                                  int64_t j, int r, int64_t e) {                                  \
+        return pa[0] * lanes##L##_load(w + r * types + j) + pa[1] * lanes##L##_load(w + (4 + r) * types + j) +   \
+               pa[2] * lanes##L##_load(w + (8 + r) * types + j) + pa[3] * lanes##L##_load(w + (12 + r) * types + j) - \
+               lanes##L##_load(c + e);                                                                            \
     }
 LANE_HELPERS(8)
 #ifdef __AVX512F__
@@ -447,13 +456,9 @@ LANE_HELPERS(16)
                     for (int64_t j = 0; j < types; j += LANES) {                                                  \
                         LANES_VEC(LANES) acc = LANES_LOAD(LANES)(u0 + b * types + j);                                         \
                         for (int a = 0; a < 4; ++a) {                                                             \
-                            const float p0 = p[4 * a], p1 = p[4 * a + 1], p2 = p[4 * a + 2], p3 = p[4 * a + 3];   \
                             for (int r = 0; r < 4; ++r) {                                                         \
                                 const int64_t e = (4 * a + r) * types + j;                                        \
-                                LANES_VEC(LANES) x = p0 * LANES_LOAD(LANES)(w + r * types + j) +                              \
-                                               p1 * LANES_LOAD(LANES)(w + (4 + r) * types + j) +                        \
-                                               p2 * LANES_LOAD(LANES)(w + (8 + r) * types + j) +                        \
-                                               p3 * LANES_LOAD(LANES)(w + (12 + r) * types + j) - LANES_LOAD(LANES)(c + e);   \
+                                LANES_VEC(LANES) x = LANES_VOTE(LANES)(p + 4 * a, w, c, types, j, r, e);                    \
                                 if (off) x += off[4 * a + r];                                                     \
                                 acc += x * (LANES_LOAD(LANES)(c1 + e) + x * LANES_LOAD(LANES)(c2 + e));                       \
                             }                                                                                     \
@@ -503,13 +508,9 @@ int capsnet_type_lanes(void) {
                         const LANES_VEC(LANES) rv = LANES_LOAD(LANES)(r + i * n + b * types + j);                             \
                         LANES_ADD(LANES)(m0 + b * types + j, rv);                                                       \
                         for (int a = 0; a < 4; ++a) {                                                             \
-                            const float p0 = p[4 * a], p1 = p[4 * a + 1], p2 = p[4 * a + 2], p3 = p[4 * a + 3];   \
                             for (int q = 0; q < 4; ++q) {                                                         \
                                 const int64_t e = (4 * a + q) * types + j;                                        \
-                                LANES_VEC(LANES) x = p0 * LANES_LOAD(LANES)(w + q * types + j) +                              \
-                                               p1 * LANES_LOAD(LANES)(w + (4 + q) * types + j) +                        \
-                                               p2 * LANES_LOAD(LANES)(w + (8 + q) * types + j) +                        \
-                                               p3 * LANES_LOAD(LANES)(w + (12 + q) * types + j) - LANES_LOAD(LANES)(c + e);   \
+                                LANES_VEC(LANES) x = LANES_VOTE(LANES)(p + 4 * a, w, c, types, j, q, e);                    \
                                 if (off) x += off[4 * a + q];                                                     \
                                 const LANES_VEC(LANES) rx = rv * x;                                                     \
                                 LANES_ADD(LANES)(s1 + e, rx);                                                           \
