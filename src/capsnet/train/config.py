@@ -74,6 +74,12 @@ class TrainConfig:
     select ``best.pt`` and test with it; ``last.pt`` holds both the trained weights (its
     ``"model"``, what ``capsnet eval last.pt`` scores) and the average (``"ema"``); the logged
     ``train/accuracy`` is the trained weights'. None (default): no average, as the papers.
+    ``warmup_iterations`` / ``warmup_iterations_steps``: route with this many iterations in
+    every routed layer (dynamic or EM) in the training steps before step
+    ``warmup_iterations_steps``, then with the model's own; validation, ``best.pt`` and the
+    test always route with the model's own, so a checkpoint selected during the warm-up is
+    scored as the model it is. Not in either paper (a curriculum over the routing
+    iterations, docs/em_training.md, session 17). None (default): the model's own throughout.
     """
 
     model: str = "capsnet_mnist"
@@ -96,6 +102,8 @@ class TrainConfig:
     lr_scale: dict = field(default_factory=dict)
     grad_clip: Optional[float] = None
     ema_decay: Optional[float] = None
+    warmup_iterations: Optional[int] = None
+    warmup_iterations_steps: int = 0
     epochs: int = 1
     max_steps: Optional[int] = None
     time_budget_s: Optional[float] = None
@@ -143,6 +151,14 @@ class TrainConfig:
             raise ValueError(f"config key 'grad_clip' must be a finite norm > 0 or None, got {self.grad_clip}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"config key 'ema_decay' must lie in (0, 1) (e.g. 0.999) or be None, got {self.ema_decay}")
+        if (self.warmup_iterations is None) != (self.warmup_iterations_steps == 0):
+            raise ValueError(
+                "config keys 'warmup_iterations' and 'warmup_iterations_steps' go together (e.g. 2 and 1719: two routing "
+                f"iterations for the first 1,719 steps), got {self.warmup_iterations} and {self.warmup_iterations_steps}"
+            )
+        if self.warmup_iterations is not None and (self.warmup_iterations < 1 or self.warmup_iterations_steps < 0):
+            raise ValueError(f"config keys 'warmup_iterations' must be >= 1 and 'warmup_iterations_steps' >= 0, "
+                             f"got {self.warmup_iterations} and {self.warmup_iterations_steps}")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"config key {name!r} must lie in [0, 1), got {getattr(self, name)}")

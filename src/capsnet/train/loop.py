@@ -192,6 +192,11 @@ class _Run:
         self.grad_norm = torch.zeros(())  # of the last step, before clipping (with grad_clip)
         # The weights' moving average (ema_decay), copied before a checkpoint's weights are loaded: restore loads its own.
         self.ema = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay is not None else None
+        # The layers whose iterations warmup_iterations overrides in the training steps of the warm-up.
+        self.routed = [m for m in model.modules() if type(getattr(m, "iterations", None)) is int]
+        if cfg.warmup_iterations is not None and not self.routed:
+            raise ValueError(f"config key 'warmup_iterations' sets the routing iterations, but model {cfg.model!r} has no routed "
+                             "layer (no module with an int 'iterations'); drop warmup_iterations and warmup_iterations_steps")
         if found is not None:
             self.restore(*found)
             del found  # the loaded copies (of the parameters too) are not needed any more
@@ -328,11 +333,12 @@ class _Run:
         images, labels = self.data.train_batch(index, self.generator)  # the global batch, same on every rank
         local = self.dist.shard(torch.arange(len(index)))
         images, labels = images[local].to(self.device), labels[local].to(self.device)
-        with torch.autocast(self.device_type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            output = self.trained(images, self.objective.teacher(labels))
-            loss = self.objective.loss(output, images, labels, state.step)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        with self.warmup_routing():
+            with torch.autocast(self.device_type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                output = self.trained(images, self.objective.teacher(labels))
+                loss = self.objective.loss(output, images, labels, state.step)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
         if cfg.grad_clip is not None:  # on the true gradients: unscaled first (a no-op without fp16's scaler)
             self.scaler.unscale_(self.optimizer)
             self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
@@ -350,6 +356,22 @@ class _Run:
         self.pending_rng, self.loss = None, loss
         self.window_images += len(index)
         return output, labels, epoch_end
+
+    @contextlib.contextmanager
+    def warmup_routing(self):
+        """Route with ``warmup_iterations`` in this step if it falls in the warm-up; the model's own iterations after."""
+        cfg = self.cfg
+        if cfg.warmup_iterations is None or self.state.step >= cfg.warmup_iterations_steps:
+            yield
+            return
+        own = [m.iterations for m in self.routed]
+        for m in self.routed:
+            m.iterations = cfg.warmup_iterations
+        try:
+            yield
+        finally:
+            for m, iterations in zip(self.routed, own):
+                m.iterations = iterations
 
     def interrupted(self) -> None:
         """Ctrl-C: save the last completed step (unless it came mid-update), then raise :class:`TrainingInterrupted`.
