@@ -31,7 +31,8 @@ class _Record:
         (dict(warmup_iterations=2), "go together"),
         (dict(warmup_iterations_steps=5), "go together"),
         (dict(warmup_iterations=0, warmup_iterations_steps=5), ">= 1"),
-        (dict(warmup_iterations=2, warmup_iterations_steps=-1), "go together|>= 0"),
+        (dict(warmup_iterations=2, warmup_iterations_steps=-1), ">= 1"),
+        (dict(warmup_iterations=2, warmup_iterations_steps=0), "go together"),
     ],
 )
 def test_bad_warmup_keys_are_refused(kwargs, match):
@@ -39,27 +40,46 @@ def test_bad_warmup_keys_are_refused(kwargs, match):
         TrainConfig(**TINY, **kwargs)
 
 
-def test_a_model_without_routing_is_refused(tmp_path):
-    cfg = TrainConfig(**{**TINY, "model": "cnn_mnist"}, warmup_iterations=1, warmup_iterations_steps=2)
+def test_a_warm_up_the_model_cannot_route_with_is_refused_before_the_run_directory(tmp_path):
+    """No routed layer (a CNN), or an EM layer with an explicit lambda per iteration of another length: refused, nothing deleted."""
+    train(TrainConfig(**TINY, max_steps=1), data_root=tmp_path, out_dir=tmp_path / "kept", progress=False, final_test=False)
+    cnn = TrainConfig(**{**TINY, "model": "cnn_mnist"}, warmup_iterations=1, warmup_iterations_steps=2)
     with pytest.raises(ValueError, match="has no routed layer"):
-        train(cfg, data_root=tmp_path, out_dir=tmp_path / "run", progress=False, final_test=False)
+        train(cnn, data_root=tmp_path, out_dir=tmp_path / "new", progress=False, final_test=False)
+    with pytest.raises(ValueError, match="has no routed layer"):
+        train(cnn, data_root=tmp_path, out_dir=tmp_path / "kept", progress=False, final_test=False, overwrite=True)
+    schedule = ("model_kwargs.schedule=(0.01, 0.02, 0.03)", "model_kwargs.final_lambda=None")
+    em = load_config(str(REPO / "configs" / "mnist_em.py") + ":smoke", (*schedule, "warmup_iterations=2", "warmup_iterations_steps=1"))
+    with pytest.raises(ValueError, match="explicit lambda schedule of 3 values"):
+        train(em, data_root=tmp_path, out_dir=tmp_path / "new", progress=False, final_test=False)
+    assert not (tmp_path / "new").exists()
+    assert (tmp_path / "kept" / "last.pt").exists()  # --overwrite deleted nothing
+    em = load_config(str(REPO / "configs" / "mnist_em.py") + ":smoke", (*schedule, "warmup_iterations=3", "warmup_iterations_steps=1", "max_steps=1"))
+    train(em, data_root=tmp_path, out_dir=tmp_path / "same_length", progress=False, final_test=False)  # one lambda per iteration: fine
 
 
+@pytest.mark.parametrize("ema", [None, 0.9])
 @pytest.mark.parametrize("config", ["tiny", "em"])
-def test_training_steps_of_the_warm_up_route_with_fewer_iterations_and_evaluation_never_does(tmp_path, config):
-    """Steps 0-1 train with 1 iteration, steps 2-5 with the model's 3; every validation and the test route with 3."""
-    if config == "tiny":  # dynamic routing (DenseCaps), 3 steps per epoch: validated at steps 3 and 6
-        cfg = TrainConfig(**TINY, max_steps=6, warmup_iterations=1, warmup_iterations_steps=2)
-    else:  # EM routing (ConvMatCaps, ClassMatCaps): the smoke config, 4 steps per epoch, validated at each end
-        cfg = load_config(str(REPO / "configs" / "mnist_em.py") + ":smoke", ("epochs=2", "max_steps=6", "warmup_iterations=1", "warmup_iterations_steps=2"))
+def test_training_steps_of_the_warm_up_route_with_fewer_iterations_and_evaluation_never_does(tmp_path, config, ema):
+    """Steps 0-1 train with 1 iteration, the later ones with each layer's own; validation after every step, inside the
+    warm-up too, and the test route with each layer's own (with and without the weights' average, which validation uses)."""
+    if config == "tiny":  # dynamic routing: one DenseCaps layer with 3 iterations, 3 steps per epoch
+        cfg = TrainConfig(**TINY, max_steps=6, eval_every=1, ema_decay=ema, warmup_iterations=1, warmup_iterations_steps=2)
+        own = [("DenseCaps", 3)]
+    else:  # EM routing with per-layer iterations (ConvCaps1, ConvCaps2, ClassCaps): the smoke config, 4 steps per epoch
+        sets = ("epochs=2", "max_steps=6", "eval_every=1", f"ema_decay={ema}", "model_kwargs.iterations=(2, 2, 3)", "warmup_iterations=1",
+                "warmup_iterations_steps=2")
+        cfg = load_config(str(REPO / "configs" / "mnist_em.py") + ":smoke", sets)
+        own = [("ConvMatCaps", 2), ("ConvMatCaps", 2), ("ClassMatCaps", 3)]
     with _Record() as record:
         train(cfg, data_root=tmp_path, out_dir=tmp_path / "run", progress=False)
-    layers = 1 if config == "tiny" else 3  # DenseCaps; ConvCaps1, ConvCaps2, ClassCaps
-    trained = [iterations for _, training, iterations in record.calls if training]
-    evaluated = {iterations for _, training, iterations in record.calls if not training}
-    assert len(trained) == 6 * layers  # one forward per layer and step
-    assert trained == [1] * (2 * layers) + [3] * (4 * layers)
-    assert evaluated == {3}
+    trained = [(name, iterations) for name, training, iterations in record.calls if training]
+    evaluated = [(name, iterations) for name, training, iterations in record.calls if not training]
+    warm = [(name, 1) for name, _ in own]
+    assert trained == warm * 2 + own * 4  # one forward per layer and step
+    assert len(evaluated) >= 7 * len(own) and len(evaluated) % len(own) == 0  # six validations and the test, at least
+    assert evaluated == own * (len(evaluated) // len(own))
+    assert load_checkpoint(tmp_path / "run" / "best.pt")["val"]["accuracy"] is not None
 
 
 def test_the_warm_up_changes_training_and_a_warm_up_at_the_models_own_count_does_not(tmp_path):

@@ -79,7 +79,9 @@ class TrainConfig:
     ``warmup_iterations_steps``, then with the model's own; validation, ``best.pt`` and the
     test always route with the model's own, so a checkpoint selected during the warm-up is
     scored as the model it is. Not in either paper (a curriculum over the routing
-    iterations, docs/em_training.md, session 17). None (default): the model's own throughout.
+    iterations, docs/em_training.md, session 17). Both keys or neither: None and 0 (default),
+    the model's own throughout. ``train/accuracy`` and the routing statistics of a warm-up
+    step are those of the warm-up's iterations.
     """
 
     model: str = "capsnet_mnist"
@@ -156,8 +158,8 @@ class TrainConfig:
                 "config keys 'warmup_iterations' and 'warmup_iterations_steps' go together (e.g. 2 and 1719: two routing "
                 f"iterations for the first 1,719 steps), got {self.warmup_iterations} and {self.warmup_iterations_steps}"
             )
-        if self.warmup_iterations is not None and (self.warmup_iterations < 1 or self.warmup_iterations_steps < 0):
-            raise ValueError(f"config keys 'warmup_iterations' must be >= 1 and 'warmup_iterations_steps' >= 0, "
+        if self.warmup_iterations is not None and (self.warmup_iterations < 1 or self.warmup_iterations_steps < 1):
+            raise ValueError(f"config key 'warmup_iterations' must be >= 1 and 'warmup_iterations_steps' >= 1, "
                              f"got {self.warmup_iterations} and {self.warmup_iterations_steps}")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:

@@ -137,11 +137,34 @@ def train(
     model = build_model(cfg, data).to(device)
     objective = create_objective(cfg.objective, **cfg.objective_kwargs)
     lr_scales(model, cfg.lr_scale)  # a pattern that matches no parameter is refused here, not after the directory
+    routed_layers(model, cfg)  # so is a warm-up the model cannot route with
     # Only now, with every name and *_kwargs of the config accepted: a refused config leaves no run directory.
     with claim_run_dir(out, dist, resume=resume, overwrite=overwrite):
         run = _Run(cfg, data, model, objective, out=out, dist=dist, device=device, found=resume_point(out, dist, device) if resume else None)
         finished = run.finished_summary(final_test) if resume else None
         return finished if finished is not None else run.train(resumed=resume, progress=progress, final_test=final_test)
+
+
+def routed_layers(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.nn.Module]:
+    """The layers whose iterations ``cfg.warmup_iterations`` overrides: every module with an int ``iterations``.
+
+    Refuses a warm-up for a model without one, and for an EM layer whose inverse-temperature
+    schedule is an explicit sequence of another length (one lambda per iteration).
+    """
+    routed = [m for m in model.modules() if type(getattr(m, "iterations", None)) is int]
+    n = cfg.warmup_iterations
+    if n is None:
+        return routed
+    if not routed:
+        raise ValueError(f"config key 'warmup_iterations' sets the routing iterations, but model {cfg.model!r} has no routed "
+                         "layer (no module with an int 'iterations'); drop warmup_iterations and warmup_iterations_steps")
+    for m in routed:
+        schedule = getattr(m, "schedule", None)
+        if schedule is not None and not isinstance(schedule, str) and len(schedule) != n:
+            raise ValueError(f"config key 'warmup_iterations' is {n}, but a {type(m).__name__} of model {cfg.model!r} has an explicit "
+                             f"lambda schedule of {len(schedule)} values (one per iteration); give warmup_iterations={len(schedule)} "
+                             "or a named schedule such as 'fan_in'")
+    return routed
 
 
 def load_data_in_rank_order(cfg: TrainConfig, data_root: str | Path, download: bool, dist: Dist) -> ExperimentData:
@@ -192,11 +215,7 @@ class _Run:
         self.grad_norm = torch.zeros(())  # of the last step, before clipping (with grad_clip)
         # The weights' moving average (ema_decay), copied before a checkpoint's weights are loaded: restore loads its own.
         self.ema = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay is not None else None
-        # The layers whose iterations warmup_iterations overrides in the training steps of the warm-up.
-        self.routed = [m for m in model.modules() if type(getattr(m, "iterations", None)) is int]
-        if cfg.warmup_iterations is not None and not self.routed:
-            raise ValueError(f"config key 'warmup_iterations' sets the routing iterations, but model {cfg.model!r} has no routed "
-                             "layer (no module with an int 'iterations'); drop warmup_iterations and warmup_iterations_steps")
+        self.routed = routed_layers(model, cfg)
         if found is not None:
             self.restore(*found)
             del found  # the loaded copies (of the parameters too) are not needed any more
