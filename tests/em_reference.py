@@ -35,14 +35,14 @@ def dense_children(num_patches, slots):
 
 
 def reference_em_routing(votes, activations, beta_a, beta_v, *, lambdas, children, cost_scale=1.0,
-                         var_floor=5e-4, eps=1e-6, activation="paper", cost_eps=1e-6):
+                         var_floor=5e-4, eps=1e-6, activation="paper", cost_eps=1e-6, temperature=1.0):
     """EM routing over the graph ``children`` (see :func:`conv_children`).
 
     votes ``(B, L, I, J, D)``, activations ``(B, L, I)``, beta ``(J,)`` or ``(L, J)``; returns
     poses ``(B, L, J, D)``, activations ``(B, L, J)``, assignments ``(B, L, I, J)`` as numpy float64.
     ``activation="standardised"``: the logit is ``lam (beta_a + (mean_k cost_k - cost_j) /
     sqrt(var_k cost_k + cost_eps))`` over the ``J`` parents of one patch; ``activation="offset"``:
-    ``lam (mean_k cost_k - cost_j) + beta_a``.
+    ``lam (mean_k cost_k - cost_j) + beta_a``. ``temperature`` ``T``: each E-step weighs ``a_j p_ij^(1/T)``.
     """
     votes = np.asarray(votes, dtype=np.float64)
     act_in = np.asarray(activations, dtype=np.float64)
@@ -118,7 +118,7 @@ def reference_em_routing(votes, activations, beta_a, beta_v, *, lambdas, childre
                     for h in range(dim):
                         log_p += -((votes[b, l, i, j, h] - mu[l, j, h]) ** 2) / (2.0 * var[l, j, h])
                         log_p += -0.5 * math.log(2.0 * math.pi * var[l, j, h])
-                    logs.append(math.log(a_out[l, j]) + log_p)
+                    logs.append(math.log(a_out[l, j]) + log_p / temperature)
                 top = max(logs)
                 log_total = top + math.log(sum(math.exp(x - top) for x in logs))
                 for (l, i, j), x in zip(edges, logs):
@@ -167,14 +167,16 @@ def autograd_em_routing_dense(votes, activations, beta_a, beta_v, *, lambdas, va
 
 
 def autograd_em_routing(votes, activations, beta_a, beta_v, *, lambdas, geometry=None, var_floor=5e-4, eps=1e-6,
-                        activation="paper", cost_scale=1.0, detach=False, truncate=False, grad_scale=1.0, cost_eps=1e-6):
+                        activation="paper", cost_scale=1.0, detach=False, truncate=False, grad_scale=1.0, cost_eps=1e-6,
+                        temperature=1.0):
     """Procedure 1 in plain differentiable torch for any layer, for end-to-end gradient tests.
 
     Like :func:`autograd_em_routing_dense`, plus: a convolutional ``geometry`` (the E-step's
     normaliser sums over every patch that holds a child, by the library's
     ``log_child_normaliser``, whose values the loop reference above checks), betas ``(J,)`` or
     ``(L, J)``, ``cost_scale``, ``detach`` (``detach_intermediate``: each E-step's ``R`` a
-    constant). votes ``(B, L, I, J, D)``, activations ``(B, L, I)``; returns poses ``(B, L, J, D)``,
+    constant), ``temperature`` (``e_step_temperature``: ``ln a_j + ln p_ij / T``). votes ``(B, L, I, J, D)``,
+    activations ``(B, L, I)``; returns poses ``(B, L, J, D)``,
     activations ``(B, L, J)`` and the ``R`` of the last M-step ``(B, L, I, J)``.
     """
     import torch
@@ -213,7 +215,7 @@ def autograd_em_routing(votes, activations, beta_a, beta_v, *, lambdas, geometry
                 if t.requires_grad:
                     t.register_hook(lambda g: g * grad_scale)
         log_p = (-((votes - m.unsqueeze(2)) ** 2) / (2 * v.unsqueeze(2)) - 0.5 * torch.log(2 * math.pi * v.unsqueeze(2))).sum(-1)
-        log_ap = log_p + torch.nn.functional.logsigmoid(lg).unsqueeze(2)  # (B, L, I, J): ln(a_j p_ij)
+        log_ap = log_p / temperature + torch.nn.functional.logsigmoid(lg).unsqueeze(2)  # (B, L, I, J): ln(a_j p_ij^(1/T))
         per_slot = torch.logsumexp(log_ap, -1)  # (B, L, I)
         if geometry is None:
             r = torch.exp(log_ap - per_slot.unsqueeze(-1))

@@ -159,6 +159,26 @@ def test_model_passes_iteration_grad_scale_to_every_routed_layer():
     assert not torch.allclose(results["half"][1], results["truncated"][1])
 
 
+def test_model_passes_e_step_temperature_to_each_routed_layer():
+    """One temperature for every routed layer or three; through the layers' factored votes (the compiled
+    kernels where they build) T = 1 is the default bit for bit, and T = 2 changes outputs and gradients."""
+    model = create_model("em_tiny", iterations=2, e_step_temperature=(1.5, 2.0, 3.0))
+    assert [layer.e_step_temperature for layer in model.routed_layers().values()] == [1.5, 2.0, 3.0]
+    x = torch.rand(2, 1, 32, 32)
+    results = {}
+    for name, options in (("default", {}), ("one", dict(e_step_temperature=1.0)), ("two", dict(e_step_temperature=2.0))):
+        torch.manual_seed(0)
+        model = create_model("em_tiny", iterations=2, **options)
+        out = model(x)
+        results[name] = (out.activations.detach(), torch.autograd.grad(out.activations.square().sum(), model.conv1.weight)[0])
+    for a, b in zip(results["one"], results["default"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(results["two"], results["default"]):
+        assert not torch.allclose(a, b)
+    with pytest.raises(ValueError, match="e_step_temperature must be a number or three numbers"):
+        create_model("em_tiny", e_step_temperature=(1.0, 2.0))
+
+
 def test_em_routing_is_differentiable_once_and_says_so_where_it_is_not():
     # The hand-written backward is once_differentiable (em_routing's docstring); the test
     # reference autograd_em_routing_dense is the path for higher derivatives and torch.func.
@@ -180,6 +200,8 @@ OPTIONS = {
     "detach_intermediate": dict(detach_intermediate=True),
     "truncate_gradient": dict(truncate_gradient=True),
     "iteration_grad_scale": dict(iteration_grad_scale=0.3),
+    "e_step_temperature": dict(e_step_temperature=2.5),
+    "temperature_and_scale": dict(e_step_temperature=0.6, iteration_grad_scale=0.3),
 }
 
 
@@ -201,7 +223,8 @@ def test_gradients_equal_plain_autograd_end_to_end(geometry, iterations, activat
     fast = em_routing(*inputs, iterations=iterations, schedule=lambdas, geometry=geometry, **kwargs, **OPTIONS[option])
     plain_inputs = [t.clone().requires_grad_() for t in problem]
     reference = dict(detach=option == "detach_intermediate", truncate=option == "truncate_gradient",
-                     grad_scale=0.3 if option == "iteration_grad_scale" else 1.0)
+                     grad_scale=OPTIONS[option].get("iteration_grad_scale", 1.0),
+                     temperature=OPTIONS[option].get("e_step_temperature", 1.0))
     poses, acts, r = autograd_em_routing(*plain_inputs, lambdas=lambdas, geometry=geometry, **kwargs, **reference)
     for got, want in zip(fast, (poses, acts, r)):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-10)

@@ -43,7 +43,7 @@ def _assert_matches_reference(votes, act, beta_a, beta_v, geometry, *, iteration
     poses, acts, assign = reference_em_routing(
         votes.numpy(), act.numpy(), beta_a.numpy(), beta_v.numpy(),
         lambdas=lambdas, children=_children(geometry, votes), cost_scale=cost_scale,
-        activation=kw.get("activation", "paper"),
+        activation=kw.get("activation", "paper"), temperature=kw.get("e_step_temperature", 1.0),
     )  # fmt: skip
     torch.testing.assert_close(fast.poses, torch.from_numpy(poses), rtol=0, atol=1e-6)
     torch.testing.assert_close(fast.activations, torch.from_numpy(acts), rtol=0, atol=1e-6)
@@ -82,6 +82,39 @@ def test_other_activations_match_reference(case, iterations, activation):
     votes, act, beta_a, beta_v = random_problem(geometry, seed=10 + iterations)
     _assert_matches_reference(votes, act, beta_a, beta_v, geometry, iterations=iterations, schedule="linear",
                               final_lambda=2.0, activation=activation)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.5])
+@pytest.mark.parametrize("iterations", [2, 3])
+@pytest.mark.parametrize("case", CONV_CASES[:3], ids=lambda c: f"{c[0]}k{c[1]}s{c[2]}t{c[3]}")
+def test_e_step_temperature_matches_reference(case, iterations, temperature):
+    """``e_step_temperature`` against the loop reference whose E-step weighs ``a_j p_ij^(1/T)``."""
+    geometry = ConvGeometry(*case)
+    votes, act, beta_a, beta_v = random_problem(geometry, seed=40 + iterations)
+    _assert_matches_reference(votes, act, beta_a, beta_v, geometry, iterations=iterations, activation="offset",
+                              schedule="linear", final_lambda=2.0, e_step_temperature=temperature)
+
+
+def test_e_step_temperature_softens_the_assignments_and_one_is_procedure_1():
+    """T = 1 gives Procedure 1 bit for bit; a larger T gives assignments of higher entropy over the parents, and a
+    very large one assignments near the E-step's prior ``a_j / sum_k a_k`` (the likelihood flattened away)."""
+    votes, act, beta_a, beta_v = random_problem(GEOMETRY, seed=44)
+
+    def route(**kw):
+        return em_routing(votes, act, beta_a, beta_v, iterations=2, geometry=GEOMETRY, activation="offset", **kw)
+
+    plain, one = route(), route(e_step_temperature=1.0)
+    for a, b in zip(plain, one):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    def entropy(r):  # over the J parent types of each (patch, slot), where the slot has mass
+        p = r / r.sum(-1, keepdim=True).clamp_min(1e-300)
+        return -(p * torch.log(p.clamp_min(1e-300))).sum(-1).mean()
+
+    entropies = [entropy(route(e_step_temperature=t).assignments) for t in (1.0, 2.0, 8.0)]
+    assert entropies[0] < entropies[1] < entropies[2]
+    with pytest.raises(ValueError, match="e_step_temperature must be a finite number > 0, got 0"):
+        route(e_step_temperature=0)
 
 
 @pytest.mark.parametrize("activation", ["centred", "standardised", "offset"])

@@ -138,7 +138,8 @@ def _route(flag, poses, matrices, act, beta_a, beta_v, geometry, **options):
 
 
 OPTIONS = [{}, dict(activation="centred"), dict(activation="standardised", schedule="linear"),
-           dict(activation="centred", truncate_gradient=True), dict(activation="offset")]
+           dict(activation="centred", truncate_gradient=True), dict(activation="offset"),
+           dict(activation="offset", e_step_temperature=2.5, iteration_grad_scale=0.5)]
 
 
 @needs_cc

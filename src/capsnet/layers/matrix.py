@@ -90,7 +90,7 @@ class _EMRouted(nn.Module):
     """Shared parts of the routed layers: betas and the routing options, with their defaults.
 
     The layers pass their routing keywords (``iterations``, ``schedule``, ``final_lambda``,
-    ``activation``, ``beta``, ``var_floor``, ``eps``, ``detach_intermediate``, ``truncate_gradient``, ``iteration_grad_scale``) through unchanged,
+    ``activation``, ``beta``, ``var_floor``, ``eps``, ``detach_intermediate``, ``truncate_gradient``, ``iteration_grad_scale``, ``e_step_temperature``) through unchanged,
     so each option and its default is written once, here. With ``record_stats`` set, every
     forward pass keeps the routing statistics of each iteration in :attr:`stats` (see
     ``stats`` of :func:`~capsnet.routing.em.em_routing`). ``num_capsules``: output capsules per type
@@ -112,6 +112,7 @@ class _EMRouted(nn.Module):
         detach_intermediate: bool = False,
         truncate_gradient: bool = False,
         iteration_grad_scale: float = 1.0,
+        e_step_temperature: float = 1.0,
     ):
         super().__init__()
         if activation not in ACTIVATIONS:
@@ -128,6 +129,7 @@ class _EMRouted(nn.Module):
         self.record_stats, self.stats = False, []
         self.var_floor, self.eps, self.detach_intermediate = var_floor, eps, detach_intermediate
         self.truncate_gradient, self.iteration_grad_scale = truncate_gradient, iteration_grad_scale
+        self.e_step_temperature = e_step_temperature
         shape = (out_types,) if beta == "type" else (num_capsules, out_types)
         # beta_a, beta_v of Procedure 1, one per parent type (both public codes) or per capsule.
         self.beta_a = nn.Parameter(torch.zeros(shape))
@@ -153,6 +155,7 @@ class _EMRouted(nn.Module):
             detach_intermediate=self.detach_intermediate,
             truncate_gradient=self.truncate_gradient,
             iteration_grad_scale=self.iteration_grad_scale,
+            e_step_temperature=self.e_step_temperature,
             stats=stats,
         )
         if stats is not None:
@@ -206,7 +209,7 @@ class ConvMatCaps(_EMRouted):
         init_std: truncated-normal std of the transforms (Google: 0.3).
         routing: keyword-only routing options. ``iterations`` (3), ``schedule`` ("fan_in"),
             ``final_lambda``, ``activation`` ("paper"), ``var_floor``, ``eps``, ``detach_intermediate``, ``truncate_gradient``,
-            ``iteration_grad_scale``: passed to
+            ``iteration_grad_scale``, ``e_step_temperature``: passed to
             :func:`~capsnet.routing.em.em_routing` (same defaults). ``beta``: ``"type"``
             (default, both public codes): beta_a and beta_v per output type; ``"capsule"``: per
             output capsule (type and position; the paper's "per capsule").

@@ -144,6 +144,9 @@ class MatrixCapsNet(nn.Module):
         coordinate_addition, coordinate_order: see :func:`~capsnet.layers.matrix.coordinate_offsets`.
         var_floor, eps, detach_intermediate, truncate_gradient, iteration_grad_scale: passed to
             :func:`~capsnet.routing.em.em_routing` (the last is not in the paper: docs/em_training.md, session 12).
+        e_step_temperature: the E-steps' temperature (:func:`~capsnet.routing.em.em_routing`; 1, the
+            paper's, by default; not in the paper), one number for every routed layer or three
+            (ConvCaps1, ConvCaps2, ClassCaps).
 
     Shape:
         x: ``(B, in_channels, image_size, image_size)`` floats; y: ``(B,)`` labels or None
@@ -180,6 +183,7 @@ class MatrixCapsNet(nn.Module):
         detach_intermediate: bool = False,
         truncate_gradient: bool = False,
         iteration_grad_scale: float = 1.0,
+        e_step_temperature: Union[float, Sequence[float]] = 1.0,
         caps_init_std: Optional[float] = None,
         class_init_std: float = 0.01,
         class_beta_a: Optional[float] = None,
@@ -220,6 +224,10 @@ class MatrixCapsNet(nn.Module):
         lambdas = (final_lambda,) * 3 if final_lambda is None or isinstance(final_lambda, numbers.Real) else tuple(final_lambda)
         if len(lambdas) != 3 or any(x is not None and (isinstance(x, bool) or not isinstance(x, numbers.Real)) for x in lambdas):
             raise ValueError(f"final_lambda must be None, a number or three numbers (ConvCaps1, ConvCaps2, ClassCaps), got {final_lambda!r}")
+        temps = (e_step_temperature,) * 3 if isinstance(e_step_temperature, numbers.Real) else tuple(e_step_temperature)
+        if len(temps) != 3 or any(isinstance(t, bool) or not isinstance(t, numbers.Real) for t in temps):
+            raise ValueError(f"e_step_temperature must be a number or three numbers (ConvCaps1, ConvCaps2, ClassCaps), "
+                             f"got {e_step_temperature!r}")
         routing = dict(schedule=schedule, activation=activation,
                        beta=beta, var_floor=var_floor, eps=eps, detach_intermediate=detach_intermediate,
                        truncate_gradient=truncate_gradient, iteration_grad_scale=iteration_grad_scale)  # fmt: skip
@@ -233,9 +241,9 @@ class MatrixCapsNet(nn.Module):
             nn.init.zeros_(conv.bias)
         self.primary = PrimaryMatCaps(conv_channels, primary_types)
         self.caps1 = ConvMatCaps(primary_types, caps1_types, kernel_size=caps_kernel, stride=caps1_stride,
-                                 in_size=(grid0, grid0), init_std=caps_init_std, iterations=per_layer[0], final_lambda=lambdas[0], **routing)  # fmt: skip
+                                 in_size=(grid0, grid0), init_std=caps_init_std, iterations=per_layer[0], final_lambda=lambdas[0], e_step_temperature=temps[0], **routing)  # fmt: skip
         self.caps2 = ConvMatCaps(caps1_types, caps2_types, kernel_size=caps_kernel, stride=caps2_stride,
-                                 in_size=(grid1, grid1), init_std=caps_init_std, iterations=per_layer[1], final_lambda=lambdas[1], **routing)  # fmt: skip
+                                 in_size=(grid1, grid1), init_std=caps_init_std, iterations=per_layer[1], final_lambda=lambdas[1], e_step_temperature=temps[1], **routing)  # fmt: skip
         if coordinate_order not in COORD_ORDERS:  # checked here too: "position" and no coordinate addition never read it
             raise ValueError(f"coordinate_order must be one of {COORD_ORDERS}, got {coordinate_order!r}")
         if class_transforms not in ("shared", "position"):
@@ -244,10 +252,10 @@ class MatrixCapsNet(nn.Module):
         if class_transforms == "shared":
             self.classes = ClassMatCaps(caps2_types, num_classes, in_size=(grid2, grid2),
                                         coordinate_addition=coordinate_addition, coordinate_order=coordinate_order,
-                                        init_std=class_init_std, iterations=per_layer[2], final_lambda=lambdas[2], **routing)  # fmt: skip
+                                        init_std=class_init_std, iterations=per_layer[2], final_lambda=lambdas[2], e_step_temperature=temps[2], **routing)  # fmt: skip
         else:
             self.classes = ConvMatCaps(caps2_types, num_classes, kernel_size=grid2, stride=1, in_size=(grid2, grid2),
-                                       init_std=class_init_std, iterations=per_layer[2], final_lambda=lambdas[2], **routing)  # fmt: skip
+                                       init_std=class_init_std, iterations=per_layer[2], final_lambda=lambdas[2], e_step_temperature=temps[2], **routing)  # fmt: skip
         if class_beta_a is not None:
             if isinstance(class_beta_a, bool) or not isinstance(class_beta_a, numbers.Real) or not math.isfinite(class_beta_a):
                 raise ValueError(f"class_beta_a must be None or a finite number, got {class_beta_a!r}")

@@ -100,15 +100,17 @@ def m_step_backward(grads: GaussianGrads, moments, gaussians: Gaussians, beta_a:
     return MStepGrads(g_m1.reshape(-1, dim), g_m2.reshape(-1, dim), g_mass.reshape(-1), g_beta_a, g_beta_v)
 
 
-def e_step_backward(g_u1: Tensor, g_u2: Tensor, g_const: Tensor, gaussians: Gaussians, scale: float) -> GaussianGrads:
-    """Adjoint of the E-step's inputs ``u1 = 2 mu / (2 sigma^2)``, ``u2 = -1 / (2 sigma^2)`` and
-    ``const = -sum_d mu^2 / (2 sigma^2) - sum_d ln(2 pi sigma^2) / 2 + ln a`` (``ln a`` =
-    logsigmoid(logit)), given their gradients, as gradients of the Gaussians they came from,
-    times ``scale`` (``iteration_grad_scale``)."""
+def e_step_backward(g_u1: Tensor, g_u2: Tensor, g_const: Tensor, gaussians: Gaussians, scale: float,
+                    inv_temperature: float = 1.0) -> GaussianGrads:
+    """Adjoint of the E-step's inputs ``u1 = k 2 mu / (2 sigma^2)``, ``u2 = -k / (2 sigma^2)`` and
+    ``const = k (-sum_d mu^2 / (2 sigma^2) - sum_d ln(2 pi sigma^2) / 2) + ln a`` (``ln a`` =
+    logsigmoid(logit), ``k = inv_temperature``, 1 in Procedure 1), given their gradients, as
+    gradients of the Gaussians they came from, times ``scale`` (``iteration_grad_scale``)."""
     mu, var = gaussians.mu_c, gaussians.var
     shape = mu.shape
-    g_u1, g_u2 = g_u1.view(shape), g_u2.view(shape)
-    g_c = g_const.view(*shape[:-1], 1)
+    k = inv_temperature
+    g_u1, g_u2 = (g_u1.view(shape), g_u2.view(shape)) if k == 1.0 else (g_u1.view(shape) * k, g_u2.view(shape) * k)
+    g_c = g_const.view(*shape[:-1], 1) * k  # the terms of ln p; ln a's gradient (g_logit below) is not scaled
     inv2var = 0.5 / var
     g_mu = (g_u1 - g_c * mu).mul_(2.0 * inv2var)
     g_inv = 2.0 * mu * g_u1 - g_u2 - g_c * mu.square()  # d/d(1 / (2 sigma^2))
@@ -166,7 +168,7 @@ def m_step_adjoint(up: Upstream, moments, gaussians: Gaussians, beta_a: Tensor, 
     (:class:`capsnet.ops.kernels.EMSteps`) both in one pass per parent."""
     if compiled is None:
         if up.u1 is not None:
-            grads = e_step_backward(up.u1, up.u2, up.const, gaussians, up.scale)
+            grads = e_step_backward(up.u1, up.u2, up.const, gaussians, up.scale, cfg.inv_temperature)
         else:
             grads = GaussianGrads(mu_c=up.mu, logit=up.logit)
         return m_step_backward(grads, moments, gaussians, beta_a, beta_v, lam, cfg, need_betas)
@@ -185,7 +187,7 @@ def m_step_adjoint(up: Upstream, moments, gaussians: Gaussians, beta_a: Tensor, 
     sum_lv = gaussians.log_var.sum(-1).reshape(-1)
     g_mu = None if up.mu is None else up.mu.reshape(-1, dim)
     g_m1, g_m2, g_mass = compiled.m_step_backward(
-        up.u1, up.u2, up.const, up.scale, g_mu, g_cost, m1, m2, mass, gaussians.mu_c.reshape(-1, dim),
+        up.u1, up.u2, up.const, up.scale * cfg.inv_temperature, g_mu, g_cost, m1, m2, mass, gaussians.mu_c.reshape(-1, dim),
         gaussians.var.reshape(-1, dim), bv, sum_lv, cfg.eps, cfg.cost_scale,
     )
     return MStepGrads(g_m1, g_m2, g_mass, g_beta_a, g_beta_v)

@@ -69,10 +69,12 @@ class _Step(NamedTuple):
     assignments: Optional[Tensor]  # the next E-step's R, (I, B, L, J); None after the last iteration
 
 
-def _read_factors(gaussians: Gaussians) -> tuple[Tensor, Tensor]:
+def _read_factors(gaussians: Gaussians, inv_temperature: float) -> tuple[Tensor, Tensor]:
     """``u1, u2`` ``(N, D)`` of the E-step that read ``gaussians`` (:class:`~capsnet.routing.em_steps.EStepInputs`
-    without ``const``: the votes' gradient needs only these two)."""
+    without ``const``: the votes' gradient needs only these two), times ``1 / e_step_temperature``."""
     inv2var = 0.5 / gaussians.var
+    if inv_temperature != 1.0:
+        inv2var = inv2var * inv_temperature
     dim = inv2var.shape[-1]
     return (2.0 * gaussians.mu_c * inv2var).reshape(-1, dim), (-inv2var).reshape(-1, dim)
 
@@ -224,7 +226,7 @@ class EMRoutingFunction(torch.autograd.Function):
             if g_log_ap is None:
                 break  # R is a constant (detach_intermediate): nothing reaches earlier iterations
             prev = steps[it - 1].gaussians
-            u1, u2 = _read_factors(prev)
+            u1, u2 = _read_factors(prev, cfg.inv_temperature)
             g_log_flat = g_log_ap.reshape(slots, -1)
             reader.terms.append(Term(left=g_log_flat, right1=u1, right2=u2))
             if cfg.truncate_gradient:

@@ -22,6 +22,8 @@ child grid, ``N = B L J`` all parents.
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import NamedTuple, Optional, Sequence, Union
 
 from einops import rearrange
@@ -120,6 +122,7 @@ def em_routing(
     detach_intermediate: bool = False,
     truncate_gradient: bool = False,
     iteration_grad_scale: float = 1.0,
+    e_step_temperature: float = 1.0,
     stats: Optional[list] = None,
 ) -> EMRoutingResult:
     """Route child votes to parent Gaussians with EM (Procedure 1 of Hinton et al. 2018).
@@ -198,6 +201,13 @@ def em_routing(
             ``k``-th power. Not in the paper: on trained ``em_mnist`` checkpoints the path through
             earlier iterations makes the gradient of the lower layers 8-27x the truncated one and
             close to uncorrelated between batches (docs/em_training.md, session 12).
+        e_step_temperature: ``T`` in the E-step ``R_ij = a_j p_ij^(1/T) / sum_k a_k p_ik^(1/T)``
+            (computed as ``ln a_j + ln p_ij / T``): 1 (default) is Procedure 1; ``T > 1`` softens the
+            assignments of the intermediate iterations (the M-steps and the last iteration's
+            Gaussians are unchanged), the tempered posterior of deterministic annealing. Not in
+            the paper: with 3 iterations a trained ``em_mnist`` assigns nearly hard after the
+            third (normalised entropy of R 0.21 in ConvCaps1, 2 iterations 0.54;
+            docs/em_training.md, sessions 17-18).
         stats: a list to append one dict of floats per iteration to (the instruments for
             training logs): ``a_mean``, ``a_std`` of the parent activations; ``var_floor_fraction``,
             the fraction of parent variances within 1% of ``var_floor``; ``r_entropy``, the mean
@@ -241,6 +251,9 @@ def em_routing(
         raise ValueError(f"var_floor must be > 0 and eps >= 0, got var_floor={var_floor} eps={eps}")
     if isinstance(iteration_grad_scale, bool) or not 0.0 <= iteration_grad_scale <= 1.0:
         raise ValueError(f"iteration_grad_scale must be a number in [0, 1], got {iteration_grad_scale!r}")
+    if isinstance(e_step_temperature, bool) or not isinstance(e_step_temperature, numbers.Real) or not (
+            math.isfinite(e_step_temperature) and e_step_temperature > 0):
+        raise ValueError(f"e_step_temperature must be a finite number > 0, got {e_step_temperature!r}")
     # Scale 0 is truncation: said so, the backward skips the earlier iterations (and cuts a
     # non-finite gradient there instead of multiplying it by 0).
     truncate_gradient = truncate_gradient or iteration_grad_scale == 0
@@ -249,7 +262,7 @@ def em_routing(
     if cost_scale is None:
         cost_scale = 100.0 * types / slots if schedule == "authors" else 1.0
     cfg = EMConfig(lambdas, activation, float(cost_scale), var_floor, eps, detach_intermediate, truncate_gradient, geometry,
-                  (slots, batch, num_patches, types, dim), float(iteration_grad_scale))  # fmt: skip
+                  (slots, batch, num_patches, types, dim), float(iteration_grad_scale), 1.0 / float(e_step_temperature))  # fmt: skip
     a_in = rearrange(activations, "b l i -> i b l 1")
     if isinstance(votes, FactoredVotes):
         mu, a_out, r = EMRoutingFunction.apply(*votes, a_in, beta_a, beta_v, cfg, stats)

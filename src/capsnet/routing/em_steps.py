@@ -160,6 +160,7 @@ class EMConfig(NamedTuple):
     geometry: Optional[ConvGeometry]
     shape: tuple[int, int, int, int, int]  # (I, B, L, J, D)
     iteration_grad_scale: float = 1.0  # the gradient an E-step passes back to the previous iteration, scaled
+    inv_temperature: float = 1.0  # 1 / e_step_temperature: what the E-steps multiply ln p_ij by
 
 
 class Gaussians(NamedTuple):
@@ -204,7 +205,10 @@ def m_step(moments, it: int, ra: Tensor, b_a: Tensor, b_v: Tensor, lam: float, c
         # cost = sum_h (beta_v + ln sigma^h) mass s, summed before the product: (D beta_v + sum_h ln sigma^h) mass s.
         cost = (dim * b_v.squeeze(-1) + 0.5 * sum_lv.view(batch, num_patches, types)) * (mass.view(batch, num_patches, types) * cfg.cost_scale)
         logit = activation_logit(cost, b_a, lam, cfg.activation)
-        const = (0.5 * (sum_lv + dim * _LOG_2PI)).add_(quad).neg_().add_(F.logsigmoid(logit).reshape(-1))
+        const = (0.5 * (sum_lv + dim * _LOG_2PI)).add_(quad).neg_()
+        if cfg.inv_temperature != 1.0:  # ln(a_j) + ln(p_ij) / T: every term of ln p scaled, ln a not
+            u1, u2, const = u1 * cfg.inv_temperature, u2 * cfg.inv_temperature, const.mul_(cfg.inv_temperature)
+        const = const.add_(F.logsigmoid(logit).reshape(-1))
         shape = (batch, num_patches, types, dim)
         return Gaussians(mu_c.view(shape), var.view(shape), log_var.view(shape), logit), EStepInputs(u1, u2, const)
     m1, m2 = m1.view(batch, num_patches, types, dim), m2.view(batch, num_patches, types, dim)
@@ -264,14 +268,19 @@ class EStepInputs(NamedTuple):
     const: Tensor
 
 
-def e_step_inputs(gaussians: Gaussians) -> EStepInputs:
-    """:class:`EStepInputs` from the Gaussians (the compiled M-step returns them itself)."""
+def e_step_inputs(gaussians: Gaussians, inv_temperature: float = 1.0) -> EStepInputs:
+    """:class:`EStepInputs` from the Gaussians (the compiled M-step returns them itself), for
+    ``ln(a_j) + ln(p_ij) / T`` with ``inv_temperature = 1 / T`` (1: Procedure 1's ``ln(a_j p_ij)``)."""
     mu_c, var, log_var, logit = gaussians
     dim = mu_c.shape[-1]
     inv2var = 0.5 / var  # (B, L, J, D)
-    # The per-parent terms, plus ln a_j: logsigmoid is the exact ln a_j, finite even where a_j underflows to 0.
-    const = -(mu_c.square() * inv2var).sum(-1) - 0.5 * (log_var + _LOG_2PI).sum(-1) + F.logsigmoid(logit)  # (B, L, J)
-    return EStepInputs((2.0 * mu_c * inv2var).reshape(-1, dim), (-inv2var).reshape(-1, dim), const.reshape(-1))
+    # The per-parent terms of ln p, then ln a_j: logsigmoid is the exact ln a_j, finite even where a_j underflows to 0.
+    const = -(mu_c.square() * inv2var).sum(-1) - 0.5 * (log_var + _LOG_2PI).sum(-1)  # (B, L, J)
+    u1, u2 = 2.0 * mu_c * inv2var, -inv2var
+    if inv_temperature != 1.0:
+        u1, u2, const = u1 * inv_temperature, u2 * inv_temperature, const * inv_temperature
+    const = const + F.logsigmoid(logit)
+    return EStepInputs(u1.reshape(-1, dim), u2.reshape(-1, dim), const.reshape(-1))
 
 
 def e_step(reads: VoteReads, it: int, inputs: EStepInputs, a_in: Tensor, cfg: EMConfig) -> tuple[Tensor, Tensor]:
@@ -383,7 +392,7 @@ def em_iteration(reads: VoteReads, it: int, prev: Optional[tuple[Gaussians, Opti
     """
     if it > 0:
         gaussians, inputs = prev
-        r, ra = e_step(reads, it - 1, e_step_inputs(gaussians) if inputs is None else inputs, a_in, cfg)
+        r, ra = e_step(reads, it - 1, e_step_inputs(gaussians, cfg.inv_temperature) if inputs is None else inputs, a_in, cfg)
     else:
         r = initial_assignments(cfg, a_in)
         ra = r * a_in  # R_ij <- R_ij a_i
