@@ -487,7 +487,7 @@ def test_routing_statistics_reach_the_training_log(tmp_path):
 
 def test_em_mnist_config_routes_twice_and_keeps_the_papers_three_as_variants():
     """The CPU budgets route the wide network with 2 iterations at lr 2e-3 (``short``: 3e-3);
-    ``_it3`` (lr 2e-3) and ``:paper`` keep the paper's 3; ``_small`` is em_mnist's own network;
+    ``_it3`` (lr 2e-3, E-steps at temperature 2) and ``:paper`` keep the paper's 3; ``_small`` is em_mnist's own network;
     ``_wide`` (sessions 12-13's name) changes nothing."""
     from pathlib import Path
 
@@ -503,12 +503,12 @@ def test_em_mnist_config_routes_twice_and_keeps_the_papers_three_as_variants():
             lr = 3e-3 if variant == "short" else 2e-3
             assert (cfg.lr, cfg.batch_size, cfg.amp) == (lr, 32, None), variant
         it3 = load_config(f"{path}:{variant}_it3")
-        assert it3.model_kwargs == dict(wide_kwargs, iterations=3)
+        assert it3.model_kwargs == dict(wide_kwargs, iterations=3, e_step_temperature=2.0)
         assert (it3.lr, it3.max_steps, it3.epochs) == (cfg.lr if variant in ("fashion", "default") else 2e-3, cfg.max_steps, cfg.epochs)
         small = load_config(f"{path}:{variant}_small")
         assert small.model_kwargs == dict(iterations=2), variant
         assert (small.lr, small.max_steps, small.epochs) == (cfg.lr, cfg.max_steps, cfg.epochs)
-        assert load_config(f"{path}:{variant}_it3_small").model_kwargs == dict(iterations=3)
+        assert load_config(f"{path}:{variant}_it3_small").model_kwargs == dict(iterations=3, e_step_temperature=2.0)
         assert load_config(f"{path}:{variant}_wide").to_dict() == cfg.to_dict()
         assert load_config(f"{path}:{variant}_it3_wide").to_dict() == it3.to_dict()
     paper = load_config(f"{path}:paper")
