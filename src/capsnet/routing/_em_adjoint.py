@@ -108,9 +108,9 @@ def e_step_backward(g_u1: Tensor, g_u2: Tensor, g_const: Tensor, gaussians: Gaus
     gradients of the Gaussians they came from, times ``scale`` (``iteration_grad_scale``)."""
     mu, var = gaussians.mu_c, gaussians.var
     shape = mu.shape
-    k = inv_temperature
-    g_u1, g_u2 = (g_u1.view(shape), g_u2.view(shape)) if k == 1.0 else (g_u1.view(shape) * k, g_u2.view(shape) * k)
-    g_c = g_const.view(*shape[:-1], 1) * k  # the terms of ln p; ln a's gradient (g_logit below) is not scaled
+    g_u1, g_u2, g_c = g_u1.view(shape), g_u2.view(shape), g_const.view(*shape[:-1], 1)
+    if inv_temperature != 1.0:  # the terms of ln p scale; ln a's gradient (g_logit below) does not
+        g_u1, g_u2, g_c = g_u1 * inv_temperature, g_u2 * inv_temperature, g_c * inv_temperature
     inv2var = 0.5 / var
     g_mu = (g_u1 - g_c * mu).mul_(2.0 * inv2var)
     g_inv = 2.0 * mu * g_u1 - g_u2 - g_c * mu.square()  # d/d(1 / (2 sigma^2))
