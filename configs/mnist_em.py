@@ -32,8 +32,9 @@ paper's 3: they learned faster in whole-epoch probes, docs/em_training.md; every
 paper and smoke also exists with the suffix ``_it3``, combined ``_it3_small``; ``:paper`` has 3; the
 ``_it3`` variants temper their E-steps, ``e_step_temperature=2`` (not in the paper): with the paper's
 1 a trained network's assignments turn nearly hard by the third iteration and its gradient grows
-4-5x that of 2 iterations; at 2 three epochs reach 98.60% / 99.09% against 97.78% / 98.58%, seed 0,
-docs/em_training.md, session 18), in
+to about 10x that of 2 iterations, which T = 2 cuts 4-5x; three epochs of the wide network reach
+98.60% / 99.09% at 2 against 97.78% / 98.58% at 1, seed 0, docs/em_training.md, session 18; the
+other budgets and ``_it3_small`` take the same T unmeasured), in
 the builders' TRAINABLE parametrisation (centred activation logit with beta_a as an offset,
 identity-plus-noise ConvCaps transforms, fan-in lambda 5 in the ConvCaps layers and 1/2 in the
 class layer: capsnet.models.em and docs/em_training.md); ``:paper`` swaps in the paper's

@@ -177,6 +177,13 @@ def test_model_passes_e_step_temperature_to_each_routed_layer():
         assert not torch.allclose(a, b)
     with pytest.raises(ValueError, match="e_step_temperature must be a number or three numbers"):
         create_model("em_tiny", e_step_temperature=(1.0, 2.0))
+    for bad in (0.0, -1.0, float("nan")):  # refused when the model is built, not at its first forward pass
+        with pytest.raises(ValueError, match="e_step_temperature must be a finite number > 0"):
+            create_model("em_tiny", e_step_temperature=(1.0, bad, 1.0))
+    from capsnet.layers.matrix import ConvMatCaps
+
+    with pytest.raises(ValueError, match="e_step_temperature must be a finite number > 0, got True"):
+        ConvMatCaps(2, 2, e_step_temperature=True)
 
 
 def test_em_routing_is_differentiable_once_and_says_so_where_it_is_not():
@@ -202,6 +209,7 @@ OPTIONS = {
     "iteration_grad_scale": dict(iteration_grad_scale=0.3),
     "e_step_temperature": dict(e_step_temperature=2.5),
     "temperature_and_scale": dict(e_step_temperature=0.6, iteration_grad_scale=0.3),
+    "temperature_and_truncate": dict(e_step_temperature=2.5, truncate_gradient=True),
 }
 
 
@@ -222,7 +230,7 @@ def test_gradients_equal_plain_autograd_end_to_end(geometry, iterations, activat
     inputs = [t.clone().requires_grad_() for t in problem]
     fast = em_routing(*inputs, iterations=iterations, schedule=lambdas, geometry=geometry, **kwargs, **OPTIONS[option])
     plain_inputs = [t.clone().requires_grad_() for t in problem]
-    reference = dict(detach=option == "detach_intermediate", truncate=option == "truncate_gradient",
+    reference = dict(detach=option == "detach_intermediate", truncate=OPTIONS[option].get("truncate_gradient", False),
                      grad_scale=OPTIONS[option].get("iteration_grad_scale", 1.0),
                      temperature=OPTIONS[option].get("e_step_temperature", 1.0))
     poses, acts, r = autograd_em_routing(*plain_inputs, lambdas=lambdas, geometry=geometry, **kwargs, **reference)

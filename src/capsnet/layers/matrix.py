@@ -24,7 +24,17 @@ from torch import Tensor, nn
 
 from .._shapes import conv_output_size
 from ..precision import float32_under_autocast
-from ..routing.em import ACTIVATIONS, LAMBDA_SCHEDULES, MASS_EPS, VAR_FLOOR, ConvGeometry, FactoredVotes, em_routing, to_patches
+from ..routing.em import (
+    ACTIVATIONS,
+    LAMBDA_SCHEDULES,
+    MASS_EPS,
+    VAR_FLOOR,
+    ConvGeometry,
+    FactoredVotes,
+    check_e_step_temperature,
+    em_routing,
+    to_patches,
+)
 
 __all__ = ["ClassMatCaps", "ConvMatCaps", "MatrixCaps", "PrimaryMatCaps", "coordinate_offsets"]
 
@@ -129,6 +139,7 @@ class _EMRouted(nn.Module):
         self.record_stats, self.stats = False, []
         self.var_floor, self.eps, self.detach_intermediate = var_floor, eps, detach_intermediate
         self.truncate_gradient, self.iteration_grad_scale = truncate_gradient, iteration_grad_scale
+        check_e_step_temperature(e_step_temperature)
         self.e_step_temperature = e_step_temperature
         shape = (out_types,) if beta == "type" else (num_capsules, out_types)
         # beta_a, beta_v of Procedure 1, one per parent type (both public codes) or per capsule.

@@ -104,6 +104,12 @@ def _factored_shape(votes: FactoredVotes, activations: Tensor, beta_a: Tensor) -
     return batch, num_patches, slots, types, dim
 
 
+def check_e_step_temperature(value) -> None:
+    """Raise ValueError unless ``value`` is a finite number > 0 (``e_step_temperature``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"e_step_temperature must be a finite number > 0, got {value!r}")
+
+
 @float32_under_autocast
 def em_routing(
     votes: Union[Tensor, FactoredVotes],
@@ -202,9 +208,9 @@ def em_routing(
             earlier iterations makes the gradient of the lower layers 8-27x the truncated one and
             close to uncorrelated between batches (docs/em_training.md, session 12).
         e_step_temperature: ``T`` in the E-step ``R_ij = a_j p_ij^(1/T) / sum_k a_k p_ik^(1/T)``
-            (computed as ``ln a_j + ln p_ij / T``): 1 (default) is Procedure 1; ``T > 1`` softens the
-            assignments of the intermediate iterations (the M-steps and the last iteration's
-            Gaussians are unchanged), the tempered posterior of deterministic annealing. Not in
+            (computed as ``ln a_j + ln p_ij / T``): 1 (default) is Procedure 1; ``T > 1`` softens
+            every E-step's ``R`` (the M-step's formulas do not change; what they return does,
+            through ``R``), the tempered posterior of deterministic annealing. Not in
             the paper: with 3 iterations a trained ``em_mnist`` assigns nearly hard after the
             third (normalised entropy of R 0.21 in ConvCaps1, 2 iterations 0.54;
             docs/em_training.md, sessions 17-18).
@@ -251,9 +257,7 @@ def em_routing(
         raise ValueError(f"var_floor must be > 0 and eps >= 0, got var_floor={var_floor} eps={eps}")
     if isinstance(iteration_grad_scale, bool) or not 0.0 <= iteration_grad_scale <= 1.0:
         raise ValueError(f"iteration_grad_scale must be a number in [0, 1], got {iteration_grad_scale!r}")
-    if isinstance(e_step_temperature, bool) or not isinstance(e_step_temperature, numbers.Real) or not (
-            math.isfinite(e_step_temperature) and e_step_temperature > 0):
-        raise ValueError(f"e_step_temperature must be a finite number > 0, got {e_step_temperature!r}")
+    check_e_step_temperature(e_step_temperature)
     # Scale 0 is truncation: said so, the backward skips the earlier iterations (and cuts a
     # non-finite gradient there instead of multiplying it by 0).
     truncate_gradient = truncate_gradient or iteration_grad_scale == 0

@@ -258,10 +258,11 @@ def activation_argument(cost: Tensor, b_a: Union[Tensor, float], activation: str
 
 
 class EStepInputs(NamedTuple):
-    """What the E-step that reads one iteration's Gaussians multiplies the votes by:
-    ``u1 = (mu - c) / sigma^2``, ``u2 = -1 / (2 sigma^2)`` ``(N, D)`` and the per-parent terms
-    ``const = -sum_h (mu - c)^2 / (2 sigma^2) - sum_h ln(2 pi sigma^2) / 2 + ln a`` ``(N,)``, so that
-    ``ln(a_j p_ij) = const + sum_h X u1 + X^2 u2`` (the log-likelihood expanded in ``X = V - c``)."""
+    """What the E-step that reads one iteration's Gaussians multiplies the votes by, with
+    ``k = 1 / e_step_temperature`` (1 in Procedure 1): ``u1 = k (mu - c) / sigma^2``,
+    ``u2 = -k / (2 sigma^2)`` ``(N, D)`` and the per-parent terms
+    ``const = k (-sum_h (mu - c)^2 / (2 sigma^2) - sum_h ln(2 pi sigma^2) / 2) + ln a`` ``(N,)``, so that
+    ``ln a_j + k ln p_ij = const + sum_h X u1 + X^2 u2`` (the log-likelihood expanded in ``X = V - c``)."""
 
     u1: Tensor
     u2: Tensor
@@ -284,7 +285,8 @@ def e_step_inputs(gaussians: Gaussians, inv_temperature: float = 1.0) -> EStepIn
 
 
 def e_step(reads: VoteReads, it: int, inputs: EStepInputs, a_in: Tensor, cfg: EMConfig) -> tuple[Tensor, Tensor]:
-    """E-step of Procedure 1: ``R_ij = a_j p_ij / sum_k a_k p_ik`` over every parent ``k`` of child ``i``,
+    """E-step of Procedure 1: ``R_ij = a_j p_ij / sum_k a_k p_ik`` over every parent ``k`` of child ``i``
+    (``p^(1/T)`` for ``p`` at ``e_step_temperature`` ``T``),
     from the :class:`EStepInputs` of the Gaussians of iteration ``it`` (read by ``reads.quadratic``).
 
     Values only (routing's backward pass is :mod:`capsnet.routing._em_adjoint`). Returns ``R`` and
@@ -293,7 +295,7 @@ def e_step(reads: VoteReads, it: int, inputs: EStepInputs, a_in: Tensor, cfg: EM
     slots, batch, num_patches, types, dim = cfg.shape
     # ln p_ij = -sum_h (V - mu)^2 / (2 sigma^2) - sum_h ln(2 pi sigma^2) / 2, expanded in X = V - c:
     # (V - mu)^2 = X^2 - 2 X (mu - c) + (mu - c)^2, so one read of the votes gives every child's term.
-    log_ap = reads.quadratic(*inputs, it).view(slots, batch, num_patches, types)  # ln(a_j p_ij)
+    log_ap = reads.quadratic(*inputs, it).view(slots, batch, num_patches, types)  # ln a_j + ln p_ij / T
     r = reads.assignments(log_ap, it) if reads.assignments is not None else assignments(log_ap, cfg.geometry)
     return r, r * a_in
 
