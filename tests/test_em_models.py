@@ -487,7 +487,8 @@ def test_routing_statistics_reach_the_training_log(tmp_path):
 
 def test_em_mnist_config_routes_twice_and_keeps_the_papers_three_as_variants():
     """The CPU budgets route the wide network with 2 iterations at lr 2e-3 (``short``: 3e-3);
-    ``_it3`` (lr 2e-3, E-steps at temperature 2) and ``:paper`` keep the paper's 3; ``_small`` is em_mnist's own network;
+    ``_it3`` (lr 2e-3, E-steps at temperature 2) and ``:paper`` keep the paper's 3; ``:epoch3`` runs batch 16 with
+    an average of the weights (``:epoch3_batch32``, its ``_it3`` and ``_small``: batch 32 without); ``_small`` is em_mnist's own network;
     ``_wide`` (sessions 12-13's name) changes nothing."""
     from pathlib import Path
 
@@ -496,18 +497,24 @@ def test_em_mnist_config_routes_twice_and_keeps_the_papers_three_as_variants():
 
     path = str(Path(__file__).resolve().parents[1] / "configs" / "mnist_em.py")
     wide_kwargs = dict(iterations=2, primary_types=16, caps1_types=32, caps2_types=32, class_transforms="position")
-    for variant in ("epoch1", "epoch3", "short", "fashion_epoch3", "fashion", "default"):
+    for variant in ("epoch1", "epoch3", "epoch3_batch32", "short", "fashion_epoch3", "fashion", "default"):
         cfg = load_config(path if variant == "default" else f"{path}:{variant}")
         assert cfg.model_kwargs == wide_kwargs, variant
         if variant not in ("fashion", "default"):
             lr = 3e-3 if variant == "short" else 2e-3
-            assert (cfg.lr, cfg.batch_size, cfg.amp) == (lr, 32, None), variant
+            batch = 16 if variant == "epoch3" else 32
+            assert (cfg.lr, cfg.batch_size, cfg.amp, cfg.ema_decay) == (lr, batch, None, 0.9995 if batch == 16 else None), variant
         it3 = load_config(f"{path}:{variant}_it3")
         assert it3.model_kwargs == dict(wide_kwargs, iterations=3, e_step_temperature=2.0)
         assert (it3.lr, it3.max_steps, it3.epochs) == (cfg.lr if variant in ("fashion", "default") else 2e-3, cfg.max_steps, cfg.epochs)
+        assert (it3.batch_size, it3.ema_decay) == (cfg.batch_size, cfg.ema_decay) or variant == "epoch3"  # batch 16 and the average: 2 iterations
         small = load_config(f"{path}:{variant}_small")
         assert small.model_kwargs == dict(iterations=2), variant
         assert (small.lr, small.max_steps, small.epochs) == (cfg.lr, cfg.max_steps, cfg.epochs)
+        if variant.startswith("epoch3"):  # the wide network's batch 16 and average are not the small network's
+            assert (small.batch_size, small.ema_decay, it3.batch_size, it3.ema_decay) == (32, None, 32, None), variant
+            assert load_config(f"{path}:epoch3_batch32").objective_kwargs["steps"] == 5157
+            assert cfg.objective_kwargs["steps"] == (10314 if variant == "epoch3" else 5157), variant
         assert load_config(f"{path}:{variant}_it3_small").model_kwargs == dict(iterations=3, e_step_temperature=2.0)
         assert load_config(f"{path}:{variant}_wide").to_dict() == cfg.to_dict()
         assert load_config(f"{path}:{variant}_it3_wide").to_dict() == it3.to_dict()
